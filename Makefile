@@ -1,0 +1,27 @@
+# Two entry points: `make example` (set up, then label examples/images on a local embedded Ray)
+# and `make test` (set up with test extras, then run the test suite). Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: setup example test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+setup: $(STAMP)
+
+example: setup
+	$(BIN)/lgca run examples/images --labels examples/labels.txt --output out/example --overwrite \
+		--model ViT-B-32 --pretrained random --crops 12 --steps 2 --regions 2
+	$(BIN)/python -c "import pandas as pd; print(pd.read_parquet('out/example')[['key', 'status', 'label', 'score']].to_string(index=False))"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf out .pytest_cache

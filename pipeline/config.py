@@ -1,0 +1,282 @@
+"""Typed, validated configuration for scoring, models and jobs: one home for every default."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, Mapping
+
+METHODS = ("clip", "ensemble", "descriptors", "wca", "lgca")
+CROP_METHODS = ("wca", "lgca")
+SALIENCY_RULES = ("class", "global")
+CROP_LAYOUTS = ("random", "grid")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DEFAULT_PROMPT = "a photo of a {}."
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the value and the fix."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Parameters of the scoring methods; names follow docs/METHOD.md."""
+
+    method: str = "lgca"  # clip | ensemble | descriptors | wca | lgca
+    crops: int = 60  # N: local crops per image (wca, lgca)
+    crop_scale: tuple[float, float] = (0.5, 0.9)  # (alpha, beta): crop side as a fraction of min(W, H)
+    crop_layout: str = "random"  # random: seeded uniform crops; grid: sqrt(N) x sqrt(N) tiles at one scale
+    saliency: str = "class"  # class: max_c s(b, c); global: <f(b), f(x)>
+    steps: int = 3  # T: expansion steps (lgca)
+    regions: int = 2  # K: regions selected and grown per step (lgca)
+    growth: float = 1.4  # gamma: growth per axis of a selected region
+    overlap_iou: float = 0.5  # regions selected in one step overlap at most this much
+    image_scale: float = 4.0  # view weights: softmax(exp(image_scale) * <f(b), f(x)>)
+    text_scale: float = 2.0  # description weights: softmax(exp(text_scale) * <t_cj, t_c>)
+    expand_weight: float = 1.0  # extra weight of the global and expanded views before renormalising
+    seed: int = 0  # crop sampling seed, combined with a stable hash of each image key
+    topk: int = 5  # labels kept per image in the output
+    micro_batch: int = 256  # views per image-encoder call
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
+        _require(self.method in METHODS, f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        _require(self.saliency in SALIENCY_RULES, f"saliency {self.saliency!r} is unknown; choose class or global")
+        _require(self.crop_layout in CROP_LAYOUTS, f"crop layout {self.crop_layout!r} is unknown; choose random or grid")
+        _require(self.crops >= 0, f"crops must be >= 0, got {self.crops}")
+        _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        _require(self.regions >= 0, f"regions must be >= 0, got {self.regions}")
+        _require(
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            f"crop scale must be two numbers 0 < alpha <= beta <= 1, got {self.crop_scale}",
+        )
+        _require(self.growth >= 1.0, f"growth must be >= 1 (a grown region contains its parent), got {self.growth}")
+        _require(0 <= self.overlap_iou <= 1, f"overlap IoU must lie in [0, 1], got {self.overlap_iou}")
+        _require(self.expand_weight >= 0, f"expand weight must be >= 0, got {self.expand_weight}")
+        _require(math.isfinite(self.image_scale) and math.isfinite(self.text_scale), "image and text scales must be finite")
+        _require(self.topk >= 1, f"topk must be >= 1, got {self.topk}")
+        _require(self.micro_batch >= 1, f"micro batch must be >= 1, got {self.micro_batch}")
+        if self.crop_layout == "grid" and self.crops:
+            side = math.isqrt(self.crops)
+            _require(side * side == self.crops, f"the grid layout needs a square number of crops (e.g. 49, 64), got {self.crops}")
+        if self.uses_crops and self.expand_weight == 0:
+            _require(self.crops > 0, "expand weight 0 removes the global view; it needs --crops > 0")
+        if self.method == "lgca" and self.regions and self.steps:
+            _require(
+                self.crops >= self.regions,
+                f"lgca grows {self.regions} regions a step but has only {self.crops} crops; use --crops >= --regions",
+            )
+
+    @property
+    def uses_crops(self) -> bool:
+        return self.method in CROP_METHODS
+
+    @property
+    def grown_views(self) -> int:
+        """K * T for lgca, else 0."""
+        return self.regions * self.steps if self.method == "lgca" else 0
+
+    @property
+    def encoder_passes(self) -> int:
+        """Image-encoder passes per image: 1 + N + K*T for lgca, 1 + N for wca, 1 otherwise."""
+        return 1 + (self.crops if self.uses_crops else 0) + self.grown_views
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["crop_scale"] = list(self.crop_scale)
+        return out
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which open_clip model to load, from where, and how to run it."""
+
+    name: str = "ViT-B-32"  # open_clip architecture, or a path to an open_clip model-config JSON
+    pretrained: str = "laion2b_s34b_b79k"  # open_clip tag, local file, fsspec URI (s3://...), or "random"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    cache_dir: str | None = None  # weights and text-embedding cache; default ~/.cache/lgca-label
+    random_seed: int = 0  # seed of --pretrained random weights
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model name is empty; pass --model, e.g. ViT-B-32")
+        _require(bool(self.pretrained), "pretrained is empty; pass an open_clip tag, a weights file, a URI or 'random'")
+        _require(self.precision in PRECISIONS, f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N",
+        )
+
+
+@dataclass(frozen=True)
+class VocabularyConfig:
+    """Where the label vocabulary and prompt templates come from."""
+
+    labels: str = ""  # labels file: .txt (one per line), .json/.yaml list, or descriptors {class: [sentences]}
+    templates: str | None = None  # templates file, one per line with {} for the class; default: OpenAI ImageNet set
+    prompt: str = DEFAULT_PROMPT  # the label prompt p_c of the clip method and of description weighting
+
+    def __post_init__(self) -> None:
+        _require(bool(self.labels), "no labels given; pass --labels FILE (one class per line, or a descriptors JSON)")
+        _require("{}" in self.prompt, f"prompt {self.prompt!r} needs a {{}} where the class name goes")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How image bytes become pixels on the CPU workers."""
+
+    max_pixels: int = 178_956_970  # declared width * height above this is refused (decompression bombs)
+    min_short_side: int = 224  # decode at the smallest scale whose shorter side is still at least this
+    timeout_s: float = 30.0  # per-image decode budget; a slower image becomes a decode_error
+
+    def __post_init__(self) -> None:
+        _require(self.max_pixels > 0, f"max pixels must be > 0, got {self.max_pixels}")
+        _require(self.min_short_side > 0, f"min short side must be > 0, got {self.min_short_side}")
+        _require(self.timeout_s > 0, f"decode timeout must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How the job is spread over a Ray cluster."""
+
+    address: str | None = None  # existing Ray cluster (ray://... or auto); None starts a local one
+    batch_size: int = 32  # images per scoring call
+    concurrency: int | None = None  # scoring actors; default: one per GPU, or 1 on CPU
+    num_gpus: float | None = None  # GPUs per actor, fractional allowed; default: 1 when the cluster has GPUs, else 0
+    num_cpus_per_actor: float = 1.0  # CPUs reserved per scoring actor
+    decode_batch_size: int = 16  # images per read-and-decode task call
+    rows_per_file: int = 10_000  # output rows per committed Parquet file
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _require(self.concurrency is None or self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}")
+        _require(self.num_gpus is None or self.num_gpus >= 0, f"num_gpus must be >= 0, got {self.num_gpus}")
+        _require(self.num_cpus_per_actor > 0, f"num_cpus_per_actor must be > 0, got {self.num_cpus_per_actor}")
+        _require(self.decode_batch_size >= 1, f"decode_batch_size must be >= 1, got {self.decode_batch_size}")
+        _require(self.rows_per_file >= 1, f"rows_per_file must be >= 1, got {self.rows_per_file}")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one labelling run needs; storage credentials stay out of it (see StorageOptions)."""
+
+    inputs: tuple[str, ...]  # directories, globs, s3:// prefixes, or manifests (.parquet / .csv with a path column)
+    output: str  # output directory, local or s3://
+    vocabulary: VocabularyConfig
+    model: ModelConfig = ModelConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    decode: DecodeConfig = DecodeConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+    resume: bool = False  # skip inputs that already have a committed output row
+    overwrite: bool = False  # delete an existing output first
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        _require(bool(self.inputs), "no inputs given; pass one or more directories, globs, s3:// prefixes or manifests")
+        _require(bool(self.output), "no output given; pass --output DIR")
+        _require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pick one")
+
+
+def config_from_mapping(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """Build a config dataclass from a mapping, naming unknown keys.
+
+    Raises:
+        ConfigError: a key is not a field of `cls`, or a value is invalid.
+    """
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown, f"unknown key(s) in {where}: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+    for name, value in values.items():
+        expected = type(defaults.get(name))
+        if expected in (int, float, str, bool) and not _fits(value, expected):
+            raise ConfigError(f"{where}: `{name}` must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _fits(value: Any, expected: type) -> bool:
+    if isinstance(value, bool) and expected is not bool:
+        return False  # YAML's `yes` must not pass for a number
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
+
+
+JOB_SECTIONS = {
+    "vocabulary": VocabularyConfig,
+    "model": ModelConfig,
+    "scoring": ScoringConfig,
+    "decode": DecodeConfig,
+    "execution": ExecutionConfig,
+}
+JOB_SCALARS = ("inputs", "output", "resume", "overwrite", "storage_options")
+
+
+def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[JobConfig, dict[str, Any]]:
+    """A JobConfig and non-secret storage options from a parsed job spec (YAML or JSON).
+
+    The spec mirrors JobConfig: top-level `inputs`, `output`, `resume`, `overwrite`, `storage_options`,
+    and one mapping per section (`vocabulary`, `model`, `scoring`, `decode`, `execution`).
+
+    Raises:
+        ConfigError: an unknown key (named with its section), a wrong type, or an invalid value.
+    """
+    _require(isinstance(spec, Mapping), f"{where} must be a mapping of keys to values, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(JOB_SECTIONS) - set(JOB_SCALARS))
+    _require(not unknown, f"unknown key(s) in {where}: {', '.join(unknown)}; valid keys: {', '.join(sorted([*JOB_SECTIONS, *JOB_SCALARS]))}")
+    sections = {}
+    for name, cls in JOB_SECTIONS.items():
+        values = spec.get(name) or {}
+        _require(isinstance(values, Mapping), f"{where}: `{name}` must be a mapping, got {type(values).__name__}")
+        if "crop_scale" in values:
+            values = {**values, "crop_scale": tuple(values["crop_scale"])}
+        sections[name] = config_from_mapping(cls, values, f"{where} `{name}`")
+    inputs = spec.get("inputs")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    _require(isinstance(inputs, list) and inputs and all(isinstance(i, str) for i in inputs),
+             f"{where}: `inputs` must be a non-empty list of paths or URIs")
+    output = spec.get("output")
+    _require(isinstance(output, str) and bool(output), f"{where}: `output` must be a path or URI")
+    for flag in ("resume", "overwrite"):
+        _require(isinstance(spec.get(flag, False), bool), f"{where}: `{flag}` must be true or false")
+    storage = spec.get("storage_options") or {}
+    _require(isinstance(storage, Mapping), f"{where}: `storage_options` must be a mapping")
+    secrets = sorted(k for k in storage if any(word in k.lower() for word in ("secret", "token", "password", "key")))
+    _require(not secrets, f"{where}: `storage_options` must not hold secrets ({', '.join(secrets)}); "
+             "give credentials through AWS environment variables, files or service accounts")
+    job = JobConfig(
+        inputs=tuple(inputs),
+        output=output,
+        resume=spec.get("resume", False),
+        overwrite=spec.get("overwrite", False),
+        **sections,
+    )
+    return job, dict(storage)
+
+
+__all__ = [
+    "CROP_LAYOUTS",
+    "ConfigError",
+    "DecodeConfig",
+    "ExecutionConfig",
+    "JobConfig",
+    "DEFAULT_PROMPT",
+    "METHODS",
+    "ModelConfig",
+    "SALIENCY_RULES",
+    "ScoringConfig",
+    "VocabularyConfig",
+    "config_from_mapping",
+    "job_from_spec",
+]

@@ -1,0 +1,461 @@
+"""The labelling job, the only Ray code: list, read and decode on CPU tasks, score in an actor pool, write Parquet."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import subprocess
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import __version__
+from .config import ConfigError, DecodeConfig, JobConfig, ModelConfig, ScoringConfig
+from .decode import DecodedImage, decode_image, short_side_for
+from .models import check_model, model_image_size
+from .schema import DECODE_ERROR, OK, READ_ERROR, SCORE_ERROR, STATUSES, empty_prediction, output_schema
+from .sink import OutputError, OutputSink, not_yet_done
+from .sources import Listing, check_inputs, list_inputs, parse_input, read_bytes
+from .vocab import Vocabulary, load_vocabulary
+
+log = logging.getLogger(__name__)
+
+READ_THREADS = 8  # concurrent reads per decode task: object-store latency, not CPU, bounds reading
+BLOCKS_PER_BATCH = 2  # input block = this many scoring batches: a task emits its block when done, so blocks
+# bound how often rows reach the writer (and how much a crash loses), while larger ones amortise scheduling
+PIXEL_COLUMNS = ("pixels", "pixel_height", "pixel_width")
+DECODE_TASK_MEMORY = 512 * 1024 * 1024  # bytes reserved per decode task: a batch of decoded images and PIL buffers
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one run did."""
+
+    output: str
+    inputs: int  # images listed
+    already_done: int  # inputs skipped because a previous attempt committed them
+    rows_written: int  # rows committed by this run
+    counts: dict[str, int]  # rows per status over the whole output
+    seconds: float  # wall time of the whole run
+    label_seconds: float  # time from the first cluster work to the last committed row
+    skipped_files: int  # non-image files found while listing
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rows_written / self.label_seconds if self.label_seconds > 0 else 0.0
+
+    def line(self) -> str:
+        errors = sum(v for k, v in self.counts.items() if k != OK)
+        detail = ", ".join(f"{k} {v}" for k, v in self.counts.items() if k != OK and v)
+        return (
+            f"lgca: {self.inputs} images ({self.already_done} already done), {self.rows_written} rows written: "
+            f"{self.counts.get(OK, 0)} ok, {errors} errors{f' ({detail})' if detail else ''}; "
+            f"{self.images_per_second:.1f} images/s; {self.skipped_files} non-image files skipped; output {self.output}"
+        )
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """Everything checked and listed before any cluster work."""
+
+    config: JobConfig
+    vocabulary: Vocabulary
+    listing: Listing
+    todo: pa.Table  # listing rows without a committed output row
+    sink: OutputSink
+    decode: DecodeConfig
+
+
+def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJob:
+    """Validate the whole configuration and list the inputs; fails fast, starts no cluster.
+
+    Raises:
+        ConfigError: with a message naming the fix (bad labels, model, inputs or output).
+    """
+    vocabulary = load_vocabulary(config.vocabulary, storage_options)
+    check_model(config.model)
+    specs = [parse_input(text) for text in config.inputs]
+    check_inputs(specs, storage_options)
+    _refuse_output_inside_inputs(config)
+    listing = list_inputs(specs, storage_options)
+    if listing.table.num_rows == 0:
+        raise ConfigError(f"no images found in {', '.join(config.inputs)} ({listing.skipped_count} other files)")
+    passthrough = listing.table.schema
+    mode = "resume" if config.resume else "overwrite" if config.overwrite else "new"
+    sink = OutputSink.open(config.output, storage_options, mode, config.execution.rows_per_file, output_schema(passthrough))
+    todo = listing.table
+    if config.resume:
+        todo = todo.filter(not_yet_done(todo.column("key"), sink.committed_keys()))
+    alpha = config.scoring.crop_scale[0] if config.scoring.uses_crops else None
+    decode = replace(config.decode, min_short_side=short_side_for(model_image_size(config.model), alpha))
+    return PreparedJob(config, vocabulary, listing, todo, sink, decode)
+
+
+def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> RunSummary:
+    """Run a labelling job end to end: one committed output row per listed image.
+
+    Args:
+        config: the job.
+        storage_options: fsspec options (credentials, endpoint) for inputs, output and weights; never recorded.
+
+    Returns:
+        The run's summary.
+
+    Raises:
+        ConfigError: the configuration is unusable (raised before the cluster starts).
+    """
+    storage_options = dict(storage_options or {})
+    started = time.time()
+    started_at = _now()
+    job = prepare(config, storage_options)
+    log.info("%d images listed, %d to label", job.listing.table.num_rows, job.todo.num_rows)
+    label_started = time.time()
+    if job.todo.num_rows:
+        _label(job, storage_options)
+    job.sink.flush()
+    label_seconds = time.time() - label_started
+    counts, total = _check_output(job)
+    summary = RunSummary(
+        output=config.output,
+        inputs=job.listing.table.num_rows,
+        already_done=job.listing.table.num_rows - job.todo.num_rows,
+        rows_written=job.sink.rows_written,
+        counts=counts,
+        seconds=time.time() - started,
+        label_seconds=label_seconds,
+        skipped_files=job.listing.skipped_count,
+    )
+    job.sink.finish(_manifest(job, summary, started_at, total))
+    return summary
+
+
+# ---------------------------------------------------------------- cluster work
+
+
+def _label(job: PreparedJob, storage_options: dict[str, Any]) -> None:
+    import ray
+
+    execution = job.config.execution
+    if not ray.is_initialized():
+        try:
+            ray.init(address=execution.address, ignore_reinit_error=True, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as error:
+            raise ConfigError(
+                f"cannot join the Ray cluster at {execution.address}: {str(error).splitlines()[0]}; "
+                "check --address (host:port of the head's GCS, or 'auto' on a cluster node)"
+            ) from None
+    num_gpus = execution.num_gpus
+    if num_gpus is None:
+        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    actors = execution.concurrency or (max(1, int(ray.cluster_resources().get("GPU", 0) // num_gpus)) if num_gpus else 1)
+    model_config = job.config.model
+    if model_config.device == "auto":
+        model_config = replace(model_config, device="cuda" if num_gpus > 0 else "cpu")
+
+    vectors = ray.get(
+        ray.remote(num_gpus=num_gpus, num_cpus=1)(_text_vectors).remote(
+            model_config, job.vocabulary, job.config.scoring, storage_options
+        )
+    )
+    block_rows = BLOCKS_PER_BATCH * max(execution.batch_size, execution.decode_batch_size)
+    blocks = [job.todo.slice(start, block_rows) for start in range(0, job.todo.num_rows, block_rows)]
+    dataset = ray.data.from_arrow(blocks)
+    dataset = dataset.map_batches(
+        _read_and_decode,
+        batch_size=execution.decode_batch_size,
+        batch_format="pyarrow",
+        fn_kwargs={"decode": job.decode, "storage_options": storage_options},
+        num_cpus=1,
+        # Reserving decode memory also keeps Ray from fusing decoding into the scoring actors (it fuses
+        # stages with equal resource requests): decoding must run on its own CPU tasks, beside the model.
+        memory=DECODE_TASK_MEMORY,
+    )
+    dataset = dataset.map_batches(
+        ScoringActor,
+        batch_size=execution.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=num_gpus,
+        num_cpus=execution.num_cpus_per_actor,
+        fn_constructor_kwargs={
+            "model_config": model_config,
+            "scoring": job.config.scoring,
+            "classes": job.vocabulary.classes,
+            "vectors": vectors,
+            "storage_options": storage_options,
+            "cpu_threads": max(1, (os.cpu_count() or 1) // actors) if num_gpus == 0 else None,
+        },
+    )  # Ray Data's actor pools restart dead actors and retry their batches by default (max_restarts=-1)
+    for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        job.sink.write(table)
+
+
+def _text_vectors(model_config: ModelConfig, vocabulary: Vocabulary, scoring: ScoringConfig, storage_options: dict) -> np.ndarray:
+    """Runs once per job, on a worker with the scoring actors' resources."""
+    from .labeler import text_vectors
+    from .models import default_cache_dir, load_model
+
+    model = load_model(model_config, storage_options)
+    return text_vectors(model, vocabulary, scoring, default_cache_dir(model_config)).numpy()
+
+
+def _read_and_decode(batch: pa.Table, decode: DecodeConfig, storage_options: dict[str, Any]) -> pa.Table:
+    """Bytes to pixels for one batch of listing rows; every row comes out, failed ones with a status."""
+    paths = batch.column("path").to_pylist()
+
+    def fetch(path: str) -> bytes | Exception:
+        try:
+            return read_bytes(path, storage_options)
+        except Exception as error:  # reported in the row, never raised: one bad object must not stop the job
+            return error
+
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(paths))) as pool:
+        contents = list(pool.map(fetch, paths))
+    statuses, messages, widths, heights, pixels, pixel_h, pixel_w = [], [], [], [], [], [], []
+    for content in contents:
+        result: Any = content
+        if isinstance(content, Exception):
+            status, message = READ_ERROR, f"cannot read: {type(content).__name__}: {content}"
+        else:
+            result = decode_image(content, decode)
+            status, message = (OK, None) if isinstance(result, DecodedImage) else (DECODE_ERROR, result.message)
+        statuses.append(status)
+        messages.append(message)
+        if status == OK:
+            widths.append(result.width)
+            heights.append(result.height)
+            pixels.append(result.pixels.tobytes())
+            pixel_h.append(result.pixels.shape[0])
+            pixel_w.append(result.pixels.shape[1])
+        else:
+            widths.append(None)
+            heights.append(None)
+            pixels.append(None)
+            pixel_h.append(None)
+            pixel_w.append(None)
+    columns = {
+        "status": pa.array(statuses, pa.string()),
+        "error_message": pa.array(messages, pa.string()),
+        "width": pa.array(widths, pa.int32()),
+        "height": pa.array(heights, pa.int32()),
+        "pixels": pa.array(pixels, pa.large_binary()),
+        "pixel_height": pa.array(pixel_h, pa.int32()),
+        "pixel_width": pa.array(pixel_w, pa.int32()),
+    }
+    for name, values in columns.items():
+        batch = batch.append_column(name, values)
+    return batch
+
+
+class ScoringActor:
+    """Holds the model on one GPU (or CPU); scores one batch of decoded rows per call."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        scoring: ScoringConfig,
+        classes: tuple[str, ...],
+        vectors: np.ndarray,
+        storage_options: dict[str, Any],
+        cpu_threads: int | None,
+    ) -> None:
+        import torch
+
+        from .models import load_model
+        from .score import Scorer, ViewFormat
+
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        self.model = load_model(model_config, storage_options)
+        self.scoring = scoring
+        self.identity = self.model.identity
+        self.scorer = Scorer(
+            encode_image=self.model.encode_image,
+            classes=classes,
+            vectors=torch.from_numpy(np.array(vectors, dtype=np.float32)),
+            logit_scale=self.model.logit_scale,
+            view=ViewFormat(self.model.image_size, self.model.mean, self.model.std),
+            config=scoring,
+            device=self.model.device,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.drop_columns(list(PIXEL_COLUMNS)).to_pylist()
+        ready = [i for i, row in enumerate(rows) if row["status"] == OK]
+        predictions = self._score_rows(batch, ready)
+        for index, row in enumerate(rows):
+            prediction = predictions.get(index)
+            if isinstance(prediction, str):
+                row.update(status=SCORE_ERROR, error_message=prediction)
+            row.update(prediction if isinstance(prediction, dict) else empty_prediction())
+            row.update(method=self.scoring.method, model=self.identity["model"], pretrained=self.identity["pretrained"])
+        schema = output_schema(batch.drop_columns(list(PIXEL_COLUMNS)).schema)
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def _score_rows(self, batch: pa.Table, indices: list[int]) -> dict[int, dict[str, Any] | str]:
+        """Predictions by row index; a row whose scoring failed maps to its error message instead."""
+        if not indices:
+            return {}
+        import torch
+
+        columns = {name: batch.column(name) for name in ("key", "width", "height", *PIXEL_COLUMNS)}
+        images, keys, sizes = [], [], []
+        for i in indices:
+            height, width = columns["pixel_height"][i].as_py(), columns["pixel_width"][i].as_py()
+            buffer = np.frombuffer(columns["pixels"][i].as_buffer(), dtype=np.uint8).reshape(height, width, 3)
+            images.append(torch.from_numpy(buffer).permute(2, 0, 1).contiguous())
+            keys.append(columns["key"][i].as_py())
+            sizes.append((columns["width"][i].as_py(), columns["height"][i].as_py()))
+        try:
+            scores = self.scorer.score(images, keys, sizes)
+            return {i: _prediction(score) for i, score in zip(indices, scores)}
+        except Exception as error:  # isolate the image that broke the batch; the others still get scored
+            log.warning("batch scoring failed (%s); scoring its %d images one by one", error, len(indices))
+        out: dict[int, dict[str, Any] | str] = {}
+        for i, image, key, size in zip(indices, images, keys, sizes):
+            try:
+                out[i] = _prediction(self.scorer.score([image], [key], [size])[0])
+            except Exception as error:
+                out[i] = f"scoring failed: {type(error).__name__}: {error}"
+        return out
+
+
+def _prediction(score: Any) -> dict[str, Any]:
+    return {
+        "label": score.label,
+        "score": score.score,
+        "topk_labels": score.topk_labels,
+        "topk_scores": score.topk_scores,
+        "margin": score.margin,
+        "boxes": [asdict(box) for box in score.boxes],
+    }
+
+
+# ---------------------------------------------------------------- bookkeeping
+
+
+def _check_output(job: PreparedJob) -> tuple[dict[str, int], int]:
+    """Counts per status over every committed file, after checking each listed key has exactly one row."""
+    statuses, keys = [], []
+    for path in job.sink.committed_files():
+        with job.sink.fs.open(path, "rb") as handle:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(handle, columns=["key", "status"])
+        statuses.append(table.column("status"))
+        keys.append(table.column("key"))
+    all_keys = pa.chunked_array([c for k in keys for c in k.chunks], type=pa.string())
+    unique = pc.count_distinct(all_keys).as_py() if len(all_keys) else 0
+    if unique != len(all_keys):
+        raise OutputError(f"output {job.config.output} holds {len(all_keys) - unique} duplicate rows; rerun with --overwrite")
+    missing = pc.sum(pc.invert(pc.is_in(job.listing.table.column("key"), value_set=all_keys.combine_chunks()))).as_py()
+    if missing:
+        raise OutputError(f"{missing} listed images have no output row; rerun with --resume to finish them")
+    counts = dict.fromkeys(STATUSES, 0)
+    for chunked in statuses:
+        for value, count in zip(*_value_counts(chunked)):
+            counts[value] = counts.get(value, 0) + count
+    return counts, len(all_keys)
+
+
+def _value_counts(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
+    counted = pc.value_counts(column)
+    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
+
+
+def _manifest(job: PreparedJob, summary: RunSummary, started_at: str, total_rows: int) -> dict[str, Any]:
+    config = job.config
+    previous = job.sink.previous_manifest() or {}
+    attempt = {
+        "attempt": job.sink.attempt,
+        "run_id": uuid.uuid4().hex,
+        "started_at": started_at,
+        "ended_at": _now(),
+        "rows_written": summary.rows_written,
+        "files_written": job.sink.files_written,
+        "seconds": round(summary.seconds, 3),
+    }
+    return {
+        "format": "lgca-label/1",
+        "run_id": attempt["run_id"],
+        "code_version": _code_version(),
+        "started_at": (previous.get("attempts") or [attempt])[0]["started_at"],
+        "ended_at": attempt["ended_at"],
+        "attempts": (previous.get("attempts") or []) + [attempt],
+        "inputs": list(config.inputs),
+        "output": config.output,
+        "model": _model_record(job),
+        "vocabulary": {
+            "sha256": job.vocabulary.digest(),
+            "classes": list(job.vocabulary.classes),
+            "labels_file": config.vocabulary.labels,
+            "templates_file": config.vocabulary.templates,
+            "prompt": config.vocabulary.prompt,
+        },
+        "method": config.scoring.method,
+        "scoring": config.scoring.to_dict(),
+        "decode": asdict(job.decode),
+        "execution": asdict(config.execution),
+        "counts": {
+            "inputs": summary.inputs,
+            "rows": total_rows,
+            "non_image_files_skipped": summary.skipped_files,
+            "non_image_examples": list(job.listing.skipped),
+            **summary.counts,
+        },
+    }
+
+
+def _model_record(job: PreparedJob) -> dict[str, Any]:
+    from .models import architecture_name, file_sha256, parse_weights_source
+
+    model = job.config.model
+    architecture = architecture_name(model.name)
+    source = parse_weights_source(architecture, model.pretrained)
+    record = {"name": architecture, "pretrained": model.pretrained, "source": source.kind, "weights_sha256": None}
+    if source.kind == "file":
+        record["weights_sha256"] = file_sha256(Path(source.value))
+    if source.kind == "random":
+        record["random_seed"] = model.random_seed
+    return record
+
+
+def _refuse_output_inside_inputs(config: JobConfig) -> None:
+    output = _normalised(config.output)
+    for text in config.inputs:
+        root = _normalised(text)
+        if output == root or output.startswith(root.rstrip("/") + "/"):
+            raise OutputError(f"output {config.output} lies inside input {text}; the job would read its own output. "
+                              "Choose an --output outside the inputs")
+
+
+def _normalised(location: str) -> str:
+    if "://" in location:
+        return location.rstrip("/")
+    return str(Path(location).expanduser().resolve())
+
+
+def _code_version() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

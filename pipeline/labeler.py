@@ -1,0 +1,219 @@
+"""The Python API: load a model and vocabulary once, then label PIL images, arrays or tensors without Ray."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .config import ModelConfig, ScoringConfig, VocabularyConfig
+from .models import LoadedModel, default_cache_dir, load_model
+from .score import ImageScore, Scorer, ViewFormat, class_vectors
+from .vocab import Vocabulary, load_vocabulary
+
+log = logging.getLogger(__name__)
+
+ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
+
+
+def default_templates() -> tuple[str, ...]:
+    """open_clip's OpenAI ImageNet prompt templates, as format strings with `{}`."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
+
+
+def text_vectors(
+    model: LoadedModel,
+    vocabulary: Vocabulary,
+    scoring: ScoringConfig,
+    cache_dir: Path | None = None,
+) -> torch.Tensor:
+    """Class vectors (C, D) on the CPU for `scoring.method`, cached on disk by model, vocabulary and method.
+
+    A job computes them once on the driver and ships them to every scoring actor.
+    """
+    templates = vocabulary.templates if vocabulary.templates is not None else default_templates()
+    key_material = json.dumps(
+        {
+            "model": model.identity,
+            "vocabulary": vocabulary.digest(),
+            "templates": list(templates),
+            "method": scoring.method,
+            "text_scale": scoring.text_scale,
+        },
+        sort_keys=True,
+    )
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = cache_dir / "text" / f"{hashlib.sha256(key_material.encode()).hexdigest()}.safetensors"
+        cached = _read_cached_vectors(cache_file, len(vocabulary.classes))
+        if cached is not None:
+            return cached
+    vectors = class_vectors(
+        scoring.method,
+        vocabulary.classes,
+        model.encode_text,
+        vocabulary.descriptions,
+        templates,
+        vocabulary.prompt,
+        scoring.text_scale,
+    ).cpu()
+    if cache_file is not None:
+        _write_cached_vectors(cache_file, vectors)
+    return vectors
+
+
+def to_pixels(image: ImageLike) -> torch.Tensor:
+    """A uint8 RGB tensor (3, H, W) from a PIL image (EXIF orientation applied), an HWC array, a tensor or a path."""
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            return to_pixels(ImageOps.exif_transpose(opened).convert("RGB"))
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) RGB array, got shape {image.shape}")
+        return to_pixels(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            return image.contiguous()
+        if image.is_floating_point():
+            return (image.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+        raise ValueError(f"expected a uint8 or float tensor, got {image.dtype}")
+    raise TypeError(f"cannot label a {type(image).__name__}; pass a PIL image, an array, a tensor or a path")
+
+
+def content_key(pixels: torch.Tensor) -> str:
+    """A key from the pixels themselves, so an image gets the same crops wherever it appears."""
+    digest = hashlib.blake2b(pixels.contiguous().numpy().tobytes(), digest_size=12)
+    digest.update(str(tuple(pixels.shape)).encode())
+    return digest.hexdigest()
+
+
+class Labeler:
+    """Model, class vectors and scorer, set up once; `label` scores any number of images.
+
+    Example:
+        >>> labeler = Labeler.load(["cat", "dog"], pretrained="/weights/vit-b-32.safetensors")
+        >>> labeler.label([Image.open("cat.jpg")])[0].label
+        'cat'
+    """
+
+    def __init__(self, model: LoadedModel, vocabulary: Vocabulary, scoring: ScoringConfig, vectors: torch.Tensor) -> None:
+        self.model = model
+        self.vocabulary = vocabulary
+        self.scoring = scoring
+        self.scorer = Scorer(
+            encode_image=model.encode_image,
+            classes=vocabulary.classes,
+            vectors=vectors,
+            logit_scale=model.logit_scale,
+            view=ViewFormat(model.image_size, model.mean, model.std),
+            config=scoring,
+            device=model.device,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        labels: str | Sequence[str] | Mapping[str, Sequence[str]],
+        model: str = ModelConfig.name,
+        pretrained: str = ModelConfig.pretrained,
+        scoring: ScoringConfig | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        templates: Sequence[str] | None = None,
+        cache_dir: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> "Labeler":
+        """Load a labeler.
+
+        Args:
+            labels: a labels file path, a list of class names, or a mapping {class: [descriptions]}.
+            model: open_clip architecture (or a model-config JSON path).
+            pretrained: open_clip tag, weights file, fsspec URI, or "random".
+            scoring: method and parameters; default LGCA with the documented defaults.
+            device, precision: as in ModelConfig.
+            templates: prompt templates with `{}`; default open_clip's OpenAI ImageNet set.
+            cache_dir: weights and text-embedding cache.
+            storage_options: fsspec options for remote labels or weights.
+
+        Raises:
+            ConfigError: bad vocabulary, model or parameters.
+        """
+        scoring = scoring or ScoringConfig()
+        model_config = ModelConfig(name=model, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
+        vocabulary = _vocabulary_from(labels, templates, storage_options)
+        loaded = load_model(model_config, storage_options)
+        vectors = text_vectors(loaded, vocabulary, scoring, default_cache_dir(model_config))
+        return cls(loaded, vocabulary, scoring, vectors)
+
+    def label(
+        self,
+        images: Sequence[ImageLike],
+        keys: Sequence[str] | None = None,
+        batch_size: int = 32,
+    ) -> list[ImageScore]:
+        """Score images; `keys` fix each image's crops (default: a hash of its pixels, or its path)."""
+        pixels = [to_pixels(image) for image in images]
+        if keys is None:
+            keys = [str(image) if isinstance(image, (str, os.PathLike)) else content_key(p) for image, p in zip(images, pixels)]
+        results: list[ImageScore] = []
+        for start in range(0, len(pixels), batch_size):
+            results.extend(self.scorer.score(pixels[start : start + batch_size], keys[start : start + batch_size]))
+        return results
+
+
+def _vocabulary_from(
+    labels: str | Sequence[str] | Mapping[str, Sequence[str]],
+    templates: Sequence[str] | None,
+    storage_options: Mapping[str, Any] | None,
+) -> Vocabulary:
+    from .vocab import parse_labels
+
+    if isinstance(labels, (str, os.PathLike)):
+        vocabulary = load_vocabulary(VocabularyConfig(labels=str(labels)), storage_options)
+    else:
+        text = json.dumps(dict(labels) if isinstance(labels, Mapping) else list(labels))
+        classes, descriptions = parse_labels(text, "labels.json")
+        vocabulary = Vocabulary(classes=classes, descriptions=descriptions)
+    if templates is not None:
+        vocabulary = Vocabulary(vocabulary.classes, vocabulary.descriptions, tuple(templates), vocabulary.prompt)
+    return vocabulary
+
+
+def _read_cached_vectors(path: Path, classes: int) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        vectors = load_file(str(path))["vectors"]
+    except Exception as error:  # a corrupt cache entry is recomputed, not trusted
+        log.warning("ignoring unreadable text-embedding cache %s: %s", path, error)
+        return None
+    return vectors if vectors.shape[0] == classes else None
+
+
+def _write_cached_vectors(path: Path, vectors: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+        os.close(handle)
+        save_file({"vectors": vectors.contiguous()}, temporary)
+        os.replace(temporary, path)
+    except OSError as error:  # a read-only cache only costs a recomputation
+        log.warning("cannot write text-embedding cache %s: %s", path, error)

@@ -1,0 +1,382 @@
+"""Scoring math on encoder callables: class text vectors and the methods clip, ensemble, descriptors, wca, lgca.
+
+Pure torch and numpy: no Ray, no I/O, no open_clip. The encoders are injected, so tests can pass analytic ones.
+The definitions are those of docs/METHOD.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from .config import ScoringConfig
+from .regions import grow_boxes, sample_crops, select_salient
+
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) normalised pixels -> (B, D)
+TextEncoder = Callable[[Sequence[str]], torch.Tensor]  # n strings -> (n, D)
+
+TEXT_CHUNK = 256  # sentences per text-encoder call
+
+
+@dataclass(frozen=True)
+class ViewFormat:
+    """How a view is turned into encoder input: square side and per-channel normalisation."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class SalientBox:
+    """A region selected for expansion (level 0) or grown from one (level t), in normalised xyxy."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    level: int
+    parent: int  # index of the parent in the same image's box list; -1 for a selected local crop
+    saliency: float
+    label: str  # best class of the region alone
+    score: float  # that class's probability for the region alone
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """Scores of one image."""
+
+    key: str
+    probabilities: np.ndarray  # (C,) float32, sums to 1
+    label: str
+    score: float
+    topk_labels: list[str]
+    topk_scores: list[float]
+    margin: float  # top-1 probability minus top-2 probability
+    boxes: list[SalientBox]
+
+
+# ---------------------------------------------------------------- text side
+
+
+def encode_texts(encode_text: TextEncoder, texts: Sequence[str]) -> torch.Tensor:
+    """L2-normalised float32 embeddings of `texts`, encoded in chunks."""
+    chunks = [encode_text(list(texts[i : i + TEXT_CHUNK])).float() for i in range(0, len(texts), TEXT_CHUNK)]
+    return F.normalize(torch.cat(chunks), dim=-1)
+
+
+def class_sentences(
+    classes: Sequence[str],
+    descriptions: Mapping[str, Sequence[str]],
+    templates: Sequence[str],
+    prompt: str,
+) -> list[list[str]]:
+    """The sentences d_c1..d_cM of each class: its descriptions, else its templates, else its prompt."""
+    sentences = []
+    for name in classes:
+        if descriptions.get(name):
+            sentences.append(list(descriptions[name]))
+        elif templates:
+            sentences.append([template.format(name) for template in templates])
+        else:
+            sentences.append([prompt.format(name)])
+    return sentences
+
+
+def class_vectors(
+    method: str,
+    classes: Sequence[str],
+    encode_text: TextEncoder,
+    descriptions: Mapping[str, Sequence[str]],
+    templates: Sequence[str],
+    prompt: str,
+    text_scale: float,
+) -> torch.Tensor:
+    """Class vectors T_c (C, D), normalised, for one method.
+
+    clip: g(p_c). ensemble: mean of template embeddings (CLIP's ensemble). descriptors, wca, lgca: the
+    description embeddings weighted by softmax_j(exp(text_scale) * <t_cj, g(p_c)>).
+    """
+    prompts = [prompt.format(name) for name in classes]
+    if method == "clip":
+        return encode_texts(encode_text, prompts)
+    if method == "ensemble":
+        sentences = class_sentences(classes, {}, templates, prompt)
+    else:
+        sentences = class_sentences(classes, descriptions, templates, prompt)
+    flat = [s for group in sentences for s in group]
+    embedded = encode_texts(encode_text, flat)
+    groups = torch.split(embedded, [len(group) for group in sentences])
+    if method == "ensemble":
+        return F.normalize(torch.stack([group.mean(dim=0) for group in groups]), dim=-1)
+    prompt_vecs = encode_texts(encode_text, prompts)
+    vectors = []
+    for group, anchor in zip(groups, prompt_vecs):
+        weights = torch.softmax(math.exp(text_scale) * (group @ anchor), dim=0)  # (M,)
+        vectors.append((weights[:, None] * group).sum(dim=0))
+    return F.normalize(torch.stack(vectors), dim=-1)
+
+
+# ---------------------------------------------------------------- image side
+
+
+class Scorer:
+    """Scores batches of decoded images against fixed class vectors with one method.
+
+    Heavy state (class vectors on the device) is set up once; `score` takes one batch per call.
+    """
+
+    def __init__(
+        self,
+        encode_image: ImageEncoder,
+        classes: Sequence[str],
+        vectors: torch.Tensor,
+        logit_scale: float,
+        view: ViewFormat,
+        config: ScoringConfig,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """
+        Args:
+            encode_image: maps (B, 3, S, S) normalised views to (B, D) embeddings (normalised here anyway).
+            classes: class names, in the order of `vectors`.
+            vectors: class vectors T_c (C, D) for `config.method`, from `class_vectors`.
+            logit_scale: the model's temperature, applied before the class softmax.
+            view: the encoder's input size and normalisation.
+            config: method and parameters.
+            device: where views are cut and the class vectors live.
+        """
+        if vectors.shape[0] != len(classes):
+            raise ValueError(f"{vectors.shape[0]} class vectors for {len(classes)} classes")
+        self.encode_image = encode_image
+        self.classes = list(classes)
+        self.device = torch.device(device)
+        self.vectors = F.normalize(vectors.float(), dim=-1).to(self.device)
+        self.logit_scale = float(logit_scale)
+        self.view = view
+        self.config = config
+        self._mean = torch.tensor(view.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(view.std, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    # ---- public
+
+    def score(
+        self,
+        images: Sequence[torch.Tensor],
+        keys: Sequence[str],
+        sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[ImageScore]:
+        """Score a batch of images.
+
+        Args:
+            images: uint8 tensors (3, H, W), RGB, upright; possibly decoded at reduced scale.
+            keys: one stable key per image; with the seed it fixes the image's crops.
+            sizes: (width, height) of each upright original; crops are laid out in it so that they do
+                not depend on the decode scale. Default: each tensor's own size.
+
+        Returns:
+            One ImageScore per image, in order.
+        """
+        if len(images) != len(keys):
+            raise ValueError(f"{len(images)} images but {len(keys)} keys")
+        if not images:
+            return []
+        sizes = list(sizes) if sizes is not None else [(int(im.shape[-1]), int(im.shape[-2])) for im in images]
+        with torch.inference_mode():
+            pixels = [self._to_device(image) for image in images]
+            global_emb = self._encode(self._global_views(pixels))  # (B, D)
+            if not self.config.uses_crops:
+                sims = global_emb @ self.vectors.T  # (B, C)
+                return [self._result(key, row, []) for key, row in zip(keys, sims)]
+            return self._score_with_crops(pixels, list(keys), sizes, global_emb)
+
+    # ---- views
+
+    def _to_device(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a uint8 RGB tensor (3, H, W), got {tuple(image.shape)} {image.dtype}")
+        if self.device.type == "cuda":
+            image = image.pin_memory() if not image.is_pinned() else image
+        return image.to(self.device, non_blocking=True).float()
+
+    def _normalise(self, views: torch.Tensor) -> torch.Tensor:
+        return (views.clamp_(0.0, 255.0) - self._mean) / self._std
+
+    def _global_views(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The model's own preprocessing: shorter side to S (bicubic, antialiased), centre crop S x S."""
+        size = self.view.size
+        views = []
+        for image in pixels:
+            height, width = image.shape[-2:]
+            scale = size / min(height, width)
+            new_h, new_w = max(size, int(height * scale)), max(size, int(width * scale))
+            resized = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+            top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
+            views.append(resized[:, :, top : top + size, left : left + size])
+        return self._normalise(torch.cat(views))
+
+    def _crop_views(self, pixels: Sequence[torch.Tensor], owners: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+        """Cut and resize normalised xyxy `boxes` of images `owners` to S x S, one roi_align per image.
+
+        roi_align averages ceil(box / S) samples per output pixel, so large boxes are low-pass filtered
+        before they are resampled, as an antialiased resize would.
+        """
+        size = self.view.size
+        out = torch.empty((len(owners), 3, size, size), device=self.device)
+        for owner in np.unique(owners):
+            rows = np.nonzero(owners == owner)[0]
+            image = pixels[owner]
+            height, width = image.shape[-2:]
+            scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+            pixel_boxes = (torch.from_numpy(boxes[rows]).float() * scale).to(self.device)
+            out[torch.from_numpy(rows).to(self.device)] = roi_align(
+                image[None], [pixel_boxes], output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True
+            )
+        return self._normalise(out)
+
+    def _encode(self, views: torch.Tensor) -> torch.Tensor:
+        """Embed views in micro-batches; float32, normalised."""
+        step = self.config.micro_batch
+        chunks = [self.encode_image(views[i : i + step]).float() for i in range(0, views.shape[0], step)]
+        return F.normalize(torch.cat(chunks), dim=-1)
+
+    def _encode_boxes(self, pixels: Sequence[torch.Tensor], owners: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+        """Cut and embed boxes a micro-batch at a time, so at most one micro-batch of views is in memory."""
+        if len(owners) == 0:
+            return torch.empty((0, self.vectors.shape[1]), device=self.device)
+        step = self.config.micro_batch
+        chunks = [
+            self._encode(self._crop_views(pixels, owners[i : i + step], boxes[i : i + step]))
+            for i in range(0, len(owners), step)
+        ]
+        return torch.cat(chunks)
+
+    # ---- methods with crops
+
+    def _saliency(self, embeddings: torch.Tensor, sims: torch.Tensor, global_emb: torch.Tensor) -> torch.Tensor:
+        """sigma(b) for (B, P, D) embeddings: max_c s(b, c) (class) or <f(b), f(x)> (global)."""
+        if self.config.saliency == "class":
+            return sims.max(dim=-1).values
+        return torch.einsum("bpd,bd->bp", embeddings, global_emb)
+
+    def _score_with_crops(
+        self,
+        pixels: Sequence[torch.Tensor],
+        keys: list[str],
+        sizes: list[tuple[int, int]],
+        global_emb: torch.Tensor,
+    ) -> list[ImageScore]:
+        cfg = self.config
+        batch, crops = len(keys), cfg.crops
+        boxes = np.stack(
+            [sample_crops(k, w, h, crops, cfg.crop_scale, cfg.seed, cfg.crop_layout) for k, (w, h) in zip(keys, sizes)]
+        )  # (B, N, 4)
+        owners = np.repeat(np.arange(batch), crops)
+        embeddings = self._encode_boxes(pixels, owners, boxes.reshape(-1, 4))
+        embeddings = embeddings.view(batch, crops, global_emb.shape[1])  # (B, N, D)
+        sims = embeddings @ self.vectors.T  # (B, N, C)
+        saliency = self._saliency(embeddings, sims, global_emb)  # (B, N)
+        levels = np.zeros((batch, crops), dtype=np.int64)
+        parents = np.full((batch, crops), -1, dtype=np.int64)
+        expanded = np.zeros((batch, crops), dtype=bool)
+        selected_order: list[list[int]] = [[] for _ in range(batch)]  # pool indices in output order
+
+        for _ in range(cfg.steps if cfg.method == "lgca" and cfg.regions else 0):
+            saliency_np = saliency.float().cpu().numpy()
+            picks = np.empty((batch, cfg.regions), dtype=np.int64)
+            for b in range(batch):
+                chosen = select_salient(saliency_np[b], boxes[b], ~expanded[b], cfg.regions, cfg.overlap_iou)
+                picks[b] = chosen
+                for index in chosen:
+                    if levels[b, index] == 0:
+                        selected_order[b].append(index)
+            pool_size = boxes.shape[1]
+            grown = grow_boxes(np.take_along_axis(boxes, picks[..., None], axis=1).reshape(-1, 4), cfg.growth)
+            grown = grown.reshape(batch, cfg.regions, 4)
+            new_emb = self._encode_boxes(pixels, np.repeat(np.arange(batch), cfg.regions), grown.reshape(-1, 4))
+            new_emb = new_emb.view(batch, cfg.regions, global_emb.shape[1])
+            new_sims = new_emb @ self.vectors.T
+            np.put_along_axis(expanded, picks, True, axis=1)
+            boxes = np.concatenate([boxes, grown], axis=1)
+            levels = np.concatenate([levels, np.take_along_axis(levels, picks, axis=1) + 1], axis=1)
+            parents = np.concatenate([parents, picks], axis=1)
+            expanded = np.concatenate([expanded, np.zeros((batch, cfg.regions), dtype=bool)], axis=1)
+            embeddings = torch.cat([embeddings, new_emb], dim=1)
+            sims = torch.cat([sims, new_sims], dim=1)
+            saliency = torch.cat([saliency, self._saliency(new_emb, new_sims, global_emb)], dim=1)
+            for b in range(batch):
+                selected_order[b].extend(range(pool_size, pool_size + cfg.regions))
+
+        views = torch.cat([global_emb[:, None], embeddings], dim=1)  # (B, 1 + P, D)
+        view_sims = torch.cat([(global_emb @ self.vectors.T)[:, None], sims], dim=1)  # (B, 1 + P, C)
+        weight_logits = math.exp(cfg.image_scale) * torch.einsum("bvd,bd->bv", views, global_emb)
+        boosted = np.concatenate([np.ones((batch, 1), dtype=bool), levels > 0], axis=1)
+        if cfg.expand_weight != 1.0:
+            # multiplying a softmax weight by m is adding log m to its logit; m = 0 removes the view
+            log_boost = math.log(cfg.expand_weight) if cfg.expand_weight > 0 else float("-inf")
+            boost = torch.from_numpy(boosted).to(self.device)
+            weight_logits = torch.where(boost, weight_logits + log_boost, weight_logits)
+        weights = torch.softmax(weight_logits, dim=1)  # (B, 1 + P)
+        combined = (weights[..., None] * view_sims).sum(dim=1)  # (B, C)
+
+        region_probs = torch.softmax(self.logit_scale * sims, dim=-1).float().cpu().numpy()  # (B, P, C)
+        saliency_np = saliency.float().cpu().numpy()
+        results = []
+        for b in range(batch):
+            salient = self._salient_boxes(
+                selected_order[b], boxes[b], levels[b], parents[b], saliency_np[b], region_probs[b]
+            )
+            results.append(self._result(keys[b], combined[b], salient))
+        return results
+
+    def _salient_boxes(
+        self,
+        order: list[int],
+        boxes: np.ndarray,
+        levels: np.ndarray,
+        parents: np.ndarray,
+        saliency: np.ndarray,
+        region_probs: np.ndarray,
+    ) -> list[SalientBox]:
+        position = {pool_index: out_index for out_index, pool_index in enumerate(order)}
+        out = []
+        for pool_index in order:
+            best = int(region_probs[pool_index].argmax())
+            parent = int(parents[pool_index])
+            x0, y0, x1, y1 = (float(v) for v in boxes[pool_index])
+            out.append(
+                SalientBox(
+                    x0=x0,
+                    y0=y0,
+                    x1=x1,
+                    y1=y1,
+                    level=int(levels[pool_index]),
+                    parent=position[parent] if parent >= 0 else -1,
+                    saliency=float(saliency[pool_index]),
+                    label=self.classes[best],
+                    score=float(region_probs[pool_index, best]),
+                )
+            )
+        return out
+
+    def _result(self, key: str, similarity: torch.Tensor, boxes: list[SalientBox]) -> ImageScore:
+        probabilities = torch.softmax(self.logit_scale * similarity.float(), dim=-1).cpu().numpy()
+        ranked = np.argsort(-probabilities, kind="stable")
+        order = ranked[: self.config.topk]
+        second = float(probabilities[ranked[1]]) if len(ranked) > 1 else 0.0
+        return ImageScore(
+            key=key,
+            probabilities=probabilities,
+            label=self.classes[order[0]],
+            score=float(probabilities[order[0]]),
+            topk_labels=[self.classes[i] for i in order],
+            topk_scores=[float(probabilities[i]) for i in order],
+            margin=float(probabilities[order[0]]) - second,
+            boxes=boxes,
+        )

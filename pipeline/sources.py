@@ -1,0 +1,550 @@
+"""Inputs as rows: directories, globs, single files and manifests (local or s3://) listed via fsspec into (key, path) rows."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from .config import ConfigError
+from .schema import OUTPUT_COLUMNS
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+MANIFEST_EXTENSIONS = (".parquet", ".csv", ".csv.gz")
+INPUT_KINDS = ("directory", "glob", "file", "manifest")
+# Columns the pipeline writes; a manifest column with one of these names would be overwritten in the output.
+RESERVED_COLUMNS = tuple(name for name in OUTPUT_COLUMNS if name not in ("key", "path"))
+
+_LOCAL_PROTOCOLS = (None, "file", "local")
+_S3_PROTOCOLS = ("s3", "s3a")
+_WILDCARDS = ("*", "?", "[")
+# pyarrow.dataset's default ignore_prefixes: Spark/Hadoop markers (_SUCCESS, _temporary/) and dotfiles.
+_HIDDEN_PREFIXES = (".", "_")
+_MAX_SKIPPED_EXAMPLES = 20
+_MAX_DUPLICATE_EXAMPLES = 5
+_SECRET_WORDS = ("secret", "token", "key", "password", "credential")
+_NOT_SECRET_WORDS = ("endpoint", "url", "region")
+_REDACTED = "***"
+# The existence probe gives up quickly: a wrong endpoint or credentials must fail in seconds, not
+# after botocore's and s3fs's retry loops (minutes against an unreachable host).
+_PROBE_S3_CONFIG = {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1, "mode": "standard"}}
+# Messages of transient storage errors worth another attempt: S3 5xx and throttling codes, socket trouble.
+_TRANSIENT_MESSAGE = re.compile(
+    r"slow ?down|throttl|reduce your request rate|request ?timeout|internal ?error|service ?unavailable"
+    r"|\b50[0234]\b|timed out|connection (reset|aborted|closed)|broken pipe|temporar",
+    re.IGNORECASE,
+)
+
+
+class SourceError(ConfigError):
+    """An input cannot be used as given; the message names the input and the fix."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One INPUT argument, parsed."""
+
+    uri: str  # as given; local paths made absolute
+    kind: str  # directory | glob | file | manifest
+
+    def __post_init__(self) -> None:
+        if self.kind not in INPUT_KINDS:
+            raise SourceError(f"input kind {self.kind!r} of {self.uri} is unknown; use one of {', '.join(INPUT_KINDS)}")
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Every image found, one row each, plus the non-image files seen on the way."""
+
+    table: pa.Table  # key (string), path (string, full URI; plain absolute path locally), manifest pass-through columns
+    skipped: list[str] = field(default_factory=list)  # the first few skipped files, full URIs
+    skipped_count: int = 0  # all skipped files
+
+
+def parse_input(text: str) -> InputSpec:
+    """Parse one INPUT string into an InputSpec.
+
+    A path containing `*`, `?` or `[` is a glob (unless it exists locally as written); a path ending in
+    .parquet/.csv/.csv.gz is a manifest; one ending in an image extension, or an existing local file,
+    is a single file; anything else (including s3://bucket/prefix, with or without a trailing slash)
+    is a directory.
+
+    Args:
+        text: a local path (relative paths allowed), a URI such as s3://bucket/prefix, or a glob.
+
+    Returns:
+        The spec; local paths are made absolute, remote URIs are kept as given.
+
+    Raises:
+        SourceError: the input is empty.
+    """
+    text = text.strip()
+    if not text:
+        raise SourceError("an input is empty; pass a directory, glob, file, s3:// prefix or manifest")
+    protocol, path = fsspec.core.split_protocol(text)
+    local = protocol in _LOCAL_PROTOCOLS
+    if local:
+        path = os.path.abspath(os.path.expanduser(path))
+        uri = path
+    else:
+        uri = text
+    name = path.rstrip("/").lower()
+    # A local file literally named "photo [1].jpg" is a file, not a pattern.
+    if any(c in path for c in _WILDCARDS) and not (local and os.path.exists(path)):
+        kind = "glob"
+    elif name.endswith(MANIFEST_EXTENSIONS):
+        kind = "manifest"
+    elif name.endswith(IMAGE_EXTENSIONS) or (local and os.path.isfile(path)):
+        kind = "file"
+    else:
+        kind = "directory"
+    return InputSpec(uri=uri, kind=kind)
+
+
+def filesystem_for(uri: str, storage_options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem serving `uri`, and the path within it.
+
+    Args:
+        uri: a local path or a URI (s3://bucket/key, memory://..., chained URLs).
+        storage_options: passed unchanged to the remote filesystem's constructor; ignored for local
+            paths, since they hold settings for the remote store (s3 keys would mean nothing there).
+
+    Returns:
+        (filesystem, path without protocol), e.g. (S3FileSystem, "bucket/key").
+    """
+    protocol, _ = fsspec.core.split_protocol(uri)
+    options = {} if protocol in _LOCAL_PROTOCOLS else dict(storage_options)
+    return fsspec.core.url_to_fs(uri, **options)
+
+
+def check_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]) -> None:
+    """Fail fast if an input's root is missing or unreadable, before any work is scheduled.
+
+    For a glob the folder before the first wildcard must exist; whether the pattern matches is
+    checked by `list_inputs`. S3 probes use short timeouts and no retries, so wrong endpoints or
+    credentials fail within seconds.
+
+    Args:
+        specs: parsed inputs.
+        storage_options: fsspec options for remote inputs (endpoint_url, key, secret, ...).
+
+    Raises:
+        SourceError: no inputs; an input does not exist, is not readable, its bucket is missing, or its
+            store rejects the credentials or cannot be reached. The message names the fix.
+    """
+    if not specs:
+        raise SourceError("no inputs given; pass one or more directories, globs, files, s3:// prefixes or manifests")
+    for spec in specs:
+        if _is_local(spec.uri):
+            _check_local(spec)
+        else:
+            _check_remote(spec, storage_options)
+
+
+def list_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]) -> Listing:
+    """List every image of every input as a (key, path) row, sorted by key.
+
+    Keys are the path relative to the input root (directories; for globs the part before the first
+    wildcard component), the file name (single files), or a manifest's `key` column, else its `path`
+    value as written. The same tree gives the same keys on local disk and on S3. Non-image files and
+    hidden entries (a path component starting with "." or "_", e.g. _SUCCESS) found in directories and
+    globs are counted in `skipped`; single-file inputs and manifest rows are never skipped (they were
+    asked for by name; decoding reports what is not an image).
+
+    Args:
+        specs: parsed inputs.
+        storage_options: fsspec options for remote inputs.
+
+    Returns:
+        The listing: a table with columns key, path (full URI; plain absolute path locally) and the
+        manifests' other columns, and the skipped files.
+
+    Raises:
+        SourceError: no inputs; a directory or glob holds no images; a manifest is unreadable, lacks a
+            `path` column, has empty paths or keys, or has a column named like an output column; inputs
+            disagree on a column's type; two rows share a key.
+    """
+    if not specs:
+        raise SourceError("no inputs given; pass one or more directories, globs, files, s3:// prefixes or manifests")
+    tables: list[pa.Table] = []
+    skipped: list[str] = []
+    skipped_count = 0
+    for spec in specs:
+        if spec.kind == "manifest":
+            tables.append(_list_manifest(spec, storage_options))
+            continue
+        keys, paths, input_skipped = _list_files(spec, storage_options)
+        if not keys:
+            examples = f" ({len(input_skipped)} other files, e.g. {', '.join(input_skipped[:3])})" if input_skipped else ""
+            raise SourceError(
+                f"input {spec.uri} holds no images{examples}; check the path, and that names end in one of "
+                f"{', '.join(IMAGE_EXTENSIONS)} and do not start with . or _"
+            )
+        tables.append(pa.table({"key": pa.array(keys, pa.string()), "path": pa.array(paths, pa.string())}))
+        skipped.extend(input_skipped[: _MAX_SKIPPED_EXAMPLES - len(skipped)])
+        skipped_count += len(input_skipped)
+    try:
+        # Directory inputs lack the manifests' columns; "default" promotion fills them with nulls.
+        table = pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowInvalid as error:
+        raise SourceError(f"inputs disagree on a column's type ({error}); give the manifests matching column types") from error
+    table = table.sort_by("key")
+    _raise_on_duplicate_keys(table.column("key"))
+    return Listing(table=table, skipped=skipped, skipped_count=skipped_count)
+
+
+def read_bytes(path: str, storage_options: Mapping[str, Any], retries: int = 3, backoff_s: float = 0.2) -> bytes:
+    """The bytes of one file, retrying transient storage errors.
+
+    Args:
+        path: a full URI or local path, as in a listing's `path` column.
+        storage_options: fsspec options for remote paths.
+        retries: extra attempts after the first for transient errors (connection, timeout, 5xx,
+            throttling); missing files and denied access are not retried.
+        backoff_s: wait before the first retry; doubles each retry.
+
+    Returns:
+        The file's content.
+
+    Raises:
+        FileNotFoundError, PermissionError, or the last transient error once the retries are spent.
+    """
+    fs, fs_path = filesystem_for(path, storage_options)
+    attempt = 0
+    while True:
+        try:
+            return fs.cat_file(fs_path)
+        except Exception as error:  # noqa: BLE001 - anything not transient is re-raised as is
+            if attempt >= retries or not _is_transient(error):
+                raise
+        time.sleep(backoff_s * 2**attempt)
+        attempt += 1
+
+
+def storage_options_from(pairs: Sequence[str]) -> dict[str, Any]:
+    """Parse CLI `--storage-option key=value` pairs into fsspec storage options.
+
+    Values "true"/"false" become booleans and plain integers and decimals become numbers, except for
+    secret-looking keys, which stay strings (a numeric secret must not lose leading zeros). Dotted keys
+    nest: `client_kwargs.region_name=eu-west-1` gives {"client_kwargs": {"region_name": "eu-west-1"}}.
+    A repeated key keeps its last value.
+
+    Args:
+        pairs: strings "key=value"; the value may contain "=".
+
+    Returns:
+        The options dict.
+
+    Raises:
+        SourceError: a pair has no "=" or an empty key part, or a key is both a value and a group.
+    """
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        parts = name.strip().split(".")
+        if not sep or not all(parts):
+            raise SourceError(f"storage option {pair!r} is not key=value; write e.g. endpoint_url=http://127.0.0.1:9000")
+        node = options
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SourceError(f"storage option {pair!r}: {part} is already a value, not a group; drop one of them")
+        if isinstance(node.get(parts[-1]), dict):
+            raise SourceError(f"storage option {pair!r}: {parts[-1]} is already a group of options; drop one of them")
+        node[parts[-1]] = raw if _is_secret_name(parts[-1]) else _parse_value(raw)
+    return options
+
+
+def redact(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of storage options safe to log or write into a manifest.
+
+    Values of secret-looking keys (key, secret, token, password, session_token, aws_*, and any name
+    containing secret/token/key/password/credential, except endpoint, url and region names) become
+    "***"; nested dicts are redacted too, and passwords inside endpoint URLs are masked.
+
+    Args:
+        options: storage options, possibly nested.
+
+    Returns:
+        The redacted copy; the input is not modified.
+    """
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if value is not None and _is_secret_name(str(name)):
+            out[name] = _REDACTED
+        elif isinstance(value, Mapping):
+            out[name] = redact(value)
+        elif isinstance(value, str):
+            # http://user:password@host -> http://user:***@host
+            out[name] = re.sub(r"(://[^/:@]+:)[^/@]+@", rf"\1{_REDACTED}@", value)
+        else:
+            out[name] = value
+    return out
+
+
+def _is_local(uri: str) -> bool:
+    return fsspec.core.split_protocol(uri)[0] in _LOCAL_PROTOCOLS
+
+
+def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    # Local paths stay plain absolute paths; remote ones get their protocol back (bucket/k -> s3://bucket/k).
+    if isinstance(fs, LocalFileSystem):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def _glob_root(path: str) -> str:
+    parts = path.split("/")
+    first = next(i for i, part in enumerate(parts) if any(c in part for c in _WILDCARDS))
+    return "/".join(parts[:first])
+
+
+def _relative_key(path: str, root: str) -> str:
+    if path == root:
+        return posixpath.basename(path)  # a directory input that turned out to be a single object
+    if root and path.startswith(root.rstrip("/") + "/"):
+        return path[len(root.rstrip("/")) + 1 :]
+    return posixpath.relpath(path, root or "/")
+
+
+def _is_image_key(key: str) -> bool:
+    if any(part.startswith(_HIDDEN_PREFIXES) for part in key.split("/")):
+        return False
+    return key.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_files(spec: InputSpec, storage_options: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """Keys, full paths and skipped full paths of a directory, glob or single-file input."""
+    fs, path = filesystem_for(spec.uri, storage_options)
+    path = path.rstrip("/") or path
+    # A long-lived process may list the same prefix again after it changed (e.g. a resumed run).
+    fs.invalidate_cache(path)
+    if spec.kind == "file":
+        return [posixpath.basename(path)], [_full_uri(fs, path)], []
+    if spec.kind == "glob":
+        root = _glob_root(path)
+        found: list[str] = []
+        for match, info in sorted(fs.glob(path, detail=True).items()):
+            # A pattern that matches folders means everything below them.
+            found.extend(fs.find(match, withdirs=False) if info.get("type") == "directory" else [match])
+        if not found:
+            raise SourceError(f"glob {spec.uri} matched no files; check the pattern")
+    else:
+        root = path
+        found = fs.find(path, withdirs=False)
+    keys: list[str] = []
+    paths: list[str] = []
+    skipped: list[str] = []
+    for file_path in sorted(set(found)):
+        if file_path.endswith("/"):
+            continue  # an S3 "folder" marker object, not a file
+        key = _relative_key(file_path, root)
+        if _is_image_key(key):
+            keys.append(key)
+            paths.append(_full_uri(fs, file_path))
+        else:
+            skipped.append(_full_uri(fs, file_path))
+    return keys, paths, skipped
+
+
+def _read_manifest_table(spec: InputSpec, fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
+    try:
+        if path.lower().endswith(".parquet"):
+            with fs.open(path, "rb") as handle:
+                return pq.read_table(handle)
+        # path and key stay strings even when they look numeric ("001" must not become 1).
+        convert = pa_csv.ConvertOptions(column_types={"path": pa.string(), "key": pa.string()})
+        with fs.open(path, "rb", compression="infer") as handle:
+            return pa_csv.read_csv(handle, convert_options=convert)
+    except FileNotFoundError as error:
+        raise SourceError(f"manifest {spec.uri} does not exist; check the path") from error
+    except (pa.ArrowInvalid, EOFError, UnicodeDecodeError) as error:
+        raise SourceError(
+            f"manifest {spec.uri} could not be read ({error}); write it as Parquet or UTF-8 CSV with a header"
+        ) from error
+
+
+def _string_column(table: pa.Table, name: str, spec: InputSpec) -> pa.ChunkedArray:
+    column = table.column(name)
+    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or (name == "key" and pa.types.is_integer(kind))):
+        raise SourceError(f"manifest {spec.uri}: column {name!r} holds {column.type}, not text; write it as strings")
+    column = column.cast(pa.string())
+    empty = pc.or_kleene(pc.is_null(column), pc.equal(column, "")).combine_chunks().fill_null(True)
+    if pc.any(empty).as_py():
+        rows = pc.indices_nonzero(empty)[:5].to_pylist()
+        raise SourceError(f"manifest {spec.uri}: column {name!r} is empty in rows {rows} (0-based); fill or remove those rows")
+    return column
+
+
+def _resolve_manifest_path(raw: str, fs: fsspec.AbstractFileSystem, manifest_dir: str, local: bool) -> str:
+    protocol, rest = fsspec.core.split_protocol(raw)
+    if protocol is not None:
+        return rest if protocol in _LOCAL_PROTOCOLS else raw  # file:///x -> /x; other URIs as written
+    if local:
+        return os.path.normpath(os.path.join(manifest_dir, os.path.expanduser(raw)))
+    # Remote: relative to the manifest's folder; a leading "/" means "/bucket/key" on the same store.
+    return _full_uri(fs, posixpath.normpath(posixpath.join(manifest_dir, raw)).lstrip("/"))
+
+
+def _list_manifest(spec: InputSpec, storage_options: Mapping[str, Any]) -> pa.Table:
+    fs, path = filesystem_for(spec.uri, storage_options)
+    table = _read_manifest_table(spec, fs, path)
+    if "path" not in table.column_names:
+        raise SourceError(
+            f"manifest {spec.uri} has no 'path' column (found: {', '.join(table.column_names) or 'none'}); "
+            "add a column 'path' with one image path or URI per row"
+        )
+    reserved = [name for name in table.column_names if name in RESERVED_COLUMNS]
+    if reserved:
+        raise SourceError(
+            f"manifest {spec.uri} has column(s) {', '.join(reserved)}, which the output already uses; rename them"
+        )
+    if table.num_rows == 0:
+        raise SourceError(f"manifest {spec.uri} has no rows; add images or drop the input")
+    raw_paths = _string_column(table, "path", spec)
+    keys = _string_column(table, "key", spec) if "key" in table.column_names else raw_paths
+    local = _is_local(spec.uri)
+    manifest_dir = os.path.dirname(path) if local else posixpath.dirname(path)
+    resolved = [_resolve_manifest_path(raw, fs, manifest_dir, local) for raw in raw_paths.to_pylist()]
+    extra = [name for name in table.column_names if name not in ("key", "path")]
+    columns = {"key": keys, "path": pa.array(resolved, pa.string())}
+    columns.update({name: table.column(name) for name in extra})
+    return pa.table(columns)
+
+
+def _raise_on_duplicate_keys(keys: pa.ChunkedArray) -> None:
+    # keys are sorted, so duplicates are neighbours.
+    keys = keys.combine_chunks()
+    if len(keys) < 2:
+        return
+    same = pc.equal(keys[1:], keys[:-1])
+    if not pc.any(same).as_py():
+        return
+    duplicates = sorted(set(keys[1:].filter(same).to_pylist()))
+    shown = ", ".join(duplicates[:_MAX_DUPLICATE_EXAMPLES]) + (", ..." if len(duplicates) > _MAX_DUPLICATE_EXAMPLES else "")
+    raise SourceError(
+        f"{len(duplicates)} key(s) appear more than once across the inputs ({shown}); keys must be unique so each "
+        "output row maps to one image: list the inputs in a manifest with a unique 'key' column, or drop overlapping inputs"
+    )
+
+
+def _check_local(spec: InputSpec) -> None:
+    target = _glob_root(spec.uri) if spec.kind == "glob" else spec.uri
+    where = f"input {spec.uri}" if target == spec.uri else f"the folder {target} of glob {spec.uri}"
+    if not os.path.exists(target):
+        raise SourceError(f"{where} does not exist; check the path")
+    is_dir = os.path.isdir(target)
+    if spec.kind in ("directory", "glob") and not is_dir:
+        raise SourceError(f"{where} is a file, not a folder; pass its folder or the file itself")
+    if spec.kind in ("file", "manifest") and is_dir:
+        raise SourceError(f"input {spec.uri} is a folder, not a file; check the path")
+    if not os.access(target, os.R_OK | (os.X_OK if is_dir else 0)):
+        raise SourceError(f"{where} is not readable by this user; check its permissions")
+
+
+def _probe_filesystem(uri: str, storage_options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    protocol, _ = fsspec.core.split_protocol(uri)
+    if protocol not in _S3_PROTOCOLS:
+        return filesystem_for(uri, storage_options)
+    options = dict(storage_options)
+    options["config_kwargs"] = {**_PROBE_S3_CONFIG, **options.get("config_kwargs", {})}
+    # A private instance: the fast-fail settings must not leak into the cached one used for reading.
+    fs, path = fsspec.core.url_to_fs(uri, skip_instance_cache=True, **options)
+    fs.retries = 1  # s3fs's own retry loop, on top of botocore's
+    return fs, path
+
+
+def _check_remote(spec: InputSpec, storage_options: Mapping[str, Any]) -> None:
+    fs, path = _probe_filesystem(spec.uri, storage_options)
+    protocol = fsspec.core.split_protocol(spec.uri)[0]
+    target = _glob_root(path) if spec.kind == "glob" else path.rstrip("/")
+    fix_access = (
+        "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or --storage-option key=... "
+        "secret=...) and the endpoint (--storage-option endpoint_url=...)"
+    )
+    try:
+        info = fs.info(target)
+    except FileNotFoundError as error:
+        bucket = target.split("/")[0]
+        if protocol in _S3_PROTOCOLS and not _bucket_exists(fs, bucket):
+            raise SourceError(
+                f"bucket {bucket} of input {spec.uri} does not exist or is not visible with these credentials; "
+                f"check the bucket name, then {fix_access}"
+            ) from error
+        raise SourceError(f"input {spec.uri} does not exist; check the path") from error
+    except PermissionError as error:
+        raise SourceError(f"access to input {spec.uri} was denied ({error}); {fix_access}") from error
+    except Exception as error:  # noqa: BLE001 - any other failure to reach the store gets the same advice
+        raise SourceError(
+            f"could not reach the store of input {spec.uri} ({type(error).__name__}: {error}); {fix_access}"
+        ) from error
+    is_dir = info.get("type") == "directory"
+    if spec.kind in ("file", "manifest") and is_dir:
+        raise SourceError(f"input {spec.uri} is a folder, not a file; check the path")
+
+
+def _bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:
+    try:
+        return bool(fs.exists(bucket))
+    except Exception:  # noqa: BLE001 - an error here just means we cannot tell; report the bucket
+        return False
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    # botocore/aiohttp raise their own Connection*/Timeout* classes, not always OSErrors.
+    name = type(error).__name__.lower()
+    if any(word in name for word in ("connection", "timeout", "throttl", "disconnect")):
+        return True
+    return isinstance(error, OSError) and _TRANSIENT_MESSAGE.search(str(error)) is not None
+
+
+def _is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    if any(word in lowered for word in _NOT_SECRET_WORDS):
+        return False
+    return lowered.startswith("aws_") or any(word in lowered for word in _SECRET_WORDS)
+
+
+def _parse_value(raw: str) -> Any:
+    lowered = raw.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    # Only canonical numbers: "007" or "1e3" stay strings (ids, versions).
+    if re.fullmatch(r"-?(0|[1-9][0-9]*)", raw.strip()):
+        return int(raw)
+    if re.fullmatch(r"-?(0|[1-9][0-9]*)\.[0-9]+", raw.strip()):
+        return float(raw)
+    return raw
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "INPUT_KINDS",
+    "InputSpec",
+    "Listing",
+    "MANIFEST_EXTENSIONS",
+    "RESERVED_COLUMNS",
+    "SourceError",
+    "check_inputs",
+    "filesystem_for",
+    "list_inputs",
+    "parse_input",
+    "read_bytes",
+    "redact",
+    "storage_options_from",
+]

@@ -1,0 +1,82 @@
+"""A real Ray head on loopback, started with `ray start --head` in its own temp dir, and stopped without touching other Ray instances."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RayHead:
+    """`ray start --head` on 127.0.0.1; `address` for drivers, `dashboard_url` for job submission."""
+
+    def __init__(self, num_cpus: int = 2, dashboard: bool = False) -> None:
+        self.num_cpus = num_cpus
+        self.dashboard = dashboard
+        # short path: Ray's unix sockets live under it and socket paths are limited to ~107 bytes
+        self.temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def __enter__(self) -> "RayHead":
+        command = [
+            RAY, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+            f"--include-dashboard={'true' if self.dashboard else 'false'}",
+        ]
+        if self.dashboard:
+            command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+        subprocess.run(command, check=True, capture_output=True, timeout=120, env=self.env())
+        return self
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # a throwaway loopback cluster: no token to hand around between the head, drivers and job submitters
+        env.update(RAY_ADDRESS=self.address, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        return env
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of this head: found by its temp dir on the command line."""
+        found = []
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                if any(self.temp_dir in part for part in process.info["cmdline"] or []):
+                    found.append(process)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return found
+
+    def __exit__(self, *exc_info: object) -> None:
+        roots = self.processes()
+        victims = set(roots)
+        for process in roots:
+            try:
+                victims.update(process.children(recursive=True))
+            except psutil.NoSuchProcess:
+                continue
+        for process in victims:
+            try:
+                process.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                continue
+        psutil.wait_procs(list(victims), timeout=10)
+        time.sleep(0.2)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
