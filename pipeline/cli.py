@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SUBCOMMANDS: list[Callable[[Any], None]] = [_add_run]
+SUBCOMMANDS.append(__import__(f"{__package__}.submit", fromlist=["add_cluster_commands"]).add_cluster_commands)  # submit, status, logs, stop
+SUBCOMMANDS.append(add_eval_command)  # eval
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, Mapping
+import types
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
 
 METHODS = ("clip", "ensemble", "descriptors", "wca", "lgca")
 CROP_METHODS = ("wca", "lgca")
@@ -191,17 +192,37 @@ def config_from_mapping(cls: type, values: Mapping[str, Any], where: str) -> Any
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     _require(not unknown, f"unknown key(s) in {where}: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-    defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+    hints = get_type_hints(cls)
     for name, value in values.items():
-        expected = type(defaults.get(name))
-        if expected in (int, float, str, bool) and not _fits(value, expected):
-            raise ConfigError(f"{where}: `{name}` must be {expected.__name__}, got {type(value).__name__} {value!r}")
+        expected, optional = _scalar_type(hints[name])
+        if expected is not None and not (optional and value is None) and not _fits(value, expected):
+            nullable = " or null" if optional else ""
+            raise ConfigError(f"{where}: `{name}` must be {expected.__name__}{nullable}, got {type(value).__name__} {value!r}")
     try:
         return cls(**values)
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
     except TypeError as error:
         raise ConfigError(f"{where}: {error}") from None
+
+
+def _scalar_type(annotation: Any) -> tuple[type | None, bool]:
+    """(int, float, str or bool, else None; whether None is allowed) for a field annotation such as `int | None`."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    scalars = [arg for arg in args if arg in (int, float, str, bool)]
+    return (scalars[0] if len(scalars) == 1 else None), type(None) in args
+
+
+def _secret_names(options: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of secret-looking keys in storage options, nested mappings (client_kwargs, ...) included."""
+    found = []
+    for name, value in options.items():
+        dotted = f"{prefix}{name}"
+        if any(word in str(name).lower() for word in ("secret", "token", "password", "key")):
+            found.append(dotted)
+        elif isinstance(value, Mapping):
+            found.extend(_secret_names(value, f"{dotted}."))
+    return found
 
 
 def _fits(value: Any, expected: type) -> bool:
@@ -252,7 +273,7 @@ def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[Job
         _require(isinstance(spec.get(flag, False), bool), f"{where}: `{flag}` must be true or false")
     storage = spec.get("storage_options") or {}
     _require(isinstance(storage, Mapping), f"{where}: `storage_options` must be a mapping")
-    secrets = sorted(k for k in storage if any(word in k.lower() for word in ("secret", "token", "password", "key")))
+    secrets = sorted(_secret_names(storage))
     _require(not secrets, f"{where}: `storage_options` must not hold secrets ({', '.join(secrets)}); "
              "give credentials through AWS environment variables, files or service accounts")
     job = JobConfig(

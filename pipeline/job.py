@@ -46,6 +46,8 @@ class RunSummary:
     counts: dict[str, int]  # rows per status over the whole output
     seconds: float  # wall time of the whole run
     label_seconds: float  # time from the first cluster work to the last committed row
+    startup_seconds: float  # time from the first cluster work to the first scored rows (models loading, ...)
+    steady_images_per_second: float  # rows/s after the first scored rows arrived
     skipped_files: int  # non-image files found while listing
 
     @property
@@ -58,7 +60,8 @@ class RunSummary:
         return (
             f"lgca: {self.inputs} images ({self.already_done} already done), {self.rows_written} rows written: "
             f"{self.counts.get(OK, 0)} ok, {errors} errors{f' ({detail})' if detail else ''}; "
-            f"{self.images_per_second:.1f} images/s; {self.skipped_files} non-image files skipped; output {self.output}"
+            f"{self.images_per_second:.1f} images/s ({self.steady_images_per_second:.1f} after {self.startup_seconds:.1f} s "
+            f"start-up); {self.skipped_files} non-image files skipped; output {self.output}"
         )
 
 
@@ -118,10 +121,13 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
     job = prepare(config, storage_options)
     log.info("%d images listed, %d to label", job.listing.table.num_rows, job.todo.num_rows)
     label_started = time.time()
+    first_rows_at, first_rows = label_started, 0
     if job.todo.num_rows:
-        _label(job, storage_options)
+        first_rows_at, first_rows = _label(job, storage_options)
     job.sink.flush()
-    label_seconds = time.time() - label_started
+    label_ended = time.time()
+    steady_seconds = label_ended - first_rows_at
+    steady_rows = job.sink.rows_written - first_rows
     counts, total = _check_output(job)
     summary = RunSummary(
         output=config.output,
@@ -130,7 +136,9 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
         rows_written=job.sink.rows_written,
         counts=counts,
         seconds=time.time() - started,
-        label_seconds=label_seconds,
+        label_seconds=label_ended - label_started,
+        startup_seconds=first_rows_at - label_started,
+        steady_images_per_second=steady_rows / steady_seconds if steady_rows and steady_seconds > 0 else 0.0,
         skipped_files=job.listing.skipped_count,
     )
     job.sink.finish(_manifest(job, summary, started_at, total))
@@ -140,7 +148,8 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
 # ---------------------------------------------------------------- cluster work
 
 
-def _label(job: PreparedJob, storage_options: dict[str, Any]) -> None:
+def _label(job: PreparedJob, storage_options: dict[str, Any]) -> tuple[float, int]:
+    """Run the Ray Data graph, committing rows as they arrive; returns when and how many rows came first."""
     import ray
 
     execution = job.config.execution
@@ -194,8 +203,12 @@ def _label(job: PreparedJob, storage_options: dict[str, Any]) -> None:
             "cpu_threads": max(1, (os.cpu_count() or 1) // actors) if num_gpus == 0 else None,
         },
     )  # Ray Data's actor pools restart dead actors and retry their batches by default (max_restarts=-1)
+    first_rows_at, first_rows = 0.0, 0
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if not first_rows_at:
+            first_rows_at, first_rows = time.time(), table.num_rows
         job.sink.write(table)
+    return first_rows_at or time.time(), first_rows
 
 
 def _text_vectors(model_config: ModelConfig, vocabulary: Vocabulary, scoring: ScoringConfig, storage_options: dict) -> np.ndarray:

@@ -78,14 +78,20 @@ def to_pixels(image: ImageLike) -> torch.Tensor:
         with Image.open(image) as opened:
             return to_pixels(ImageOps.exif_transpose(opened).convert("RGB"))
     if isinstance(image, Image.Image):
-        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+        return to_pixels(torch.from_numpy(np.asarray(upright, dtype=np.uint8).copy()).permute(2, 0, 1))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB array, got shape {image.shape}")
-        return to_pixels(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        array = np.ascontiguousarray(image)
+        if not array.flags.writeable:  # np.asarray(pil_image) is read-only, and torch warns on such arrays
+            array = array.copy()
+        return to_pixels(torch.from_numpy(array).permute(2, 0, 1))
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"the image has no pixels (shape {tuple(image.shape)})")
         if image.dtype == torch.uint8:
             return image.contiguous()
         if image.is_floating_point():
@@ -166,7 +172,13 @@ class Labeler:
         batch_size: int = 32,
     ) -> list[ImageScore]:
         """Score images; `keys` fix each image's crops (default: a hash of its pixels, or its path)."""
+        if isinstance(images, (Image.Image, str, os.PathLike)) or (
+            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3
+        ):
+            raise TypeError(f"label() takes a sequence of images, got a single {type(images).__name__}; wrap it in a list")
         pixels = [to_pixels(image) for image in images]
+        if keys is not None and len(keys) != len(pixels):
+            raise ValueError(f"{len(pixels)} images but {len(keys)} keys")
         if keys is None:
             keys = [str(image) if isinstance(image, (str, os.PathLike)) else content_key(p) for image, p in zip(images, pixels)]
         results: list[ImageScore] = []

@@ -161,7 +161,14 @@ def fetch_weights(uri: str, cache_dir: Path, storage_options: Mapping[str, Any] 
     target = cache_dir / "weights" / hashlib.sha256(uri.encode()).hexdigest()[:24] / name
     try:
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        remote_size = fs.size(path)
+        try:
+            remote_size = fs.size(path)
+        except Exception as error:
+            if not target.is_file():
+                raise
+            # the remote is gone or unreachable: the copy fetched earlier still serves (its sha256 is recorded)
+            log.warning("cannot check weights %s (%s); using the cached copy %s", uri, error, target)
+            return target
         if target.is_file() and target.stat().st_size == remote_size:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,26 @@ class ImageScore:
     boxes: list[SalientBox]
 
 
+@dataclass
+class ViewSet:
+    """Embeddings of every view of a batch of images, with the geometry of the regions.
+
+    Regions are the local crops (the first `crops` of the pool) followed by the grown boxes, in the
+    order they were grown. One ViewSet can be combined with several methods' class vectors, so an
+    evaluation encodes each view once for all methods.
+    """
+
+    keys: list[str]
+    global_emb: torch.Tensor  # (B, D) f(x)
+    region_emb: torch.Tensor  # (B, P, D) f(b) of local crops, then grown boxes
+    boxes: np.ndarray  # (B, P, 4) normalised xyxy
+    levels: np.ndarray  # (B, P) 0 for local crops, t for a box grown t times
+    parents: np.ndarray  # (B, P) pool index of the parent, -1 for local crops
+    saliency: torch.Tensor  # (B, P) sigma(b) under the scorer's own class vectors
+    selected: list[list[int]]  # per image, pool indices of salient boxes in output order
+    crops: int  # N
+
+
 # ---------------------------------------------------------------- text side
 
 
@@ -183,18 +203,58 @@ class Scorer:
         Returns:
             One ImageScore per image, in order.
         """
-        if len(images) != len(keys):
-            raise ValueError(f"{len(images)} images but {len(keys)} keys")
         if not images:
             return []
+        return self.combine(self.embed(images, keys, sizes))
+
+    def embed(
+        self,
+        images: Sequence[torch.Tensor],
+        keys: Sequence[str],
+        sizes: Sequence[tuple[int, int]] | None = None,
+        global_emb: torch.Tensor | None = None,
+    ) -> ViewSet:
+        """Encode every view the configured method needs (arguments as in `score`).
+
+        Global view for all methods; local crops for wca and lgca; for lgca, the regions grown over
+        `steps` steps, selected by saliency under this scorer's class vectors.
+
+        `global_emb` (B, D), the `global_emb` of an earlier ViewSet of the same images (e.g. under another
+        seed: the global view does not depend on it), is used as is instead of encoding the global views again.
+        """
+        if len(images) != len(keys):
+            raise ValueError(f"{len(images)} images but {len(keys)} keys")
+        if global_emb is not None and global_emb.shape[0] != len(images):
+            raise ValueError(f"{global_emb.shape[0]} global embeddings for {len(images)} images")
         sizes = list(sizes) if sizes is not None else [(int(im.shape[-1]), int(im.shape[-2])) for im in images]
         with torch.inference_mode():
             pixels = [self._to_device(image) for image in images]
-            global_emb = self._encode(self._global_views(pixels))  # (B, D)
-            if not self.config.uses_crops:
-                sims = global_emb @ self.vectors.T  # (B, C)
-                return [self._result(key, row, []) for key, row in zip(keys, sims)]
-            return self._score_with_crops(pixels, list(keys), sizes, global_emb)
+            if global_emb is None:
+                global_emb = self._encode(self._global_views(pixels))  # (B, D)
+            return self._embed_regions(pixels, list(keys), sizes, global_emb.to(self.device))
+
+    def combine(self, views: ViewSet, vectors: torch.Tensor | None = None, method: str | None = None) -> list[ImageScore]:
+        """Scores from encoded views.
+
+        Args:
+            views: from `embed`.
+            vectors: class vectors (C, D) of `method`; default this scorer's own.
+            method: clip, ensemble or descriptors use the global view; wca the global view and local
+                crops; lgca all views. Default: the configured method. A method needs the views it uses.
+
+        Returns:
+            One ImageScore per image; salient boxes for lgca only.
+        """
+        method = method or self.config.method
+        vectors = self.vectors if vectors is None else F.normalize(vectors.float(), dim=-1).to(self.device)
+        with torch.inference_mode():
+            if method not in ("wca", "lgca"):
+                sims = views.global_emb @ vectors.T  # (B, C)
+                return [self._result(key, row, []) for key, row in zip(views.keys, sims)]
+            pool = views.region_emb.shape[1] if method == "lgca" else views.crops
+            if method == "lgca" and self.config.grown_views and pool == views.crops:
+                raise ValueError("these views hold no grown regions; embed them with an lgca scorer")
+            return self._combine_regions(views, vectors, pool, with_boxes=method == "lgca")
 
     # ---- views
 
@@ -257,83 +317,85 @@ class Scorer:
         ]
         return torch.cat(chunks)
 
-    # ---- methods with crops
+    # ---- regions
 
-    def _saliency(self, embeddings: torch.Tensor, sims: torch.Tensor, global_emb: torch.Tensor) -> torch.Tensor:
+    def _saliency(self, embeddings: torch.Tensor, global_emb: torch.Tensor) -> torch.Tensor:
         """sigma(b) for (B, P, D) embeddings: max_c s(b, c) (class) or <f(b), f(x)> (global)."""
         if self.config.saliency == "class":
-            return sims.max(dim=-1).values
+            return (embeddings @ self.vectors.T).max(dim=-1).values
         return torch.einsum("bpd,bd->bp", embeddings, global_emb)
 
-    def _score_with_crops(
+    def _embed_regions(
         self,
         pixels: Sequence[torch.Tensor],
         keys: list[str],
         sizes: list[tuple[int, int]],
         global_emb: torch.Tensor,
-    ) -> list[ImageScore]:
+    ) -> ViewSet:
         cfg = self.config
-        batch, crops = len(keys), cfg.crops
+        batch, dim = len(keys), global_emb.shape[1]
+        crops = cfg.crops if cfg.uses_crops else 0
         boxes = np.stack(
             [sample_crops(k, w, h, crops, cfg.crop_scale, cfg.seed, cfg.crop_layout) for k, (w, h) in zip(keys, sizes)]
-        )  # (B, N, 4)
-        owners = np.repeat(np.arange(batch), crops)
-        embeddings = self._encode_boxes(pixels, owners, boxes.reshape(-1, 4))
-        embeddings = embeddings.view(batch, crops, global_emb.shape[1])  # (B, N, D)
-        sims = embeddings @ self.vectors.T  # (B, N, C)
-        saliency = self._saliency(embeddings, sims, global_emb)  # (B, N)
+        ).reshape(batch, crops, 4)
+        embeddings = self._encode_boxes(pixels, np.repeat(np.arange(batch), crops), boxes.reshape(-1, 4))
+        embeddings = embeddings.view(batch, crops, dim)  # (B, N, D)
+        saliency = self._saliency(embeddings, global_emb)  # (B, N)
         levels = np.zeros((batch, crops), dtype=np.int64)
         parents = np.full((batch, crops), -1, dtype=np.int64)
         expanded = np.zeros((batch, crops), dtype=bool)
-        selected_order: list[list[int]] = [[] for _ in range(batch)]  # pool indices in output order
+        selected: list[list[int]] = [[] for _ in range(batch)]
 
         for _ in range(cfg.steps if cfg.method == "lgca" and cfg.regions else 0):
             saliency_np = saliency.float().cpu().numpy()
             picks = np.empty((batch, cfg.regions), dtype=np.int64)
             for b in range(batch):
-                chosen = select_salient(saliency_np[b], boxes[b], ~expanded[b], cfg.regions, cfg.overlap_iou)
-                picks[b] = chosen
-                for index in chosen:
-                    if levels[b, index] == 0:
-                        selected_order[b].append(index)
+                picks[b] = select_salient(saliency_np[b], boxes[b], ~expanded[b], cfg.regions, cfg.overlap_iou)
+                selected[b].extend(int(i) for i in picks[b] if levels[b, i] == 0)
             pool_size = boxes.shape[1]
             grown = grow_boxes(np.take_along_axis(boxes, picks[..., None], axis=1).reshape(-1, 4), cfg.growth)
-            grown = grown.reshape(batch, cfg.regions, 4)
-            new_emb = self._encode_boxes(pixels, np.repeat(np.arange(batch), cfg.regions), grown.reshape(-1, 4))
-            new_emb = new_emb.view(batch, cfg.regions, global_emb.shape[1])
-            new_sims = new_emb @ self.vectors.T
+            new_emb = self._encode_boxes(pixels, np.repeat(np.arange(batch), cfg.regions), grown)
+            new_emb = new_emb.view(batch, cfg.regions, dim)
             np.put_along_axis(expanded, picks, True, axis=1)
-            boxes = np.concatenate([boxes, grown], axis=1)
+            boxes = np.concatenate([boxes, grown.reshape(batch, cfg.regions, 4)], axis=1)
             levels = np.concatenate([levels, np.take_along_axis(levels, picks, axis=1) + 1], axis=1)
             parents = np.concatenate([parents, picks], axis=1)
             expanded = np.concatenate([expanded, np.zeros((batch, cfg.regions), dtype=bool)], axis=1)
             embeddings = torch.cat([embeddings, new_emb], dim=1)
-            sims = torch.cat([sims, new_sims], dim=1)
-            saliency = torch.cat([saliency, self._saliency(new_emb, new_sims, global_emb)], dim=1)
+            saliency = torch.cat([saliency, self._saliency(new_emb, global_emb)], dim=1)
             for b in range(batch):
-                selected_order[b].extend(range(pool_size, pool_size + cfg.regions))
+                selected[b].extend(range(pool_size, pool_size + cfg.regions))
+        return ViewSet(keys, global_emb, embeddings, boxes, levels, parents, saliency, selected, crops)
 
-        views = torch.cat([global_emb[:, None], embeddings], dim=1)  # (B, 1 + P, D)
-        view_sims = torch.cat([(global_emb @ self.vectors.T)[:, None], sims], dim=1)  # (B, 1 + P, C)
-        weight_logits = math.exp(cfg.image_scale) * torch.einsum("bvd,bd->bv", views, global_emb)
-        boosted = np.concatenate([np.ones((batch, 1), dtype=bool), levels > 0], axis=1)
+    def _combine_regions(self, views: ViewSet, vectors: torch.Tensor, pool: int, with_boxes: bool) -> list[ImageScore]:
+        """S(x, c) = sum_b w_b s(b, c) over the global view and the first `pool` regions."""
+        cfg = self.config
+        batch = len(views.keys)
+        regions = views.region_emb[:, :pool]
+        levels = views.levels[:, :pool]
+        all_views = torch.cat([views.global_emb[:, None], regions], dim=1)  # (B, 1 + P, D)
+        view_sims = all_views @ vectors.T  # (B, 1 + P, C)
+        weight_logits = math.exp(cfg.image_scale) * torch.einsum("bvd,bd->bv", all_views, views.global_emb)
         if cfg.expand_weight != 1.0:
             # multiplying a softmax weight by m is adding log m to its logit; m = 0 removes the view
+            boosted = np.concatenate([np.ones((batch, 1), dtype=bool), levels > 0], axis=1)
             log_boost = math.log(cfg.expand_weight) if cfg.expand_weight > 0 else float("-inf")
             boost = torch.from_numpy(boosted).to(self.device)
             weight_logits = torch.where(boost, weight_logits + log_boost, weight_logits)
         weights = torch.softmax(weight_logits, dim=1)  # (B, 1 + P)
         combined = (weights[..., None] * view_sims).sum(dim=1)  # (B, C)
-
-        region_probs = torch.softmax(self.logit_scale * sims, dim=-1).float().cpu().numpy()  # (B, P, C)
-        saliency_np = saliency.float().cpu().numpy()
-        results = []
-        for b in range(batch):
-            salient = self._salient_boxes(
-                selected_order[b], boxes[b], levels[b], parents[b], saliency_np[b], region_probs[b]
+        if not with_boxes:
+            return [self._result(key, row, []) for key, row in zip(views.keys, combined)]
+        region_probs = torch.softmax(self.logit_scale * view_sims[:, 1:], dim=-1).float().cpu().numpy()  # (B, P, C)
+        saliency = views.saliency.float().cpu().numpy()
+        return [
+            self._result(
+                views.keys[b],
+                combined[b],
+                self._salient_boxes(views.selected[b], views.boxes[b], levels[b], views.parents[b], saliency[b], region_probs[b]),
             )
-            results.append(self._result(keys[b], combined[b], salient))
-        return results
+            for b in range(batch)
+        ]
 
     def _salient_boxes(
         self,

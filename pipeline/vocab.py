@@ -97,6 +97,13 @@ def parse_templates(text: str, source: str) -> tuple[str, ...]:
         template = template.replace("{c}", "{}")
         if template.count("{}") != 1:
             raise VocabularyError(f"{source} line {number}: template {template!r} needs exactly one {{}} for the class")
+        try:
+            template.format("class")
+        except (KeyError, IndexError, ValueError):  # another field such as {style}, or a stray brace
+            raise VocabularyError(
+                f"{source} line {number}: template {template!r} has braces other than the one {{}}; "
+                "write literal braces as {{ }}"
+            ) from None
         templates.append(template)
     if not templates:
         raise VocabularyError(f"{source}: no templates found; write one per line, e.g. 'a photo of a {{}}.'")

@@ -41,6 +41,8 @@ class RayHead:
             RAY, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}",
             "--num-gpus=0", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
             f"--include-dashboard={'true' if self.dashboard else 'false'}",
+            # free ports for what Ray would otherwise pin (Ray Client 10001, agent 52365): heads can coexist
+            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
         ]
         if self.dashboard:
             command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
@@ -54,11 +56,12 @@ class RayHead:
         return env
 
     def processes(self) -> list[psutil.Process]:
-        """Every process of this head: found by its temp dir on the command line."""
+        """Every process of this head: its temp dir or its GCS address (the Ray Client server) on the command line."""
         found = []
         for process in psutil.process_iter(["cmdline"]):
             try:
-                if any(self.temp_dir in part for part in process.info["cmdline"] or []):
+                cmdline = process.info["cmdline"] or []
+                if any(self.temp_dir in part or part.endswith(f"127.0.0.1:{self.port}") for part in cmdline):
                     found.append(process)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue

@@ -297,3 +297,22 @@ def test_cuda_matches_cpu_within_half_precision():
     gpu = scorer_for(gpu_model, config).score(images, keys)
     for a, b in zip(cpu, gpu):
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=2e-2)
+
+
+def test_one_lgca_embedding_serves_every_method(model, images):
+    """`embed` once with lgca, `combine` per method: the same scores as scoring each method on its own,
+    for 1 + N + K*T encoder passes in all (the basis of cheap multi-method evaluation)."""
+    lgca_config = ScoringConfig(method="lgca", **SMALL)
+    counting = _CountingEncoder(model.encode_image)
+    lgca_scorer = scorer_for(model, lgca_config, encode_image=counting)
+    keys = [f"v{i}" for i in range(len(images))]
+    views = lgca_scorer.embed(images, keys)
+    assert counting.rows == lgca_config.encoder_passes * len(images)
+    for method in ("clip", "ensemble", "descriptors", "wca", "lgca"):
+        own = scorer_for(model, dataclasses.replace(lgca_config, method=method))
+        reused = lgca_scorer.combine(views, own.vectors, method)
+        alone = own.score(images, keys)
+        for a, b in zip(reused, alone):
+            np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-6, err_msg=method)
+            assert a.boxes == b.boxes
+    assert counting.rows == lgca_config.encoder_passes * len(images)

@@ -1,0 +1,155 @@
+"""Pipeline benchmarks: `lgca run` against the in-process scorer (overhead), and throughput and memory by job size.
+
+    python jobs/bench_pipeline.py overhead --images 256 --method clip
+    python jobs/bench_pipeline.py overhead --images 16 --method lgca --crops 8 --regions 1 --steps 2
+    python jobs/bench_pipeline.py scaling --sizes 1000 10000 100000
+
+overhead: the same JPEGs and model, (a) decoded up front and scored in this process with `Scorer.score`
+(no reading, decoding or writing timed), (b) labelled by `lgca run` on a local Ray (read, decode, score,
+write). The ratio of images/s is the pipeline's efficiency; `lgca run` is measured both end to end (its
+labelling phase, model start-up included) and in steady state (after the first rows arrive).
+
+scaling: `lgca run` on 1k / 10k / 100k synthetic JPEGs with the tiny model and `--method clip` (so the
+pipeline, not the encoder, is what is measured), on a Ray head started for the purpose: images/s and the
+peak RSS of the driver and of the largest worker, which must stay flat as the job grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "jobs"))
+
+from benchlib import measure, megabytes, ray_workers_root, synthetic_jpegs, venv_bin  # noqa: E402
+
+from pipeline.config import ModelConfig, ScoringConfig, VocabularyConfig  # noqa: E402
+from pipeline.labeler import text_vectors, to_pixels  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
+from pipeline.score import Scorer, ViewFormat  # noqa: E402
+from pipeline.vocab import load_vocabulary  # noqa: E402
+
+TINY_MODEL = str(ROOT / "tests" / "fixtures" / "lgca-tiny-vit.json")
+SUMMARY = re.compile(r"([\d.]+) images/s \(([\d.]+) after ([\d.]+) s start-up\)")
+
+
+def photo_jpegs(directory: Path, count: int, size: tuple[int, int]) -> Path:
+    from skimage import data
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        Image.fromarray(photos[index % 4]).resize(size, Image.BICUBIC).save(directory / f"{index:05d}.jpg", quality=90)
+    return directory
+
+
+def overhead(args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="lgca-bench-"))
+    images = photo_jpegs(work / "images", args.images, tuple(args.size))
+    labels = ROOT / "examples" / "labels.txt"
+    scoring = ScoringConfig(method=args.method, crops=args.crops, regions=args.regions, steps=args.steps)
+    flags = ["--method", args.method, "--crops", str(args.crops), "--regions", str(args.regions), "--steps", str(args.steps)]
+
+    model = load_model(ModelConfig(name=args.model, pretrained="random"))
+    vocabulary = load_vocabulary(VocabularyConfig(labels=str(labels)))
+    vectors = text_vectors(model, vocabulary, scoring)
+    scorer = Scorer(model.encode_image, vocabulary.classes, vectors, model.logit_scale,
+                    ViewFormat(model.image_size, model.mean, model.std), scoring, model.device)
+    decoded = [to_pixels(path) for path in sorted(images.iterdir())]
+    keys = [f"k{i}" for i in range(len(decoded))]
+    scorer.score(decoded[: args.batch_size], keys[: args.batch_size])  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(decoded), args.batch_size):
+        scorer.score(decoded[start : start + args.batch_size], keys[start : start + args.batch_size])
+    in_process = len(decoded) / (time.perf_counter() - started)
+    del model, scorer
+
+    command = [str(venv_bin() / "lgca"), "run", str(images), "--labels", str(labels), "--output", str(work / "out"),
+               "--model", args.model, "--pretrained", "random", "--batch-size", str(args.batch_size), *flags]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    end_to_end, steady, startup = (float(v) for v in SUMMARY.search(result.stdout).groups())
+    shutil.rmtree(work, ignore_errors=True)
+    row = {"model": args.model, "method": args.method, "images": args.images, "in_process_images_per_s": in_process,
+           "lgca_run_images_per_s": end_to_end, "lgca_run_steady_images_per_s": steady, "startup_s": startup,
+           "ratio_end_to_end": end_to_end / in_process, "ratio_steady": steady / in_process}
+    print(f"model {args.model}, method {args.method}, {args.images} JPEGs {args.size[0]}x{args.size[1]}, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"{'in-process scorer':22s} {in_process:8.2f} images/s")
+    print(f"{'lgca run, end to end':22s} {end_to_end:8.2f} images/s  ratio {row['ratio_end_to_end']:.2f} "
+          f"(model start-up {startup:.1f} s included)")
+    print(f"{'lgca run, steady':22s} {steady:8.2f} images/s  ratio {row['ratio_steady']:.2f}")
+    return row
+
+
+def scaling(args: argparse.Namespace) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ray_head import RayHead  # the same loopback head the tests use
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lgca-scale-"))
+    labels = work / "labels.txt"
+    labels.parent.mkdir(parents=True, exist_ok=True)
+    labels.write_text("cat\ndog\nbird\ncar\n")
+    rows = []
+    with RayHead(num_cpus=args.num_cpus) as head:
+        for count in args.sizes:
+            images = synthetic_jpegs(work / f"images-{count}", count)
+            output = work / f"out-{count}"
+            shutil.rmtree(output, ignore_errors=True)
+            command = [str(venv_bin() / "lgca"), "run", str(images), "--labels", str(labels), "--output", str(output),
+                       "--model", TINY_MODEL, "--pretrained", "random", "--method", "clip", "--address", head.address,
+                       "--batch-size", "256", "--decode-batch-size", "64"]
+            run = measure(command, head.env(), ray_workers_root(head.temp_dir))
+            if run.returncode != 0:
+                raise SystemExit(run.stderr[-3000:])
+            end_to_end, steady, startup = (float(v) for v in SUMMARY.search(run.stdout).groups())
+            rows.append({"images": count, "wall_s": run.seconds, "images_per_s": end_to_end, "steady_images_per_s": steady,
+                         "driver_peak_rss_mib": megabytes(run.driver_peak_rss),
+                         "worker_peak_rss_mib": megabytes(run.worker_peak_rss)})
+            shutil.rmtree(output, ignore_errors=True)
+    print(f"{'images':>8s} {'wall s':>8s} {'images/s':>9s} {'steady':>8s} {'driver MiB':>11s} {'worker MiB':>11s}")
+    for row in rows:
+        print(f"{row['images']:8d} {row['wall_s']:8.1f} {row['images_per_s']:9.1f} {row['steady_images_per_s']:8.1f} "
+              f"{row['driver_peak_rss_mib']:11.0f} {row['worker_peak_rss_mib']:11.0f}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    commands = parser.add_subparsers(dest="command", required=True)
+    over = commands.add_parser("overhead", help="lgca run against the in-process scorer")
+    over.add_argument("--model", default="ViT-B-32")
+    over.add_argument("--images", type=int, default=64)
+    over.add_argument("--size", type=int, nargs=2, default=(640, 480), metavar=("W", "H"))
+    over.add_argument("--method", default="clip")
+    over.add_argument("--crops", type=int, default=60)
+    over.add_argument("--regions", type=int, default=2)
+    over.add_argument("--steps", type=int, default=3)
+    over.add_argument("--batch-size", type=int, default=32)
+    scale = commands.add_parser("scaling", help="throughput and peak memory by job size")
+    scale.add_argument("--sizes", type=int, nargs="+", default=(1000, 10000, 100000))
+    scale.add_argument("--num-cpus", type=int, default=2)
+    scale.add_argument("--workdir", default=None, help="keep the synthetic images here between runs")
+    args = parser.parse_args()
+    result = overhead(args) if args.command == "overhead" else scaling(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The `lgca` command line: help texts, and the README's example command run as written."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LGCA = str(Path(sys.executable).with_name("lgca"))
+
+
+def _readme_example() -> list[str]:
+    """The `lgca run` command shown in the README (continuation lines joined)."""
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"^\.venv/bin/lgca run examples/images.*?(?<!\\)$", text, flags=re.M | re.S)
+    assert match, "the README shows no `.venv/bin/lgca run examples/images ...` command"
+    return shlex.split(match.group(0).replace("\\\n", " "))
+
+
+def test_help_explains_the_commands():
+    result = subprocess.run([LGCA, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "run" in result.stdout and "LGCA" in result.stdout
+
+
+def test_run_help_lists_every_scoring_option():
+    result = subprocess.run([LGCA, "run", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for flag in ("--method", "--model", "--pretrained", "--crops", "--crop-scale", "--crop-layout", "--steps",
+                 "--regions", "--saliency", "--growth", "--seed", "--topk", "--resume", "--overwrite",
+                 "--num-gpus", "--concurrency", "--batch-size", "--address", "--storage-option", "--max-pixels"):
+        assert flag in result.stdout, flag
+
+
+def test_no_command_prints_help_and_exits_2():
+    result = subprocess.run([LGCA], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "COMMAND" in result.stdout
+
+
+def test_makefile_example_runs_the_readme_command():
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ").replace("\t", " ")
+    readme = _readme_example()
+    assert " ".join(["$(BIN)/lgca", *readme[1:]]) in " ".join(makefile.split())
+
+
+@pytest.mark.slow
+def test_readme_example_runs_offline_with_random_weights(tmp_path):
+    """The README's example, as written, on a real architecture (ViT-B-32) with random weights."""
+    command = _readme_example()
+    command[0] = LGCA
+    command[command.index("--output") + 1] = str(tmp_path / "example")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RANDOM weights" in result.stderr
+    images = sorted(p.name for p in (ROOT / "examples" / "images").iterdir())
+    table = pq.read_table(tmp_path / "example").sort_by("key")
+    assert table.column("key").to_pylist() == images
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert "5 images (0 already done), 5 rows written: 5 ok, 0 errors" in result.stdout
