@@ -21,6 +21,7 @@ from .config import (
     ScoringConfig,
     VocabularyConfig,
 )
+from .submit import add_cluster_commands
 
 EXIT_CONFIG = 2  # bad configuration or input: nothing ran
 
@@ -183,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SUBCOMMANDS: list[Callable[[Any], None]] = [_add_run]
-SUBCOMMANDS.append(__import__(f"{__package__}.submit", fromlist=["add_cluster_commands"]).add_cluster_commands)  # submit, status, logs, stop
-SUBCOMMANDS.append(add_eval_command)  # eval
+SUBCOMMANDS.append(add_cluster_commands)  # submit, status, logs, stop
 
 
 def main(argv: Sequence[str] | None = None) -> int:
