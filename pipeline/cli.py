@@ -21,6 +21,7 @@ from .config import (
     ScoringConfig,
     VocabularyConfig,
 )
+from .curation_cli import add_curation_commands
 from .submit import add_cluster_commands
 
 EXIT_CONFIG = 2  # bad configuration or input: nothing ran
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 SUBCOMMANDS: list[Callable[[Any], None]] = [_add_run]
 SUBCOMMANDS.append(add_cluster_commands)  # submit, status, logs, stop
+SUBCOMMANDS.append(add_curation_commands)  # report, summary, export
 
 
 def main(argv: Sequence[str] | None = None) -> int:

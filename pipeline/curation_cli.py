@@ -1,0 +1,172 @@
+"""Argparse wiring of the curation subcommands `lgca report`, `lgca summary` and `lgca export`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+from .export import FORMATS, PREDICTION_FORMATS, CurationError, default_filter, export, open_output
+from .schema import STATUSES
+
+REPORT_EPILOG = """\
+examples:
+  lgca report out/ --out report.html
+  lgca report s3://bucket/labels-out/ --out report.html --thumbnails-per-label 48 \\
+      --storage-option endpoint_url=http://minio:9000
+
+Writes report.html and report_thumbnails/ beside it; open the file in any browser (no server, no
+network). Statistics cover every row. The gallery pages through the ok rows of a label, lowest
+confidence first (all of them up to --max-gallery-rows in total); only the first
+--thumbnails-per-label rows of each label get a thumbnail (images are read once, shrunk, and the
+salient boxes drawn over them), so the cost is bounded by labels x thumbnails-per-label, not by the
+number of rows. See docs/CURATION.md.
+"""
+
+EXPORT_EPILOG = f"""\
+examples:
+  lgca export out/ --format labelstudio --out tasks.json --max-score 0.5
+  lgca export out/ --format coco --out coco.json --labels cat,dog --min-score 0.3
+  lgca export out/ --format fiftyone --out fo-dataset/
+  lgca export out/ --format csv --out all.csv --status decode_error,read_error
+
+formats (see docs/CURATION.md):
+  labelstudio  a JSON list of tasks with predictions (choices + rectanglelabels), and
+               <stem>.label_config.xml, the labeling config whose tag names the predictions use
+  coco         COCO detection JSON: categories = vocabulary, boxes as annotations with score; the
+               image-level label, score and top-k go in each image's "attributes"
+  fiftyone     a directory: data.json (sample id -> image path), labels.json
+               (FiftyOneImageDetectionDataset) and classifications.json (FiftyOneImageClassificationDataset)
+  csv          one line per row: key, path, status, label, score, margin, topk (JSON), error_message,
+               width, height, boxes (JSON), method, model, pretrained, then pass-through columns
+
+--status defaults to ok for {', '.join(PREDICTION_FORMATS)} (failed rows have no predictions) and to
+every status for csv.
+"""
+
+
+def add_curation_commands(subparsers: Any) -> None:
+    """Register `report`, `summary` and `export` on the `lgca` subparsers.
+
+    Args:
+        subparsers: the object returned by `ArgumentParser.add_subparsers`.
+    """
+    _add_report(subparsers)
+    _add_summary(subparsers)
+    _add_export(subparsers)
+
+
+def _add_storage(parser: argparse.ArgumentParser) -> None:
+    # The same flag as `lgca run`; defined here so this module does not import cli (which imports it).
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec/s3fs option, repeatable (e.g. endpoint_url=http://minio:9000)")
+
+
+def _add_report(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="write a self-contained HTML report of an output directory",
+        description="Write an HTML report of OUTPUT_DIR (the --output of lgca run): run summary, label histogram, "
+        "confidence distribution, errors with examples, and a gallery per label with the salient boxes drawn.",
+        epilog=REPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="output directory of lgca run, local or s3://")
+    parser.add_argument("--out", default="report.html", metavar="FILE", help="HTML file to write, local (default: %(default)s)")
+    parser.add_argument("--thumbnails-per-label", type=int, metavar="N", default=24,
+                        help="thumbnails per label, for its lowest-confidence rows; 0 for none (default: %(default)s)")
+    parser.add_argument("--page-size", type=int, metavar="N", default=24, help="gallery cards per page (default: %(default)s)")
+    parser.add_argument("--thumbnail-size", type=int, metavar="N", default=256, help="longer side of a thumbnail in pixels (default: %(default)s)")
+    parser.add_argument("--error-examples", type=int, metavar="N", default=20, help="examples shown per error status (default: %(default)s)")
+    parser.add_argument("--workers", type=int, metavar="N", default=8, help="threads reading images for thumbnails (default: %(default)s)")
+    parser.add_argument("--max-gallery-rows", type=int, metavar="N", default=200_000,
+                        help="ok rows embedded in the gallery; above it each label keeps its lowest-confidence share "
+                        "(default: %(default)s)")
+    _add_storage(parser)
+    parser.set_defaults(handler=_report)
+
+
+def _add_summary(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "summary",
+        help="print the summary of an output directory",
+        description="Print the run summary of OUTPUT_DIR as plain text tables: run settings, rows by status, "
+        "labels, confidence distribution, boxes, error examples.",
+    )
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="output directory of lgca run, local or s3://")
+    parser.add_argument("--max-labels", type=int, metavar="N", default=30, help="label rows shown, the rest summed (default: %(default)s)")
+    parser.add_argument("--error-examples", type=int, metavar="N", default=5, help="examples shown per error status (default: %(default)s)")
+    _add_storage(parser)
+    parser.set_defaults(handler=_summary)
+
+
+def _add_export(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export predictions for Label Studio, COCO, FiftyOne or CSV",
+        description="Export the rows of OUTPUT_DIR (the --output of lgca run) in a curation format, optionally filtered.",
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="output directory of lgca run, local or s3://")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="export format")
+    parser.add_argument("--out", required=True, metavar="FILE", help="file to write (a directory for fiftyone), local or s3://")
+    parser.add_argument("--min-score", type=float, default=None, metavar="X", help="keep rows whose image-level score is >= X")
+    parser.add_argument("--max-score", type=float, default=None, metavar="X", help="keep rows whose image-level score is <= X (review the unsure ones)")
+    parser.add_argument("--labels", default="", metavar="A,B", help="keep rows labelled with one of these, comma-separated (e.g. cat,dog)")
+    parser.add_argument("--status", default="", metavar="S,...", help=f"keep rows with one of these statuses, comma-separated ({', '.join(STATUSES)})")
+    parser.add_argument("--path-prefix", action="append", default=[], metavar="OLD=NEW",
+                        help="rewrite image paths starting with OLD to start with NEW, repeatable "
+                        "(e.g. /data/photos/=/data/local-files/?d=photos/ for Label Studio local storage)")
+    _add_storage(parser)
+    parser.set_defaults(handler=_export)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .sources import storage_options_from
+
+    options = storage_options_from(args.storage_option)
+    output = open_output(args.output_dir, options)
+    summary = write_report(
+        output, args.out, thumbnails_per_label=args.thumbnails_per_label, page_size=args.page_size,
+        thumbnail_size=args.thumbnail_size, error_examples=args.error_examples, storage_options=options,
+        workers=args.workers, max_gallery_rows=args.max_gallery_rows,
+    )
+    print(summary.line(), flush=True)
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from .report import collect_stats, format_summary
+    from .sources import storage_options_from
+
+    output = open_output(args.output_dir, storage_options_from(args.storage_option))
+    stats = collect_stats(output, error_examples=args.error_examples)
+    sys.stdout.write(format_summary(output, stats, max_labels=args.max_labels, examples=args.error_examples))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .sources import storage_options_from
+
+    options = storage_options_from(args.storage_option)
+    output = open_output(args.output_dir, options)
+    row_filter = default_filter(args.format, args.min_score, _split(args.labels), _split(args.status), args.max_score)
+    summary = export(output, args.format, args.out, row_filter, _prefixes(args.path_prefix), options)
+    print(summary.line(), flush=True)
+    return 0
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _prefixes(pairs: Sequence[str]) -> list[tuple[str, str]]:
+    prefixes = []
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not sep or not old:
+            raise CurationError(f"--path-prefix {pair!r} is not OLD=NEW; write e.g. /data/photos/=/data/local-files/?d=photos/")
+        prefixes.append((old, new))
+    return prefixes
