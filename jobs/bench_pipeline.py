@@ -68,7 +68,7 @@ def overhead(args: argparse.Namespace) -> dict:
     vectors = text_vectors(model, vocabulary, scoring)
     scorer = Scorer(model.encode_image, vocabulary.classes, vectors, model.logit_scale,
                     ViewFormat(model.image_size, model.mean, model.std), scoring, model.device)
-    decoded = [to_pixels(path) for path in sorted(images.iterdir())]
+    decoded = [to_pixels(path) for path in sorted(images.iterdir())[: args.in_process_images]]  # rate, not total
     keys = [f"k{i}" for i in range(len(decoded))]
     scorer.score(decoded[: args.batch_size], keys[: args.batch_size])  # warm-up
     started = time.perf_counter()
@@ -141,6 +141,7 @@ def main() -> None:
     over.add_argument("--regions", type=int, default=2)
     over.add_argument("--steps", type=int, default=3)
     over.add_argument("--batch-size", type=int, default=32)
+    over.add_argument("--in-process-images", type=int, default=512, help="images decoded up front for the in-process rate")
     scale = commands.add_parser("scaling", help="throughput and peak memory by job size")
     scale.add_argument("--sizes", type=int, nargs="+", default=(1000, 10000, 100000))
     scale.add_argument("--num-cpus", type=int, default=2)

@@ -22,6 +22,7 @@ from .config import (
     VocabularyConfig,
 )
 from .curation_cli import add_curation_commands
+from .eval_cli import add_eval_command
 from .submit import add_cluster_commands
 
 EXIT_CONFIG = 2  # bad configuration or input: nothing ran
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 SUBCOMMANDS: list[Callable[[Any], None]] = [_add_run]
 SUBCOMMANDS.append(add_cluster_commands)  # submit, status, logs, stop
 SUBCOMMANDS.append(add_curation_commands)  # report, summary, export
+SUBCOMMANDS.append(add_eval_command)  # eval
 
 
 def main(argv: Sequence[str] | None = None) -> int:

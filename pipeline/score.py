@@ -183,6 +183,7 @@ class Scorer:
         self.config = config
         self._mean = torch.tensor(view.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(view.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._staging: torch.Tensor | None = None  # pinned host buffer for CUDA uploads, grown on demand
 
     # ---- public
 
@@ -228,7 +229,7 @@ class Scorer:
             raise ValueError(f"{global_emb.shape[0]} global embeddings for {len(images)} images")
         sizes = list(sizes) if sizes is not None else [(int(im.shape[-1]), int(im.shape[-2])) for im in images]
         with torch.inference_mode():
-            pixels = [self._to_device(image) for image in images]
+            pixels = self._to_device(images)
             if global_emb is None:
                 global_emb = self._encode(self._global_views(pixels))  # (B, D)
             return self._embed_regions(pixels, list(keys), sizes, global_emb.to(self.device))
@@ -258,12 +259,24 @@ class Scorer:
 
     # ---- views
 
-    def _to_device(self, image: torch.Tensor) -> torch.Tensor:
-        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected a uint8 RGB tensor (3, H, W), got {tuple(image.shape)} {image.dtype}")
-        if self.device.type == "cuda":
-            image = image.pin_memory() if not image.is_pinned() else image
-        return image.to(self.device, non_blocking=True).float()
+    def _to_device(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Float copies of a batch of uint8 (3, H, W) images on the scoring device.
+
+        On CUDA the batch is packed into one reused pinned buffer and sent in a single asynchronous copy:
+        pinning each image would cost a page-locked allocation per image.
+        """
+        for image in images:
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(f"expected a uint8 RGB tensor (3, H, W), got {tuple(image.shape)} {image.dtype}")
+        if self.device.type != "cuda":
+            return [image.to(self.device).float() for image in images]
+        sizes = [image.numel() for image in images]
+        if self._staging is None or self._staging.numel() < sum(sizes):
+            self._staging = torch.empty(sum(sizes), dtype=torch.uint8).pin_memory()
+        for image, chunk in zip(images, torch.split(self._staging[: sum(sizes)], sizes)):
+            chunk.copy_(image.reshape(-1))
+        flat = self._staging[: sum(sizes)].to(self.device, non_blocking=True)
+        return [chunk.view(image.shape).float() for image, chunk in zip(images, torch.split(flat, sizes))]
 
     def _normalise(self, views: torch.Tensor) -> torch.Tensor:
         return (views.clamp_(0.0, 255.0) - self._mean) / self._std

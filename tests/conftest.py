@@ -10,6 +10,18 @@ if TYPE_CHECKING:
     from .s3_server import MotoS3Server
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread in the test process: the tiny models' ops take microseconds, and with two threads on a
+    2-core machine shared with Ray workers, OpenMP hand-offs make them ~100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[MotoS3Server]:
     """moto's S3 on loopback for the whole session, with fake AWS env vars set while it runs.

@@ -22,16 +22,6 @@ SMALL = ScoringConfig(method="lgca", crops=4, regions=1, steps=1)
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.")  # two templates keep the tiny text side instant
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model's ops take microseconds: with 2 threads on a busy 2-core box, thread hand-offs make them
-    ~100x slower. One thread for this module, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _labeler(labels=CLASSES, cache_dir=None, **kwargs) -> Labeler:
     kwargs.setdefault("scoring", SMALL)
     kwargs.setdefault("templates", TEMPLATES)

@@ -50,16 +50,6 @@ def _scores(model) -> np.ndarray:
     return np.stack([r.probabilities for r in scorer.score(images, [f"k{i}" for i in range(3)])])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model's ops take microseconds: with 2 threads on a busy 2-core box, thread hand-offs make them
-    ~100x slower. One thread for this module, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference():
     return _load(pretrained="random", random_seed=REFERENCE_SEED)
