@@ -197,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_CONFIG
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:  # ours only: botocore's debug log prints request headers, credentials included
+        logging.getLogger(__package__).setLevel(logging.DEBUG)
     try:
         return args.handler(args)
     except ConfigError as error:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -20,10 +21,10 @@ import pyarrow.compute as pc
 from . import __version__
 from .config import ConfigError, DecodeConfig, JobConfig, ModelConfig, ScoringConfig
 from .decode import DecodedImage, decode_image, short_side_for
-from .models import check_model, model_image_size
+from .faults import fault_point
 from .schema import DECODE_ERROR, OK, READ_ERROR, SCORE_ERROR, STATUSES, empty_prediction, output_schema
 from .sink import OutputError, OutputSink, not_yet_done
-from .sources import Listing, check_inputs, list_inputs, parse_input, read_bytes
+from .sources import Listing, check_inputs, filesystem_for, list_inputs, parse_input, read_bytes
 from .vocab import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,12 @@ BLOCKS_PER_BATCH = 2  # input block = this many scoring batches: a task emits it
 # bound how often rows reach the writer (and how much a crash loses), while larger ones amortise scheduling
 PIXEL_COLUMNS = ("pixels", "pixel_height", "pixel_width")
 DECODE_TASK_MEMORY = 512 * 1024 * 1024  # bytes reserved per decode task: a batch of decoded images and PIL buffers
+ADDRESS_PROBE_TIMEOUT_S = 3.0  # TCP connect to --address before anything else: ray.init waits minutes on a dead one
+# S3 reads retry in botocore, in s3fs (a loop of 5, nested twice in cat_file) and in read_bytes (4 attempts):
+# multiplied, one object that keeps failing took many minutes. Reads use botocore's standard mode with 3
+# attempts and s3fs's loop off, so a read makes at most 4 x 3 requests (docs/RELIABILITY.md); storage
+# options that set their own config_kwargs keys win.
+S3_READ_CONFIG = {"connect_timeout": 5, "read_timeout": 30, "retries": {"mode": "standard", "total_max_attempts": 3}}
 
 
 @dataclass(frozen=True)
@@ -83,11 +90,14 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
     Raises:
         ConfigError: with a message naming the fix (bad labels, model, inputs or output).
     """
+    from .models import check_model, model_image_size  # torch: kept out of the decode workers' imports
+
     vocabulary = load_vocabulary(config.vocabulary, storage_options)
     check_model(config.model)
     specs = [parse_input(text) for text in config.inputs]
     check_inputs(specs, storage_options)
     _refuse_output_inside_inputs(config)
+    _check_address(config.execution.address)
     listing = list_inputs(specs, storage_options)
     if listing.table.num_rows == 0:
         raise ConfigError(f"no images found in {', '.join(config.inputs)} ({listing.skipped_count} other files)")
@@ -119,6 +129,7 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
     started = time.time()
     started_at = _now()
     job = prepare(config, storage_options)
+    fault_point("listed")
     log.info("%d images listed, %d to label", job.listing.table.num_rows, job.todo.num_rows)
     label_started = time.time()
     first_rows_at, first_rows = label_started, 0
@@ -208,6 +219,8 @@ def _label(job: PreparedJob, storage_options: dict[str, Any]) -> tuple[float, in
         if not first_rows_at:
             first_rows_at, first_rows = time.time(), table.num_rows
         job.sink.write(table)
+        if job.sink.files_written:
+            fault_point("scoring")
     return first_rows_at or time.time(), first_rows
 
 
@@ -226,7 +239,7 @@ def _read_and_decode(batch: pa.Table, decode: DecodeConfig, storage_options: dic
 
     def fetch(path: str) -> bytes | Exception:
         try:
-            return read_bytes(path, storage_options)
+            return read_bytes(path, _read_options(path, storage_options))
         except Exception as error:  # reported in the row, never raised: one bad object must not stop the job
             return error
 
@@ -266,6 +279,16 @@ def _read_and_decode(batch: pa.Table, decode: DecodeConfig, storage_options: dic
     for name, values in columns.items():
         batch = batch.append_column(name, values)
     return batch
+
+
+def _read_options(path: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Storage options for reading `path`: bounded retries and timeouts on S3 (S3_READ_CONFIG), else unchanged."""
+    if not path.startswith(("s3://", "s3a://")):
+        return storage_options
+    config = {**S3_READ_CONFIG, "retries": dict(S3_READ_CONFIG["retries"]), **storage_options.get("config_kwargs", {})}
+    options = {**storage_options, "config_kwargs": config}
+    filesystem_for(path, options)[0].retries = 1  # the instance read_bytes gets (fsspec caches it by options)
+    return options
 
 
 class ScoringActor:
@@ -448,6 +471,22 @@ def _refuse_output_inside_inputs(config: JobConfig) -> None:
         if output == root or output.startswith(root.rstrip("/") + "/"):
             raise OutputError(f"output {config.output} lies inside input {text}; the job would read its own output. "
                               "Choose an --output outside the inputs")
+
+
+def _check_address(address: str | None) -> None:
+    """Fail in seconds when an explicit `host:port` or `ray://host:port` address does not answer."""
+    if not address or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # not host:port; ray.init reports it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_PROBE_TIMEOUT_S).close()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} ({error}); check --address (host:port of the head's GCS, "
+            "ray://host:10001 for Ray Client, or 'auto' on a cluster node)"
+        ) from None
 
 
 def _normalised(location: str) -> str:

@@ -109,8 +109,10 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file or a torch checkpoint, never executing pickled code.
+
+    `mmap` maps a torch checkpoint's tensors instead of reading them (a cheap validity check).
 
     Raises:
         ModelError: the file is not a weights file, or a pickle asks for anything beyond plain tensors.
@@ -121,7 +123,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path), device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as error:
+                if not (mmap and "mmap" in str(error)):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) checkpoint
     except pickle.UnpicklingError as error:
         raise ModelError(
             f"refusing to load {path}: it holds pickled objects other than tensors ({str(error).splitlines()[0]}). "
@@ -232,8 +239,15 @@ class LoadedModel:
 
 
 def check_model(config: ModelConfig) -> WeightsSource:
-    """Validate architecture and weights source quickly, before any cluster work. Returns the source."""
-    return parse_weights_source(architecture_name(config.name), config.pretrained)
+    """Validate architecture and weights source quickly, before any cluster work. Returns the source.
+
+    A local weights file is opened the way the workers will open it (tensors memory-mapped, not read), so
+    a file that would run pickled code is refused here, before a cluster starts.
+    """
+    source = parse_weights_source(architecture_name(config.name), config.pretrained)
+    if source.kind == "file" and not source.value.endswith(".safetensors"):  # safetensors cannot hold code
+        read_state_dict(Path(source.value), mmap=True)
+    return source
 
 
 def load_model(config: ModelConfig, storage_options: Mapping[str, Any] | None = None) -> LoadedModel:

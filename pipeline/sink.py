@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import ConfigError
+from .faults import fault_point
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
@@ -139,6 +140,7 @@ class OutputSink:
         """Commit what is buffered, then `_manifest.json`, then `_SUCCESS` last."""
         self.flush()
         self._put_atomically(f"{self.root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+        fault_point("before_success")
         self._put_atomically(f"{self.root}/{SUCCESS}", b"")
         if self.fs.exists(f"{self.root}/{STAGING}"):
             self.fs.rm(f"{self.root}/{STAGING}", recursive=True)
@@ -149,6 +151,7 @@ class OutputSink:
         self.fs.makedirs(f"{self.root}/{STAGING}", exist_ok=True)
         with self.fs.open(staged, "wb") as handle:
             pq.write_table(table, handle, compression="zstd")
+        fault_point("staged")
         self.fs.mv(staged, f"{self.root}/{name}")
         self._index += 1
         self.files_written.append(name)
