@@ -43,7 +43,7 @@ from pipeline.score import Scorer, ViewFormat  # noqa: E402
 from pipeline.vocab import load_vocabulary  # noqa: E402
 
 TINY_MODEL = str(ROOT / "tests" / "fixtures" / "lgca-tiny-vit.json")
-SUMMARY = re.compile(r"([\d.]+) images/s \(([\d.]+) after ([\d.]+) s start-up\)")
+SUMMARY = re.compile(r"([\d.]+) images/s \((?:([\d.]+) after )?([\d.]+) s start-up\)")
 
 
 def photo_jpegs(directory: Path, count: int, size: tuple[int, int]) -> Path:
@@ -82,7 +82,7 @@ def overhead(args: argparse.Namespace) -> dict:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
-    end_to_end, steady, startup = (float(v) for v in SUMMARY.search(result.stdout).groups())
+    end_to_end, steady, startup = (float(v or 0) for v in SUMMARY.search(result.stdout).groups())
     shutil.rmtree(work, ignore_errors=True)
     row = {"model": args.model, "method": args.method, "images": args.images, "in_process_images_per_s": in_process,
            "lgca_run_images_per_s": end_to_end, "lgca_run_steady_images_per_s": steady, "startup_s": startup,
@@ -116,7 +116,7 @@ def scaling(args: argparse.Namespace) -> list[dict]:
             run = measure(command, head.env(), ray_workers_root(head.temp_dir))
             if run.returncode != 0:
                 raise SystemExit(run.stderr[-3000:])
-            end_to_end, steady, startup = (float(v) for v in SUMMARY.search(run.stdout).groups())
+            end_to_end, steady, startup = (float(v or 0) for v in SUMMARY.search(run.stdout).groups())
             rows.append({"images": count, "wall_s": run.seconds, "images_per_s": end_to_end, "steady_images_per_s": steady,
                          "driver_peak_rss_mib": megabytes(run.driver_peak_rss),
                          "worker_peak_rss_mib": megabytes(run.worker_peak_rss)})

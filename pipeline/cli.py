@@ -185,10 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_run]
-SUBCOMMANDS.append(add_cluster_commands)  # submit, status, logs, stop
-SUBCOMMANDS.append(add_curation_commands)  # report, summary, export
-SUBCOMMANDS.append(add_eval_command)  # eval
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    _add_run,  # run
+    add_cluster_commands,  # submit, status, logs, stop
+    add_curation_commands,  # report, summary, export
+    add_eval_command,  # eval
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -61,14 +61,17 @@ class RunSummary:
     def images_per_second(self) -> float:
         return self.rows_written / self.label_seconds if self.label_seconds > 0 else 0.0
 
+    def _steady(self) -> str:
+        return f"{self.steady_images_per_second:.1f} after " if self.steady_images_per_second else ""
+
     def line(self) -> str:
         errors = sum(v for k, v in self.counts.items() if k != OK)
         detail = ", ".join(f"{k} {v}" for k, v in self.counts.items() if k != OK and v)
         return (
             f"lgca: {self.inputs} images ({self.already_done} already done), {self.rows_written} rows written: "
             f"{self.counts.get(OK, 0)} ok, {errors} errors{f' ({detail})' if detail else ''}; "
-            f"{self.images_per_second:.1f} images/s ({self.steady_images_per_second:.1f} after {self.startup_seconds:.1f} s "
-            f"start-up); {self.skipped_files} non-image files skipped; output {self.output}"
+            f"{self.images_per_second:.1f} images/s ({self._steady()}{self.startup_seconds:.1f} s start-up); "
+            f"{self.skipped_files} non-image files skipped; output {self.output}"
         )
 
 
@@ -149,7 +152,8 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
         seconds=time.time() - started,
         label_seconds=label_ended - label_started,
         startup_seconds=first_rows_at - label_started,
-        steady_images_per_second=steady_rows / steady_seconds if steady_rows and steady_seconds > 0 else 0.0,
+        # a rate after start-up means something only once several more batches than the first have arrived
+        steady_images_per_second=steady_rows / steady_seconds if steady_rows >= 3 * first_rows > 0 and steady_seconds > 0 else 0.0,
         skipped_files=job.listing.skipped_count,
     )
     job.sink.finish(_manifest(job, summary, started_at, total))
