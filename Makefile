@@ -25,5 +25,8 @@ example: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+bench: setup
+	bash jobs/bench_cpu.sh bench-out
+
 clean:
 	rm -rf out .pytest_cache
