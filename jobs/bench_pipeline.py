@@ -17,7 +17,6 @@ peak RSS of the driver and of the largest worker, which must stay flat as the jo
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
 import shutil
