@@ -33,7 +33,7 @@ READ_THREADS = 8  # concurrent reads per decode task: object-store latency, not 
 BLOCKS_PER_BATCH = 2  # input block = this many scoring batches: a task emits its block when done, so blocks
 # bound how often rows reach the writer (and how much a crash loses), while larger ones amortise scheduling
 PIXEL_COLUMNS = ("pixels", "pixel_height", "pixel_width")
-DECODE_TASK_MEMORY = 512 * 1024 * 1024  # bytes reserved per decode task: a batch of decoded images and PIL buffers
+DECODE_TASK_MEMORY = 1024 * 1024 * 1024  # bytes reserved per decode task: the worker (~0.5 GiB) plus decoded images
 ADDRESS_PROBE_TIMEOUT_S = 3.0  # TCP connect to --address before anything else: ray.init waits minutes on a dead one
 # S3 reads retry in botocore, in s3fs (a loop of 5, nested twice in cat_file) and in read_bytes (4 attempts):
 # multiplied, one object that keeps failing took many minutes. Reads use botocore's standard mode with 3
