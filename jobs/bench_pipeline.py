@@ -4,9 +4,9 @@
     python jobs/bench_pipeline.py overhead --images 16 --method lgca --crops 8 --regions 1 --steps 2
     python jobs/bench_pipeline.py scaling --sizes 1000 10000 100000
 
-overhead: the same JPEGs and model, (a) decoded up front and scored in this process with `Scorer.score`
-(no reading, decoding or writing timed), (b) labelled by `lgca run` on a local Ray (read, decode, score,
-write). The ratio of images/s is the pipeline's efficiency; `lgca run` is measured both end to end (its
+overhead: the same JPEGs and model, (a) decoded up front at the pipeline's draft scale and scored in this
+process with `Scorer.score` (no reading, decoding or writing timed), (b) labelled by `lgca run` on a local
+Ray (read, decode, score, write). The ratio of images/s is the pipeline's efficiency; `lgca run` is measured both end to end (its
 labelling phase, model start-up included) and in steady state (after the first rows arrive).
 
 scaling: `lgca run` on 1k / 10k / 100k synthetic JPEGs with the tiny model and `--method clip` (so the
@@ -35,8 +35,9 @@ sys.path.insert(0, str(ROOT / "jobs"))
 
 from benchlib import measure, megabytes, ray_workers_root, synthetic_jpegs, venv_bin  # noqa: E402
 
-from pipeline.config import ModelConfig, ScoringConfig, VocabularyConfig  # noqa: E402
-from pipeline.labeler import text_vectors, to_pixels  # noqa: E402
+from pipeline.config import DecodeConfig, ModelConfig, ScoringConfig, VocabularyConfig  # noqa: E402
+from pipeline.decode import decode_image, short_side_for  # noqa: E402
+from pipeline.labeler import text_vectors  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.score import Scorer, ViewFormat  # noqa: E402
 from pipeline.vocab import load_vocabulary  # noqa: E402
@@ -60,34 +61,43 @@ def overhead(args: argparse.Namespace) -> dict:
     images = photo_jpegs(work / "images", args.images, tuple(args.size))
     labels = ROOT / "examples" / "labels.txt"
     scoring = ScoringConfig(method=args.method, crops=args.crops, regions=args.regions, steps=args.steps)
-    flags = ["--method", args.method, "--crops", str(args.crops), "--regions", str(args.regions), "--steps", str(args.steps)]
+    flags = ["--method", args.method, "--crops", str(args.crops), "--regions", str(args.regions), "--steps", str(args.steps),
+             "--decode", args.decode, *(["--compile"] if args.compile else [])]
 
-    model = load_model(ModelConfig(name=args.model, pretrained="random"))
+    model = load_model(ModelConfig(name=args.model, pretrained="random", compile=args.compile))
     vocabulary = load_vocabulary(VocabularyConfig(labels=str(labels)))
     vectors = text_vectors(model, vocabulary, scoring)
     scorer = Scorer(model.encode_image, vocabulary.classes, vectors, model.logit_scale,
                     ViewFormat(model.image_size, model.mean, model.std), scoring, model.device)
-    decoded = [to_pixels(path) for path in sorted(images.iterdir())[: args.in_process_images]]  # rate, not total
+    # decoded up front as the pipeline's CPU workers decode them (same draft scale), so both score the same pixels
+    decode = DecodeConfig(min_short_side=short_side_for(model.image_size, scoring.crop_scale[0] if scoring.uses_crops else None))
+    files = sorted(images.iterdir())[: args.in_process_images]  # enough for a rate, not the whole set
+    decoded = [decode_image(path.read_bytes(), decode) for path in files]
+    pixels = [torch.from_numpy(d.pixels.copy()).permute(2, 0, 1).contiguous() for d in decoded]
+    sizes = [(d.width, d.height) for d in decoded]
     keys = [f"k{i}" for i in range(len(decoded))]
-    scorer.score(decoded[: args.batch_size], keys[: args.batch_size])  # warm-up
+    batch = args.batch_size
+    scorer.score(pixels[:batch], keys[:batch], sizes[:batch])  # warm-up
     started = time.perf_counter()
-    for start in range(0, len(decoded), args.batch_size):
-        scorer.score(decoded[start : start + args.batch_size], keys[start : start + args.batch_size])
+    for start in range(0, len(decoded), batch):
+        scorer.score(pixels[start : start + batch], keys[start : start + batch], sizes[start : start + batch])
     in_process = len(decoded) / (time.perf_counter() - started)
     del model, scorer
 
     command = [str(venv_bin() / "lgca"), "run", str(images), "--labels", str(labels), "--output", str(work / "out"),
-               "--model", args.model, "--pretrained", "random", "--batch-size", str(args.batch_size), *flags]
+               "--model", args.model, "--pretrained", "random", "--batch-size", str(args.batch_size),
+               "--decode-batch-size", str(args.batch_size), *flags]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     end_to_end, steady, startup = (float(v or 0) for v in SUMMARY.search(result.stdout).groups())
     shutil.rmtree(work, ignore_errors=True)
-    row = {"model": args.model, "method": args.method, "images": args.images, "in_process_images_per_s": in_process,
+    row = {"model": args.model, "method": args.method, "images": args.images, "decode": args.decode, "compiled": args.compile,
+           "in_process_images_per_s": in_process,
            "lgca_run_images_per_s": end_to_end, "lgca_run_steady_images_per_s": steady, "startup_s": startup,
            "ratio_end_to_end": end_to_end / in_process, "ratio_steady": steady / in_process}
     print(f"model {args.model}, method {args.method}, {args.images} JPEGs {args.size[0]}x{args.size[1]}, "
-          f"{torch.get_num_threads()} torch threads")
+          f"{torch.get_num_threads()} torch threads, --decode {args.decode}{', compiled' if args.compile else ''}")
     print(f"{'in-process scorer':22s} {in_process:8.2f} images/s")
     print(f"{'lgca run, end to end':22s} {end_to_end:8.2f} images/s  ratio {row['ratio_end_to_end']:.2f} "
           f"(model start-up {startup:.1f} s included)")
@@ -141,6 +151,8 @@ def main() -> None:
     over.add_argument("--steps", type=int, default=3)
     over.add_argument("--batch-size", type=int, default=32)
     over.add_argument("--in-process-images", type=int, default=512, help="images decoded up front for the in-process rate")
+    over.add_argument("--decode", default="cpu", choices=("cpu", "gpu", "auto"), help="lgca run --decode (default: %(default)s)")
+    over.add_argument("--compile", action="store_true", help="torch.compile the encoder, in-process and in lgca run")
     scale = commands.add_parser("scaling", help="throughput and peak memory by job size")
     scale.add_argument("--sizes", type=int, nargs="+", default=(1000, 10000, 100000))
     scale.add_argument("--num-cpus", type=int, default=2)

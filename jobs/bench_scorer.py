@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--pretrained", default="random")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the image encoder (compiled before timing)")
     parser.add_argument("--images", type=int, default=8, help="images per LGCA setting")
     parser.add_argument("--batch", type=int, default=4, help="images per Scorer.score call")
     parser.add_argument("--micro-batch", type=int, default=256, help="views per encoder call, also the encoder-rate batch")
@@ -108,7 +109,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    model = load_model(ModelConfig(name=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision))
+    model = load_model(ModelConfig(name=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision,
+                                   compile=args.compile))
     vocabulary = Vocabulary(classes=CLASSES)
     images = sample_images(args.images, *args.size)
     settings = {
@@ -129,7 +131,7 @@ def main() -> None:
     # the encoder rate drifts on a noisy machine: measure it again and report the mean of both
     crops_per_s_after = encoder_rate(model, args.micro_batch, args.encoder_seconds)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {model.device}, "
-          f"model {args.model}, precision {args.precision}")
+          f"model {args.model}, precision {args.precision}{', compiled' if args.compile else ''}")
     print(f"raw encoder: {crops_per_s:.1f} crops/s before, {crops_per_s_after:.1f} after (batch {args.micro_batch})")
     mean_rate = (crops_per_s + crops_per_s_after) / 2
     print(f"{'setting':28s} {'passes':>6s} {'images/s':>9s} {'bound':>9s} {'efficiency':>10s} {'in encoder':>10s}")
@@ -140,7 +142,8 @@ def main() -> None:
               f"{row['encoder_bound_images_per_s']:9.3f} {row['efficiency']:10.3f} {row['encoder_share']:10.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"encoder_crops_per_s": [crops_per_s, crops_per_s_after], "rows": rows,
-                                               "model": args.model, "device": str(model.device)}, indent=2))
+                                               "model": args.model, "device": str(model.device),
+                                               "compiled": args.compile}, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .config import (
     CROP_LAYOUTS,
+    DECODE_DEVICES,
     METHODS,
     PRECISIONS,
     SALIENCY_RULES,
@@ -64,6 +65,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=ModelConfig.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     group.add_argument("--precision", default=ModelConfig.precision, choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU")
     group.add_argument("--cache-dir", default=None, help="weights and text-embedding cache (default: ~/.cache/lgca-label or $LGCA_CACHE_DIR)")
+    group.add_argument("--compile", action="store_true",
+                       help="compile the image encoder with torch.compile: start-up takes longer (tens of seconds per actor), "
+                            "encoding may run faster; measure with jobs/bench_scorer.py --compile")
 
 
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +113,10 @@ def scoring_config(args: argparse.Namespace) -> ScoringConfig:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(name=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, cache_dir=args.cache_dir)
+    return ModelConfig(
+        name=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
+        compile=args.compile,
+    )
 
 
 def vocabulary_config(args: argparse.Namespace) -> VocabularyConfig:
@@ -142,7 +149,10 @@ def _add_run(subparsers: Any) -> None:
     group.add_argument("--decode-batch-size", type=int, default=e.decode_batch_size, help="images per read-and-decode call (default: %(default)s)")
     group.add_argument("--rows-per-file", type=int, default=e.rows_per_file, help="rows per output Parquet file (default: %(default)s)")
     group.add_argument("--max-pixels", type=int, default=dec.max_pixels, help="refuse images declaring more pixels (decompression bombs) (default: %(default)s)")
-    group.add_argument("--decode-timeout", type=float, default=dec.timeout_s, help="seconds allowed to decode one image (default: %(default)s)")
+    group.add_argument("--decode-timeout", type=float, default=dec.timeout_s, help="seconds allowed to decode one image on the CPU (default: %(default)s)")
+    group.add_argument("--decode", default=dec.device, choices=DECODE_DEVICES,
+                       help="where JPEGs are decoded: cpu workers; gpu, by nvJPEG on the scoring GPU in batches (other formats, "
+                            "and JPEGs nvJPEG rejects, still decode on the CPU); auto, gpu when scoring runs on CUDA (default: %(default)s)")
     add_storage_arguments(group)
     parser.set_defaults(handler=_run)
 
@@ -154,7 +164,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         vocabulary=vocabulary_config(args),
         model=model_config(args),
         scoring=scoring_config(args),
-        decode=DecodeConfig(max_pixels=args.max_pixels, timeout_s=args.decode_timeout),
+        decode=DecodeConfig(max_pixels=args.max_pixels, timeout_s=args.decode_timeout, device=args.decode),
         execution=ExecutionConfig(
             address=args.address, batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus,
             num_cpus_per_actor=args.num_cpus_per_actor, decode_batch_size=args.decode_batch_size,

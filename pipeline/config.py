@@ -12,6 +12,7 @@ CROP_METHODS = ("wca", "lgca")
 SALIENCY_RULES = ("class", "global")
 CROP_LAYOUTS = ("random", "grid")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DECODE_DEVICES = ("auto", "cpu", "gpu")
 DEFAULT_PROMPT = "a photo of a {}."
 
 
@@ -103,6 +104,7 @@ class ModelConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
     cache_dir: str | None = None  # weights and text-embedding cache; default ~/.cache/lgca-label
     random_seed: int = 0  # seed of --pretrained random weights
+    compile: bool = False  # torch.compile the image encoder: slower start-up, possibly faster encoding
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model name is empty; pass --model, e.g. ViT-B-32")
@@ -129,13 +131,15 @@ class VocabularyConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """How image bytes become pixels on the CPU workers."""
+    """How image bytes become pixels: on the CPU workers, or (JPEGs) on the scoring GPU."""
 
     max_pixels: int = 178_956_970  # declared width * height above this is refused (decompression bombs)
     min_short_side: int = 224  # decode at the smallest scale whose shorter side is still at least this
-    timeout_s: float = 30.0  # per-image decode budget; a slower image becomes a decode_error
+    timeout_s: float = 30.0  # per-image decode budget on the CPU; a slower image becomes a decode_error
+    device: str = "cpu"  # cpu | gpu: JPEGs decoded by nvJPEG on the scoring GPU | auto: gpu when scoring runs on CUDA
 
     def __post_init__(self) -> None:
+        _require(self.device in DECODE_DEVICES, f"decode device {self.device!r} is unknown; choose one of {', '.join(DECODE_DEVICES)}")
         _require(self.max_pixels > 0, f"max pixels must be > 0, got {self.max_pixels}")
         _require(self.min_short_side > 0, f"min short side must be > 0, got {self.min_short_side}")
         _require(self.timeout_s > 0, f"decode timeout must be > 0, got {self.timeout_s}")
@@ -181,6 +185,10 @@ class JobConfig:
         _require(bool(self.inputs), "no inputs given; pass one or more directories, globs, s3:// prefixes or manifests")
         _require(bool(self.output), "no output given; pass --output DIR")
         _require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pick one")
+        _require(
+            not (self.decode.device == "gpu" and self.model.device == "cpu"),
+            "--decode gpu decodes on the scoring GPU, but --device cpu scores on the CPU; use --decode cpu or auto",
+        )
 
 
 def config_from_mapping(cls: type, values: Mapping[str, Any], where: str) -> Any:
@@ -289,6 +297,7 @@ def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[Job
 __all__ = [
     "CROP_LAYOUTS",
     "ConfigError",
+    "DECODE_DEVICES",
     "DecodeConfig",
     "ExecutionConfig",
     "JobConfig",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .config import DecodeConfig
 
@@ -22,6 +22,7 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "JPEG20
 GREY = (128, 128, 128)  # neutral background behind transparent pixels
 _JPEG_SCALES = (8, 4, 2)  # DCT scales libjpeg decodes at directly, largest first
 _MAX_MESSAGE = 300  # characters of a PIL message kept in a failure
+_SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
 
 # PIL's decompression-bomb limit is the module global Image.MAX_IMAGE_PIXELS, read inside Image.open and
 # some plugins' load. We change it only for the duration of one call and under this lock, so concurrent
@@ -105,6 +106,48 @@ def decode_image(data: bytes, config: DecodeConfig) -> DecodedImage | DecodeFail
         return DecodeFailure(_describe(error, image.format, data))
 
 
+@dataclass(frozen=True)
+class DeferredJpeg:
+    """A JPEG checked on the CPU whose pixels are decoded later, on the scoring device."""
+
+    orientation: int  # EXIF orientation 1-8 to apply after decoding (1: as stored)
+    width: int  # width of the upright original
+    height: int  # height of the upright original
+
+
+def defer_jpeg(data: bytes, config: DecodeConfig) -> DeferredJpeg | DecodeFailure | None:
+    """Check a file for decoding on the scoring device, reading its header only.
+
+    Returns:
+        DeferredJpeg for an RGB or greyscale JPEG within `config.max_pixels`; a DecodeFailure for one that
+        declares more pixels; None for anything else (other formats, CMYK, unreadable headers), which
+        `decode_image` then handles on the CPU, with its own messages for bad files.
+    """
+    try:
+        image = _open_header(data)
+    except Exception:  # decode_image names the problem
+        return None
+    with image:
+        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+            return None
+        width, height = image.size
+        if width * height > config.max_pixels:
+            return DecodeFailure(_too_many_pixels(width, height, config.max_pixels))
+        orientation = _exif_orientation(image)
+    if orientation in _SWAPPED_ORIENTATIONS:
+        width, height = height, width
+    return DeferredJpeg(orientation=orientation, width=width, height=height)
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag, 1 (as stored) when absent, invalid or unreadable, as `_exif_transpose` treats it."""
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def _open_header(data: bytes) -> Image.Image:
     """Identify the format and read the header; pixels are not decoded yet (Image.open is lazy)."""
     Image.init()  # registers every plugin once, so the filter below sees them all
@@ -120,10 +163,7 @@ def _decode_opened(image: Image.Image, config: DecodeConfig, started: float) -> 
     stored_width, stored_height = image.size  # as stored, before EXIF orientation
     declared = stored_width * stored_height
     if declared > config.max_pixels:
-        raise _Refused(
-            f"image declares {stored_width} x {stored_height} = {declared} pixels, above "
-            f"max_pixels={config.max_pixels}; raise --max-pixels if you trust this source"
-        )
+        raise _Refused(_too_many_pixels(stored_width, stored_height, config.max_pixels))
     if image.format in ("JPEG", "MPO"):  # MPO: multi-picture camera JPEG, first picture
         _request_jpeg_draft(image, config.min_short_side)
     _load(image, declared, config.max_pixels)
@@ -150,6 +190,13 @@ def _decode_opened(image: Image.Image, config: DecodeConfig, started: float) -> 
     return DecodedImage(pixels=pixels, width=width, height=height)
 
 
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:
+    return (
+        f"image declares {width} x {height} = {width * height} pixels, above "
+        f"max_pixels={max_pixels}; raise --max-pixels if you trust this source"
+    )
+
+
 def _request_jpeg_draft(image: Image.Image, min_short_side: int) -> None:
     """Ask libjpeg for the smallest DCT scale whose shorter side is still >= `min_short_side`.
 
@@ -157,13 +204,26 @@ def _request_jpeg_draft(image: Image.Image, min_short_side: int) -> None:
     and the request is made in stored orientation.
     """
     width, height = image.size
-    short = min(width, height)
-    for scale in _JPEG_SCALES:
-        if short // scale >= min_short_side:
-            # PIL picks the largest s in 8, 4, 2, 1 with W // w >= s and H // h >= s. With (w, h) =
-            # (W // scale, H // scale), W // w lies in [scale, 2 * scale), so it picks exactly `scale`.
-            image.draft("RGB", (width // scale, height // scale))
-            return
+    scale = _draft_scale(min(width, height), min_short_side)
+    if scale > 1:
+        # PIL picks the largest s in 8, 4, 2, 1 with W // w >= s and H // h >= s. With (w, h) =
+        # (W // scale, H // scale), W // w lies in [scale, 2 * scale), so it picks exactly `scale`.
+        image.draft("RGB", (width // scale, height // scale))
+
+
+def _draft_scale(short_side: int, min_short_side: int) -> int:
+    """The largest DCT scale (8, 4, 2) that keeps the shorter side >= `min_short_side`, else 1."""
+    return next((scale for scale in _JPEG_SCALES if short_side // scale >= min_short_side), 1)
+
+
+def jpeg_reduction(short_side: int, min_short_side: int) -> int:
+    """The overall reduction `decode_image` applies to a JPEG: its draft scale times the box factor after it.
+
+    libjpeg's 1/s scale gives ceil(side / s) pixels; a box reduction by f of that keeps ceil(side / (s * f)),
+    as one box reduction by s * f does, so a decoder without draft decoding can match the geometry.
+    """
+    scale = _draft_scale(short_side, min_short_side)
+    return scale * max(1, -(-short_side // scale) // min_short_side)
 
 
 def _load(image: Image.Image, declared: int, max_pixels: int) -> None:
@@ -256,4 +316,14 @@ def _describe(error: Exception, image_format: str | None, data: bytes) -> str:
     return f"could not decode {what} ({type(error).__name__}): {text}"
 
 
-__all__ = ["ACCEPTED_FORMATS", "GREY", "DecodeFailure", "DecodedImage", "decode_image", "short_side_for"]
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "GREY",
+    "DecodeFailure",
+    "DecodedImage",
+    "DeferredJpeg",
+    "decode_image",
+    "defer_jpeg",
+    "jpeg_reduction",
+    "short_side_for",
+]

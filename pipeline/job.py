@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from . import __version__
 from .config import ConfigError, DecodeConfig, JobConfig, ModelConfig, ScoringConfig
-from .decode import DecodedImage, decode_image, short_side_for
+from .decode import DecodeFailure, DeferredJpeg, decode_image, defer_jpeg, short_side_for
 from .faults import fault_point
 from .schema import DECODE_ERROR, OK, READ_ERROR, SCORE_ERROR, STATUSES, empty_prediction, output_schema
 from .sink import OutputError, OutputSink, not_yet_done
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 READ_THREADS = 8  # concurrent reads per decode task: object-store latency, not CPU, bounds reading
 BLOCKS_PER_BATCH = 2  # input block = this many scoring batches: a task emits its block when done, so blocks
 # bound how often rows reach the writer (and how much a crash loses), while larger ones amortise scheduling
-PIXEL_COLUMNS = ("pixels", "pixel_height", "pixel_width")
+# Columns between decoding and scoring, never written: decoded pixels, or a JPEG left for the scoring device
+TRANSIENT_COLUMNS = ("pixels", "pixel_height", "pixel_width", "jpeg", "orientation")
 DECODE_TASK_MEMORY = 1024 * 1024 * 1024  # bytes reserved per decode task: the worker (~0.5 GiB) plus decoded images
 ADDRESS_PROBE_TIMEOUT_S = 3.0  # TCP connect to --address before anything else: ray.init waits minutes on a dead one
 # S3 reads retry in botocore, in s3fs (a loop of 5, nested twice in cat_file) and in read_bytes (4 attempts):
@@ -183,12 +184,8 @@ def _label(job: PreparedJob, storage_options: dict[str, Any]) -> tuple[float, in
     model_config = job.config.model
     if model_config.device == "auto":
         model_config = replace(model_config, device="cuda" if num_gpus > 0 else "cpu")
+    jpegs_on_device = _jpegs_on_device(job.decode.device, model_config.device)
 
-    vectors = ray.get(
-        ray.remote(num_gpus=num_gpus, num_cpus=1)(_text_vectors).remote(
-            model_config, job.vocabulary, job.config.scoring, storage_options
-        )
-    )
     block_rows = BLOCKS_PER_BATCH * max(execution.batch_size, execution.decode_batch_size)
     blocks = [job.todo.slice(start, block_rows) for start in range(0, job.todo.num_rows, block_rows)]
     dataset = ray.data.from_arrow(blocks)
@@ -196,7 +193,7 @@ def _label(job: PreparedJob, storage_options: dict[str, Any]) -> tuple[float, in
         _read_and_decode,
         batch_size=execution.decode_batch_size,
         batch_format="pyarrow",
-        fn_kwargs={"decode": job.decode, "storage_options": storage_options},
+        fn_kwargs={"decode": job.decode, "storage_options": storage_options, "defer_jpegs": jpegs_on_device},
         num_cpus=1,
         # Reserving decode memory also keeps Ray from fusing decoding into the scoring actors (it fuses
         # stages with equal resource requests): decoding must run on its own CPU tasks, beside the model.
@@ -212,8 +209,8 @@ def _label(job: PreparedJob, storage_options: dict[str, Any]) -> tuple[float, in
         fn_constructor_kwargs={
             "model_config": model_config,
             "scoring": job.config.scoring,
-            "classes": job.vocabulary.classes,
-            "vectors": vectors,
+            "vocabulary": job.vocabulary,
+            "decode": job.decode,
             "storage_options": storage_options,
             "cpu_threads": max(1, (os.cpu_count() or 1) // actors) if num_gpus == 0 else None,
         },
@@ -228,17 +225,25 @@ def _label(job: PreparedJob, storage_options: dict[str, Any]) -> tuple[float, in
     return first_rows_at or time.time(), first_rows
 
 
-def _text_vectors(model_config: ModelConfig, vocabulary: Vocabulary, scoring: ScoringConfig, storage_options: dict) -> np.ndarray:
-    """Runs once per job, on a worker with the scoring actors' resources."""
-    from .labeler import text_vectors
-    from .models import default_cache_dir, load_model
+def _jpegs_on_device(decode_device: str, model_device: str) -> bool:
+    """Whether the scoring actors decode JPEGs (`--decode`), given where they score.
 
-    model = load_model(model_config, storage_options)
-    return text_vectors(model, vocabulary, scoring, default_cache_dir(model_config)).numpy()
+    Raises:
+        ConfigError: `--decode gpu` while the actors score on the CPU.
+    """
+    on_cuda = model_device.startswith("cuda")
+    if decode_device == "gpu" and not on_cuda:
+        raise ConfigError("--decode gpu decodes on the scoring GPU, but this cluster has no GPU for the scoring actors; "
+                          "use --decode auto or cpu")
+    return on_cuda and decode_device in ("gpu", "auto")
 
 
-def _read_and_decode(batch: pa.Table, decode: DecodeConfig, storage_options: dict[str, Any]) -> pa.Table:
-    """Bytes to pixels for one batch of listing rows; every row comes out, failed ones with a status."""
+def _read_and_decode(batch: pa.Table, decode: DecodeConfig, storage_options: dict[str, Any], defer_jpegs: bool = False) -> pa.Table:
+    """Bytes to pixels for one batch of listing rows; every row comes out, failed ones with a status.
+
+    With `defer_jpegs`, JPEGs are only checked here (header, size limit, orientation) and travel as bytes,
+    for the scoring actor to decode on its GPU; other files are decoded here as always.
+    """
     paths = batch.column("path").to_pylist()
 
     def fetch(path: str) -> bytes | Exception:
@@ -249,39 +254,27 @@ def _read_and_decode(batch: pa.Table, decode: DecodeConfig, storage_options: dic
 
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(paths))) as pool:
         contents = list(pool.map(fetch, paths))
-    statuses, messages, widths, heights, pixels, pixel_h, pixel_w = [], [], [], [], [], [], []
+    columns: dict[str, list[Any]] = {name: [] for name in ("status", "error_message", "width", "height", *TRANSIENT_COLUMNS)}
     for content in contents:
-        result: Any = content
+        row: dict[str, Any] = dict.fromkeys(columns)
         if isinstance(content, Exception):
-            status, message = READ_ERROR, f"cannot read: {type(content).__name__}: {content}"
+            row.update(status=READ_ERROR, error_message=f"cannot read: {type(content).__name__}: {content}")
         else:
-            result = decode_image(content, decode)
-            status, message = (OK, None) if isinstance(result, DecodedImage) else (DECODE_ERROR, result.message)
-        statuses.append(status)
-        messages.append(message)
-        if status == OK:
-            widths.append(result.width)
-            heights.append(result.height)
-            pixels.append(result.pixels.tobytes())
-            pixel_h.append(result.pixels.shape[0])
-            pixel_w.append(result.pixels.shape[1])
-        else:
-            widths.append(None)
-            heights.append(None)
-            pixels.append(None)
-            pixel_h.append(None)
-            pixel_w.append(None)
-    columns = {
-        "status": pa.array(statuses, pa.string()),
-        "error_message": pa.array(messages, pa.string()),
-        "width": pa.array(widths, pa.int32()),
-        "height": pa.array(heights, pa.int32()),
-        "pixels": pa.array(pixels, pa.large_binary()),
-        "pixel_height": pa.array(pixel_h, pa.int32()),
-        "pixel_width": pa.array(pixel_w, pa.int32()),
-    }
+            result = defer_jpeg(content, decode) if defer_jpegs else None
+            if result is None:
+                result = decode_image(content, decode)
+            if isinstance(result, DecodeFailure):
+                row.update(status=DECODE_ERROR, error_message=result.message)
+            elif isinstance(result, DeferredJpeg):
+                row.update(status=OK, width=result.width, height=result.height, jpeg=content, orientation=result.orientation)
+            else:
+                row.update(status=OK, width=result.width, height=result.height, pixels=result.pixels.tobytes(),
+                           pixel_height=result.pixels.shape[0], pixel_width=result.pixels.shape[1])
+        for name, value in row.items():
+            columns[name].append(value)
+    types = {"status": pa.string(), "error_message": pa.string(), "pixels": pa.large_binary(), "jpeg": pa.large_binary()}
     for name, values in columns.items():
-        batch = batch.append_column(name, values)
+        batch = batch.append_column(name, pa.array(values, types.get(name, pa.int32())))
     return batch
 
 
@@ -302,25 +295,30 @@ class ScoringActor:
         self,
         model_config: ModelConfig,
         scoring: ScoringConfig,
-        classes: tuple[str, ...],
-        vectors: np.ndarray,
+        vocabulary: Vocabulary,
+        decode: DecodeConfig,
         storage_options: dict[str, Any],
         cpu_threads: int | None,
     ) -> None:
         import torch
 
-        from .models import load_model
+        from .labeler import text_vectors
+        from .models import default_cache_dir, load_model
         from .score import Scorer, ViewFormat
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.model = load_model(model_config, storage_options)
+        # Each actor embeds the vocabulary with its own model (once per node, then from the disk cache):
+        # a separate job-wide task would load the model a second time before any actor could start.
+        vectors = text_vectors(self.model, vocabulary, scoring, default_cache_dir(model_config))
         self.scoring = scoring
+        self.decode = decode
         self.identity = self.model.identity
         self.scorer = Scorer(
             encode_image=self.model.encode_image,
-            classes=classes,
-            vectors=torch.from_numpy(np.array(vectors, dtype=np.float32)),
+            classes=vocabulary.classes,
+            vectors=vectors,
             logit_scale=self.model.logit_scale,
             view=ViewFormat(self.model.image_size, self.model.mean, self.model.std),
             config=scoring,
@@ -328,39 +326,71 @@ class ScoringActor:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.drop_columns(list(PIXEL_COLUMNS)).to_pylist()
-        ready = [i for i, row in enumerate(rows) if row["status"] == OK]
-        predictions = self._score_rows(batch, ready)
+        rows = batch.drop_columns(list(TRANSIENT_COLUMNS)).to_pylist()
+        images, failures = self._pixels(batch, [i for i, row in enumerate(rows) if row["status"] == OK])
+        predictions = self._score_rows(batch, images)
         for index, row in enumerate(rows):
             prediction = predictions.get(index)
-            if isinstance(prediction, str):
+            if index in failures:
+                row.update(status=DECODE_ERROR, error_message=failures[index])
+            elif isinstance(prediction, str):
                 row.update(status=SCORE_ERROR, error_message=prediction)
             row.update(prediction if isinstance(prediction, dict) else empty_prediction())
             row.update(method=self.scoring.method, model=self.identity["model"], pretrained=self.identity["pretrained"])
-        schema = output_schema(batch.drop_columns(list(PIXEL_COLUMNS)).schema)
+        schema = output_schema(batch.drop_columns(list(TRANSIENT_COLUMNS)).schema)
         return pa.Table.from_pylist(rows, schema=schema)
 
-    def _score_rows(self, batch: pa.Table, indices: list[int]) -> dict[int, dict[str, Any] | str]:
-        """Predictions by row index; a row whose scoring failed maps to its error message instead."""
-        if not indices:
-            return {}
+    def _pixels(self, batch: pa.Table, indices: list[int]) -> tuple[dict[int, Any], dict[int, str]]:
+        """uint8 (3, H, W) tensors by row index, and decode failures (of deferred JPEGs) by row index."""
         import torch
 
-        columns = {name: batch.column(name) for name in ("key", "width", "height", *PIXEL_COLUMNS)}
-        images, keys, sizes = [], [], []
+        from .device_decode import decode_jpegs
+
+        columns = {name: batch.column(name) for name in TRANSIENT_COLUMNS}
+        images: dict[int, Any] = {}
+        deferred = [i for i in indices if columns["jpeg"][i].is_valid]
         for i in indices:
-            height, width = columns["pixel_height"][i].as_py(), columns["pixel_width"][i].as_py()
-            buffer = np.frombuffer(columns["pixels"][i].as_buffer(), dtype=np.uint8).reshape(height, width, 3)
-            images.append(torch.from_numpy(buffer).permute(2, 0, 1).contiguous())
-            keys.append(columns["key"][i].as_py())
-            sizes.append((columns["width"][i].as_py(), columns["height"][i].as_py()))
+            if not columns["jpeg"][i].is_valid:
+                height, width = columns["pixel_height"][i].as_py(), columns["pixel_width"][i].as_py()
+                buffer = np.frombuffer(columns["pixels"][i].as_buffer(), dtype=np.uint8).reshape(height, width, 3)
+                images[i] = torch.from_numpy(buffer).permute(2, 0, 1).contiguous()
+        failures: dict[int, str] = {}
+        if not deferred:
+            return images, failures
+        contents = [columns["jpeg"][i].as_py() for i in deferred]
+        orientations = [columns["orientation"][i].as_py() for i in deferred]
+        decoded = decode_jpegs(contents, orientations, self.decode.min_short_side, self.model.device)
+        rejected = 0
+        for i, content, result in zip(deferred, contents, decoded):
+            if isinstance(result, Exception):  # the device decoder refused it: libjpeg on the CPU, with its messages
+                rejected += 1
+                result = decode_image(content, self.decode)
+                if isinstance(result, DecodeFailure):
+                    failures[i] = result.message
+                    continue
+                result = torch.from_numpy(result.pixels).permute(2, 0, 1).contiguous()
+            images[i] = result
+        if rejected:
+            log.warning("%d of %d JPEGs failed to decode on %s and were retried on the CPU", rejected, len(deferred),
+                        self.model.device)
+        return images, failures
+
+    def _score_rows(self, batch: pa.Table, images: dict[int, Any]) -> dict[int, dict[str, Any] | str]:
+        """Predictions by row index; a row whose scoring failed maps to its error message instead."""
+        if not images:
+            return {}
+        indices = sorted(images)
+        columns = {name: batch.column(name) for name in ("key", "width", "height")}
+        pixels = [images[i] for i in indices]
+        keys = [columns["key"][i].as_py() for i in indices]
+        sizes = [(columns["width"][i].as_py(), columns["height"][i].as_py()) for i in indices]
         try:
-            scores = self.scorer.score(images, keys, sizes)
+            scores = self.scorer.score(pixels, keys, sizes)
             return {i: _prediction(score) for i, score in zip(indices, scores)}
         except Exception as error:  # isolate the image that broke the batch; the others still get scored
             log.warning("batch scoring failed (%s); scoring its %d images one by one", error, len(indices))
         out: dict[int, dict[str, Any] | str] = {}
-        for i, image, key, size in zip(indices, images, keys, sizes):
+        for i, image, key, size in zip(indices, pixels, keys, sizes):
             try:
                 out[i] = _prediction(self.scorer.score([image], [key], [size])[0])
             except Exception as error:

@@ -39,7 +39,7 @@ def text_vectors(
 ) -> torch.Tensor:
     """Class vectors (C, D) on the CPU for `scoring.method`, cached on disk by model, vocabulary and method.
 
-    A job computes them once on the driver and ships them to every scoring actor.
+    Each scoring actor of a job computes them with its own model; the cache makes that once per node.
     """
     templates = vocabulary.templates if vocabulary.templates is not None else default_templates()
     key_material = json.dumps(

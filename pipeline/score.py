@@ -262,21 +262,24 @@ class Scorer:
     def _to_device(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Float copies of a batch of uint8 (3, H, W) images on the scoring device.
 
-        On CUDA the batch is packed into one reused pinned buffer and sent in a single asynchronous copy:
-        pinning each image would cost a page-locked allocation per image.
+        On CUDA the host images of a batch are packed into one reused pinned buffer and sent in a single
+        asynchronous copy: pinning each image would cost a page-locked allocation per image. Images already
+        on the device (decoded there) stay where they are.
         """
         for image in images:
             if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"expected a uint8 RGB tensor (3, H, W), got {tuple(image.shape)} {image.dtype}")
-        if self.device.type != "cuda":
+        on_host = [image for image in images if image.device.type == "cpu"]
+        if self.device.type != "cuda" or not on_host:
             return [image.to(self.device).float() for image in images]
-        sizes = [image.numel() for image in images]
+        sizes = [image.numel() for image in on_host]
         if self._staging is None or self._staging.numel() < sum(sizes):
             self._staging = torch.empty(sum(sizes), dtype=torch.uint8).pin_memory()
-        for image, chunk in zip(images, torch.split(self._staging[: sum(sizes)], sizes)):
+        for image, chunk in zip(on_host, torch.split(self._staging[: sum(sizes)], sizes)):
             chunk.copy_(image.reshape(-1))
         flat = self._staging[: sum(sizes)].to(self.device, non_blocking=True)
-        return [chunk.view(image.shape).float() for image, chunk in zip(images, torch.split(flat, sizes))]
+        uploaded = iter(chunk.view(image.shape) for image, chunk in zip(on_host, torch.split(flat, sizes)))
+        return [(next(uploaded) if image.device.type == "cpu" else image.to(self.device)).float() for image in images]
 
     def _normalise(self, views: torch.Tensor) -> torch.Tensor:
         return (views.clamp_(0.0, 255.0) - self._mean) / self._std

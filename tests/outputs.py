@@ -42,7 +42,8 @@ _SYNTHETIC: dict[tuple[str, int], Path] = {}
 def real_output(base: Path) -> Path:
     """The output directory of a real `lgca run` (tiny random model) over six photos, a corrupt file and a text file.
 
-    Runs once per session (Ray started with 2 CPUs, shut down after); later calls return the same directory.
+    Runs once per session (on the session's Ray, else one started with 2 CPUs and shut down after); later calls
+    return the same directory.
     """
     if "real" in _REAL_OUTPUTS:
         return _REAL_OUTPUTS["real"]
@@ -62,7 +63,9 @@ def real_output(base: Path) -> Path:
     labels = base / "labels.txt"
     labels.write_text("\n".join(CLASSES) + "\n")
     out = base / "out"
-    ray.init(num_cpus=2, include_dashboard=False)
+    started_here = not ray.is_initialized()  # the session's ray_local may be up already: reuse it
+    if started_here:
+        ray.init(num_cpus=2, include_dashboard=False)
     try:
         run(JobConfig(
             inputs=(str(images),), output=str(out), vocabulary=VocabularyConfig(labels=str(labels)),
@@ -70,7 +73,8 @@ def real_output(base: Path) -> Path:
             scoring=ScoringConfig(method="lgca", crops=4, regions=1, steps=1), execution=ExecutionConfig(batch_size=8),
         ))
     finally:
-        ray.shutdown()
+        if started_here:
+            ray.shutdown()
     _REAL_OUTPUTS["real"] = out
     return out
 

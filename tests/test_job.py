@@ -243,6 +243,7 @@ def test_killed_driver_then_resume_gives_every_input_exactly_once(tmp_path):
         (["--labels", "{labels}", "--pretrained", "not-a-tag"], "valid tags"),
         (["--labels", "{labels}", "--crops", "-1"], "crops must be >= 0"),
         (["--labels", "{empty}"], "has no classes"),
+        (["--labels", "{labels}", "--decode", "gpu", "--device", "cpu"], "--decode gpu decodes on the scoring GPU"),
     ],
 )
 def test_configuration_errors_exit_2_in_seconds(tmp_path, args, message):

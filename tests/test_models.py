@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 
@@ -181,6 +182,15 @@ def test_random_weights_are_deterministic_per_seed(reference):
     different = {k for k in ref_state if not torch.equal(ref_state[k], other_state[k])}
     # every randomly initialised tensor differs (biases and norms start as constants and may not)
     assert {"visual.conv1.weight", "visual.proj", "text_projection", "token_embedding.weight"} <= different
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile on the CPU needs a C compiler")
+def test_compiled_encoder_scores_like_the_eager_one(reference, reference_scores):
+    compiled = _load(pretrained="random", random_seed=REFERENCE_SEED, compile=True)
+    for batch in (5, 3, 7):  # a smaller last micro-batch must not recompile or fail
+        views = torch.randn(batch, 3, 32, 32)
+        torch.testing.assert_close(compiled.encode_image(views), reference.encode_image(views), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(_scores(compiled), reference_scores, atol=1e-4)
 
 
 def test_random_weights_leave_the_callers_rng_alone():
