@@ -18,5 +18,5 @@ $py jobs/bench_pipeline.py --json "$out/overhead-lgca-default.json" overhead --i
 $py jobs/bench_pipeline.py --json "$out/overhead-lgca-small.json" overhead --images 96 --method lgca \
     --crops 8 --regions 1 --steps 2 --batch-size 8 --in-process-images 32
 $py jobs/bench_pipeline.py --json "$out/overhead-clip.json" overhead --images 2048 --method clip
-$py jobs/bench_decode.py --images 12 --json "$out/decode.json"
+$py jobs/bench_decode.py --images 12 --device cpu --json "$out/decode.json"
 $py jobs/bench_pipeline.py --json "$out/scaling.json" scaling --sizes 1000 10000 100000 --workdir "$out/scaling-images"

@@ -1,7 +1,7 @@
 """JPEG bytes to upright RGB pixels on the scoring device (nvJPEG on CUDA), reduced to the scale the views need.
 
 The CPU stage has already read each file's header (`decode.defer_jpeg`): format, size limit, EXIF orientation.
-Here the pixels are decoded in one batched call, turned upright and box-reduced, as `decode.decode_image` does
+Here the pixels are decoded in batched calls, turned upright and box-reduced, as `decode.decode_image` does
 on the CPU. A file the device decoder rejects comes back as its exception, for the caller to decode on the CPU.
 """
 
@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from .decode import jpeg_reduction
 
+CHUNK = 32  # files per decoder call: full-resolution frames wait for reduction, so a call holds at most this many
+
 
 def decode_jpegs(
     contents: Sequence[bytes],
@@ -22,7 +24,7 @@ def decode_jpegs(
     min_short_side: int,
     device: torch.device | str,
 ) -> list[torch.Tensor | Exception]:
-    """Decode JPEG files on `device`.
+    """Decode JPEG files on `device`, CHUNK files per decoder call.
 
     Args:
         contents: the files' bytes.
@@ -33,21 +35,29 @@ def decode_jpegs(
     Returns:
         Per file, a uint8 (3, H, W) RGB tensor on `device`, upright, or the exception decoding raised.
     """
+    out: list[torch.Tensor | Exception] = []
+    for start in range(0, len(contents), CHUNK):
+        decoded = _decode_isolating_failures(list(contents[start : start + CHUNK]), device)
+        for result, orientation in zip(decoded, orientations[start : start + CHUNK]):
+            if not isinstance(result, Exception):
+                result = box_reduce(upright(result, orientation), jpeg_reduction(min(result.shape[-2:]), min_short_side))
+            out.append(result)
+    return out
+
+
+def _decode_isolating_failures(contents: list[bytes], device: torch.device | str) -> list[torch.Tensor | Exception]:
     encoded = [torch.frombuffer(bytearray(content), dtype=torch.uint8) for content in contents]
     try:
-        decoded: list[torch.Tensor | Exception] = list(_decode(encoded, device))
+        return list(_decode(encoded, device))
     except RuntimeError:
-        # one bad file fails the whole batched call (it returns no partial results): isolate it
-        decoded = []
-        for data in encoded:
-            try:
-                decoded.append(_decode([data], device)[0])
-            except RuntimeError as error:
-                decoded.append(error)
-    return [
-        result if isinstance(result, Exception) else box_reduce(upright(result, orientation), jpeg_reduction(min(result.shape[-2:]), min_short_side))
-        for result, orientation in zip(decoded, orientations)
-    ]
+        pass  # one bad file fails the whole batched call (it returns no partial results): isolate it
+    decoded: list[torch.Tensor | Exception] = []
+    for data in encoded:
+        try:
+            decoded.append(_decode([data], device)[0])
+        except RuntimeError as error:
+            decoded.append(error)
+    return decoded
 
 
 def upright(pixels: torch.Tensor, orientation: int) -> torch.Tensor:

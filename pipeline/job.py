@@ -54,16 +54,17 @@ class RunSummary:
     counts: dict[str, int]  # rows per status over the whole output
     seconds: float  # wall time of the whole run
     label_seconds: float  # time from the first cluster work to the last committed row
-    startup_seconds: float  # time from the first cluster work to the first scored rows (models loading, ...)
-    steady_images_per_second: float  # rows/s after the first scored rows arrived
+    first_rows_seconds: float  # from the first cluster work to the first committed rows: start-up plus the first blocks
+    steady_images_per_second: float  # rows/s after the first committed rows
     skipped_files: int  # non-image files found while listing
 
     @property
     def images_per_second(self) -> float:
         return self.rows_written / self.label_seconds if self.label_seconds > 0 else 0.0
 
-    def _steady(self) -> str:
-        return f"{self.steady_images_per_second:.1f} after " if self.steady_images_per_second else ""
+    def _pace(self) -> str:
+        then = f", then {_rate(self.steady_images_per_second)} images/s" if self.steady_images_per_second else ""
+        return f"first rows after {self.first_rows_seconds:.1f} s{then}"
 
     def line(self) -> str:
         errors = sum(v for k, v in self.counts.items() if k != OK)
@@ -71,9 +72,14 @@ class RunSummary:
         return (
             f"lgca: {self.inputs} images ({self.already_done} already done), {self.rows_written} rows written: "
             f"{self.counts.get(OK, 0)} ok, {errors} errors{f' ({detail})' if detail else ''}; "
-            f"{self.images_per_second:.1f} images/s ({self._steady()}{self.startup_seconds:.1f} s start-up); "
+            f"{_rate(self.images_per_second)} images/s ({self._pace()}); "
             f"{self.skipped_files} non-image files skipped; output {self.output}"
         )
+
+
+def _rate(per_second: float) -> str:
+    """Three significant digits (0.213, 21.3), whole numbers from 1000 on: slow LGCA rates must not round to 0.2."""
+    return f"{per_second:.0f}" if per_second >= 1000 else f"{per_second:.3g}"
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,7 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
         counts=counts,
         seconds=time.time() - started,
         label_seconds=label_ended - label_started,
-        startup_seconds=first_rows_at - label_started,
+        first_rows_seconds=first_rows_at - label_started,
         # a rate after start-up means something only once several more batches than the first have arrived
         steady_images_per_second=steady_rows / steady_seconds if steady_rows >= 3 * first_rows > 0 and steady_seconds > 0 else 0.0,
         skipped_files=job.listing.skipped_count,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError, DecodeConfig, JobConfig, ModelConfig, ScoringConfig, VocabularyConfig
 from pipeline.decode import DecodedImage, DecodeFailure, DeferredJpeg, decode_image, defer_jpeg
-from pipeline.device_decode import box_reduce, decode_jpegs, upright
+from pipeline.device_decode import CHUNK, box_reduce, decode_jpegs, upright
 from pipeline.job import ScoringActor, _jpegs_on_device, _read_and_decode
 from pipeline.schema import DECODE_ERROR, OK
 
@@ -99,10 +99,11 @@ def test_device_decode_equals_cpu_decode_upright(orientation):
 def test_one_corrupt_file_fails_alone_in_a_batch():
     good = _jpeg(_photo())
     corrupt = good[:200] + bytes(800) + good[1000:]  # valid header, garbage entropy-coded data
-    results = decode_jpegs([good, b"\xff\xd8not a jpeg", good], [1, 1, 1], 100, "cpu")
-    assert isinstance(results[0], torch.Tensor) and isinstance(results[2], torch.Tensor)
-    assert isinstance(results[1], Exception)
-    assert torch.equal(results[0], results[2])
+    contents = [good] * (CHUNK + 3) + [b"\xff\xd8not a jpeg", good]  # the bad file sits in the second decoder call
+    results = decode_jpegs(contents, [1] * len(contents), 100, "cpu")
+    assert len(results) == len(contents)
+    assert isinstance(results[CHUNK + 3], Exception)
+    assert all(isinstance(r, torch.Tensor) and torch.equal(r, results[0]) for i, r in enumerate(results) if i != CHUNK + 3)
     assert all(isinstance(r, (torch.Tensor, Exception)) for r in decode_jpegs([corrupt], [1], 100, "cpu"))
 
 
