@@ -11,6 +11,7 @@ from . import __version__
 from .config import (
     CROP_LAYOUTS,
     DECODE_DEVICES,
+    LGCA_GLOBAL_WEIGHT,
     METHODS,
     PRECISIONS,
     SALIENCY_RULES,
@@ -78,13 +79,21 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--crop-scale", type=float, nargs=2, default=d.crop_scale, metavar=("ALPHA", "BETA"),
                        help="crop side as a fraction of the shorter image side, drawn from [ALPHA, BETA] (default: 0.5 0.9)")
     group.add_argument("--crop-layout", default=d.crop_layout, choices=CROP_LAYOUTS, help="random crops, or a sqrt(N) x sqrt(N) grid (default: %(default)s)")
-    group.add_argument("--saliency", default=d.saliency, choices=SALIENCY_RULES, help="region saliency: best class similarity, or similarity to the whole image (default: %(default)s)")
+    group.add_argument("--saliency", default=d.saliency, choices=SALIENCY_RULES,
+                       help="region saliency: class, its best class similarity; global, its similarity to the whole image; margin, "
+                            "top-1 minus top-2 of its class probabilities; agreement, its similarity to the image's leading class "
+                            "from the crops and global view (default: %(default)s)")
     group.add_argument("--steps", type=int, default=d.steps, help="T, expansion steps (default: %(default)s)")
     group.add_argument("--regions", type=int, default=d.regions, help="K, regions grown per step (default: %(default)s)")
-    group.add_argument("--growth", type=float, default=d.growth, help="gamma, growth per axis of a selected region (default: %(default)s)")
-    group.add_argument("--image-scale", type=float, default=d.image_scale, help="view-weight temperature, exp(scale) (default: %(default)s)")
+    group.add_argument("--growth", type=float, default=d.growth,
+                       help="gamma, growth of a selected region's side per step; grown boxes stay square, capped at the shorter side (default: %(default)s)")
+    group.add_argument("--growth-target", type=float, default=d.growth_target, metavar="FRACTION",
+                       help="instead of --growth, grow each region geometrically to this fraction of the shorter side at the last step, in (0, 1]")
+    group.add_argument("--image-scale", type=float, default=d.image_scale, help="region-weight temperature, exp(scale) (default: %(default)s)")
     group.add_argument("--text-scale", type=float, default=d.text_scale, help="description-weight temperature, exp(scale) (default: %(default)s)")
-    group.add_argument("--expand-weight", type=float, default=d.expand_weight, help="extra weight of the global and grown views (default: %(default)s)")
+    group.add_argument("--expand-weight", type=float, default=d.expand_weight, help="extra weight of grown boxes among the regions; 0 drops them (default: %(default)s)")
+    group.add_argument("--global-weight", type=float, default=d.global_weight, metavar="LAMBDA",
+                       help=f"share of the score given to the global view, in [0, 1] (default: {LGCA_GLOBAL_WEIGHT} for lgca, 0 for wca as WCA's code)")
     group.add_argument("--seed", type=int, default=d.seed, help="crop sampling seed, combined with each image key (default: %(default)s)")
     group.add_argument("--topk", type=int, default=d.topk, help="labels kept per image (default: %(default)s)")
     group.add_argument("--micro-batch", type=int, default=d.micro_batch, help="views per encoder call (default: %(default)s)")
@@ -106,8 +115,9 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
 def scoring_config(args: argparse.Namespace) -> ScoringConfig:
     return ScoringConfig(
         method=args.method, crops=args.crops, crop_scale=tuple(args.crop_scale), crop_layout=args.crop_layout,
-        saliency=args.saliency, steps=args.steps, regions=args.regions, growth=args.growth,
+        saliency=args.saliency, steps=args.steps, regions=args.regions, growth=args.growth, growth_target=args.growth_target,
         image_scale=args.image_scale, text_scale=args.text_scale, expand_weight=args.expand_weight,
+        global_weight=args.global_weight,
         seed=args.seed, topk=args.topk, micro_batch=args.micro_batch,
     )
 

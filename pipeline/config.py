@@ -9,11 +9,15 @@ from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
 
 METHODS = ("clip", "ensemble", "descriptors", "wca", "lgca")
 CROP_METHODS = ("wca", "lgca")
-SALIENCY_RULES = ("class", "global")
+SALIENCY_RULES = ("class", "global", "margin", "agreement")
 CROP_LAYOUTS = ("random", "grid")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DECODE_DEVICES = ("auto", "cpu", "gpu")
 DEFAULT_PROMPT = "a photo of a {}."
+# lambda of lgca when `global_weight` is not given: the share of the score carried by the global view.
+# A placeholder until measured; docs/EVALUATION.md holds the sweep that chose it. wca's default is 0
+# (WCA's official code aggregates the crops only).
+LGCA_GLOBAL_WEIGHT = 0.25
 
 
 class ConfigError(ValueError):
@@ -33,14 +37,16 @@ class ScoringConfig:
     crops: int = 60  # N: local crops per image (wca, lgca)
     crop_scale: tuple[float, float] = (0.5, 0.9)  # (alpha, beta): crop side as a fraction of min(W, H)
     crop_layout: str = "random"  # random: seeded uniform crops; grid: sqrt(N) x sqrt(N) tiles at one scale
-    saliency: str = "class"  # class: max_c s(b, c); global: <f(b), f(x)>
+    saliency: str = "class"  # class: max_c s(b, c) | global: <f(b), f(x)> | margin | agreement (docs/METHOD.md)
     steps: int = 3  # T: expansion steps (lgca)
     regions: int = 2  # K: regions selected and grown per step (lgca)
-    growth: float = 1.4  # gamma: growth per axis of a selected region
-    overlap_iou: float = 0.5  # regions selected in one step overlap at most this much
-    image_scale: float = 4.0  # view weights: softmax(exp(image_scale) * <f(b), f(x)>)
+    growth: float = 1.4  # gamma: growth of a selected region's side, capped at min(W, H)
+    growth_target: float | None = None  # if set, lineages grow geometrically to this fraction of min(W, H) at step T
+    overlap_iou: float = 0.5  # a selected region overlaps earlier selections (its ancestors aside) at most this much
+    image_scale: float = 4.0  # region weights: softmax(exp(image_scale) * <f(b), f(x)>)
     text_scale: float = 2.0  # description weights: softmax(exp(text_scale) * <t_cj, t_c>)
-    expand_weight: float = 1.0  # extra weight of the global and expanded views before renormalising
+    expand_weight: float = 1.0  # extra weight of grown boxes among the regions, before renormalising
+    global_weight: float | None = None  # lambda: S = lambda <f(x), T_c> + (1 - lambda) R; None: the method's default
     seed: int = 0  # crop sampling seed, combined with a stable hash of each image key
     topk: int = 5  # labels kept per image in the output
     micro_batch: int = 256  # views per image-encoder call
@@ -48,7 +54,7 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
         _require(self.method in METHODS, f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
-        _require(self.saliency in SALIENCY_RULES, f"saliency {self.saliency!r} is unknown; choose class or global")
+        _require(self.saliency in SALIENCY_RULES, f"saliency {self.saliency!r} is unknown; choose one of {', '.join(SALIENCY_RULES)}")
         _require(self.crop_layout in CROP_LAYOUTS, f"crop layout {self.crop_layout!r} is unknown; choose random or grid")
         _require(self.crops >= 0, f"crops must be >= 0, got {self.crops}")
         _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
@@ -60,14 +66,24 @@ class ScoringConfig:
         _require(self.growth >= 1.0, f"growth must be >= 1 (a grown region contains its parent), got {self.growth}")
         _require(0 <= self.overlap_iou <= 1, f"overlap IoU must lie in [0, 1], got {self.overlap_iou}")
         _require(self.expand_weight >= 0, f"expand weight must be >= 0, got {self.expand_weight}")
+        for name in ("global_weight", "growth_target"):  # optional numbers: a string here is a parsing slip
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+                     f"{name.replace('_', ' ')} must be a number or None, got {value!r}")
+        _require(
+            self.global_weight is None or 0 <= self.global_weight <= 1,
+            f"global weight must lie in [0, 1], got {self.global_weight}",
+        )
+        _require(
+            self.growth_target is None or 0 < self.growth_target <= 1,
+            f"growth target must lie in (0, 1] (a fraction of the shorter side), got {self.growth_target}",
+        )
         _require(math.isfinite(self.image_scale) and math.isfinite(self.text_scale), "image and text scales must be finite")
         _require(self.topk >= 1, f"topk must be >= 1, got {self.topk}")
         _require(self.micro_batch >= 1, f"micro batch must be >= 1, got {self.micro_batch}")
         if self.crop_layout == "grid" and self.crops:
             side = math.isqrt(self.crops)
             _require(side * side == self.crops, f"the grid layout needs a square number of crops (e.g. 49, 64), got {self.crops}")
-        if self.uses_crops and self.expand_weight == 0:
-            _require(self.crops > 0, "expand weight 0 removes the global view; it needs --crops > 0")
         if self.method == "lgca" and self.regions and self.steps:
             _require(
                 self.crops >= self.regions,
@@ -77,6 +93,20 @@ class ScoringConfig:
     @property
     def uses_crops(self) -> bool:
         return self.method in CROP_METHODS
+
+    @property
+    def view_global_weight(self) -> float:
+        """lambda of the configured method: `global_weight`, or the method's default when it is None."""
+        return self.global_weight_for(self.method)
+
+    def global_weight_for(self, method: str) -> float:
+        """lambda with which `method` scores: 1 for the global-only methods; for wca and lgca `global_weight`,
+        else their default (0 for wca, as WCA's code; LGCA_GLOBAL_WEIGHT for lgca)."""
+        if method not in CROP_METHODS:
+            return 1.0
+        if self.global_weight is not None:
+            return self.global_weight
+        return LGCA_GLOBAL_WEIGHT if method == "lgca" else 0.0
 
     @property
     def grown_views(self) -> int:
@@ -299,6 +329,7 @@ __all__ = [
     "ConfigError",
     "DECODE_DEVICES",
     "DecodeConfig",
+    "LGCA_GLOBAL_WEIGHT",
     "ExecutionConfig",
     "JobConfig",
     "DEFAULT_PROMPT",

@@ -238,6 +238,7 @@ def format_report(
         lines.extend(_sweep_table(records))
     else:
         lines.extend(_method_table(records))
+        lines.extend(_group_table(records))
         lines.extend(_confusion_lines(records))
     if evaluation.failures:
         lines.append(f"{len(evaluation.failures)} image(s) could not be read or decoded and are left out of the metrics:")
@@ -259,6 +260,23 @@ def _method_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
         for r in records
     ]
     return [header, *rows]
+
+
+def _group_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """acc1 % of each method (rows) in each group of the data (columns), when the data has groups."""
+    groups = list(records[0].get("groups", {})) if records else []
+    if not groups:
+        return []
+    width = max(8, *(len(name) for name in groups))
+    lines = ["acc1 % per group:", f"{'method':<12} " + " ".join(f"{name:>{width}}" for name in groups)]
+    for r in records:
+        cells = []
+        for name in groups:
+            group = r["groups"][name]
+            text = f"{100 * group['acc1']:.1f}" + (f"±{100 * group['acc1_std']:.1f}" if "acc1_std" in group else "")
+            cells.append(f"{text:>{width}}")
+        lines.append(f"{r['method']:<12} " + " ".join(cells))
+    return lines
 
 
 def _confusion_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:

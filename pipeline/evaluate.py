@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .config import CROP_METHODS, CROP_LAYOUTS, METHODS, SALIENCY_RULES, ConfigError, DecodeConfig, ScoringConfig
 from .decode import DecodedImage, decode_image, short_side_for
 from .schema import DECODE_ERROR, READ_ERROR
-from .score import ImageEncoder, Scorer, ViewFormat
+from .score import ImageEncoder, ImageScore, Scorer, ViewFormat, ViewSet
 from .sources import check_inputs, filesystem_for, list_inputs, parse_input, read_bytes
 
 TOP_K = 5  # acc5 is top-k accuracy with k = min(TOP_K, classes), as in CLIP_benchmark
@@ -44,10 +44,10 @@ METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
     "clip": (),
     "ensemble": (),
     "descriptors": ("text_scale",),
-    "wca": ("text_scale", "crops", "crop_scale", "crop_layout", "image_scale", "expand_weight", "seed"),
+    "wca": ("text_scale", "crops", "crop_scale", "crop_layout", "image_scale", "global_weight", "seed"),
     "lgca": (
-        "text_scale", "crops", "crop_scale", "crop_layout", "image_scale", "expand_weight", "seed",
-        "saliency", "steps", "regions", "growth", "overlap_iou",
+        "text_scale", "crops", "crop_scale", "crop_layout", "image_scale", "global_weight", "expand_weight", "seed",
+        "saliency", "steps", "regions", "growth", "growth_target", "overlap_iou",
     ),
 }
 _CHOICES = {"saliency": SALIENCY_RULES, "crop_layout": CROP_LAYOUTS}
@@ -72,10 +72,13 @@ class LabelledImages:
     labels: tuple[str, ...]  # true class name of each image
     skipped: tuple[str, ...] = ()  # the first few non-image files seen in a folder tree
     skipped_count: int = 0  # all of them
+    groups: tuple[str, ...] = ()  # a manifest's `group` of each image (e.g. an object scale); empty without one
 
     def __post_init__(self) -> None:
         if not len(self.keys) == len(self.paths) == len(self.labels):
             raise ValueError(f"{len(self.keys)} keys, {len(self.paths)} paths and {len(self.labels)} labels")
+        if self.groups and len(self.groups) != len(self.keys):
+            raise ValueError(f"{len(self.groups)} groups for {len(self.keys)} images")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -91,7 +94,8 @@ def list_labelled(data: str, storage_options: Mapping[str, Any]) -> LabelledImag
 
     A tree is the ImageFolder layout, DATA/<class>/<image> (deeper folders belong to their top class),
     on local disk or s3://. A manifest is a .parquet, .csv or .csv.gz file; relative paths are taken
-    from the manifest's folder, and an optional `key` column names the images (default: the path).
+    from the manifest's folder, an optional `key` column names the images (default: the path), and an
+    optional `group` column splits the metrics (accuracy per object scale, camera, source, ...).
 
     Args:
         data: the folder or manifest, local or a URI.
@@ -153,6 +157,7 @@ def limit_images(images: LabelledImages, limit: int | None) -> LabelledImages:
         labels=tuple(images.labels[i] for i in chosen),
         skipped=images.skipped,
         skipped_count=images.skipped_count,
+        groups=tuple(images.groups[i] for i in chosen) if images.groups else (),
     )
 
 
@@ -217,7 +222,7 @@ def _labelled_manifest(uri: str, storage_options: Mapping[str, Any]) -> Labelled
                 table = pq.read_table(handle)
         else:
             # "001" or "7" stay text: a class may be named by a number
-            text = {name: pa.string() for name in ("path", "label", "key")}
+            text = {name: pa.string() for name in ("path", "label", "key", "group")}
             with fs.open(path, "rb", compression="infer") as handle:
                 table = pa_csv.read_csv(handle, convert_options=pa_csv.ConvertOptions(column_types=text))
     except FileNotFoundError:
@@ -235,6 +240,7 @@ def _labelled_manifest(uri: str, storage_options: Mapping[str, Any]) -> Labelled
     raw_paths = _text_column(table, "path", uri)
     labels = [label.strip() for label in _text_column(table, "label", uri)]
     keys = _text_column(table, "key", uri) if "key" in table.column_names else raw_paths
+    groups = _text_column(table, "group", uri) if "group" in table.column_names else []
     local = fsspec.core.split_protocol(uri)[0] in _LOCAL_PROTOCOLS
     folder = os.path.dirname(path) if local else posixpath.dirname(path)
     paths = [_resolve(raw, fs, folder, local) for raw in raw_paths]
@@ -243,7 +249,10 @@ def _labelled_manifest(uri: str, storage_options: Mapping[str, Any]) -> Labelled
         raise EvaluationError(f"manifest {uri} repeats key(s) {_shown(repeated)}; give each image one row")
     order = sorted(range(len(keys)), key=keys.__getitem__)
     return LabelledImages(
-        keys=tuple(keys[i] for i in order), paths=tuple(paths[i] for i in order), labels=tuple(labels[i] for i in order)
+        keys=tuple(keys[i] for i in order),
+        paths=tuple(paths[i] for i in order),
+        labels=tuple(labels[i] for i in order),
+        groups=tuple(groups[i] for i in order) if groups else (),
     )
 
 
@@ -424,6 +433,8 @@ def _sweep_value(name: str, text: str, default: Any) -> Any:
             value = int(text)
         elif isinstance(default, float):
             value = float(text)
+        elif default is None:  # the optional numbers (global_weight, growth_target); "none" is the method default
+            value = None if text.lower() == "none" else float(text)
         else:
             value = text
     except ValueError:
@@ -446,6 +457,21 @@ def _written(value: Any) -> str:
 
 
 ClassVectors = Callable[[str, ScoringConfig], torch.Tensor]  # (method, scoring) -> (C, D) class vectors
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One method's scores of one batch in one setting and run, for measurements beyond accuracy."""
+
+    setting: int  # index into the settings
+    run: int  # seed index
+    method: str
+    keys: list[str]
+    scores: list[ImageScore]  # with salient boxes and view shares
+    views: ViewSet  # every encoded view of the batch
+
+
+Observer = Callable[[Observation], None]
 
 
 @dataclass(frozen=True)
@@ -478,6 +504,7 @@ class MethodResult:
     acc5: tuple[float, ...]  # top-k with k = min(5, classes)
     mean_per_class_recall: tuple[float, ...]
     confusions: tuple[tuple[str, str, int], ...]  # most confused (true, predicted, count), first run
+    group_acc1: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # acc1 per run in each group
 
     @property
     def runs(self) -> int:
@@ -568,6 +595,7 @@ def evaluate(
     workers: int = 4,
     confusions: int = 10,
     progress: bool = False,
+    observe: Observer | None = None,
 ) -> Evaluation:
     """Score every image with every method in every setting, and measure accuracy.
 
@@ -592,6 +620,7 @@ def evaluate(
         workers: threads reading and decoding images.
         confusions: (true, predicted) pairs kept per method.
         progress: show a progress bar on stderr.
+        observe: called with every method's scores of every batch (boxes, view shares, the views).
 
     Returns:
         The metrics, failures and encoder cost.
@@ -645,7 +674,7 @@ def evaluate(
         for batch, failed in _decoded_batches(images, targets, batch_size, decode, storage_options or {}, workers):
             failures.extend(failed)
             if batch.keys:
-                _score_batch(batch, scorers, tallies, configs, vectors, k)
+                _score_batch(batch, scorers, tallies, configs, vectors, k, observe)
             bar.update(len(batch.keys) + len(failed))
     finally:
         bar.close()
@@ -654,14 +683,16 @@ def evaluate(
         examples = "; ".join(f"{f.key}: {f.error_message}" for f in failures[:3])
         raise EvaluationError(f"none of the {len(images)} images could be read and decoded ({examples})")
     failed_keys = {f.key for f in failures}
-    scored_targets = targets[[key not in failed_keys for key in images.keys]]  # predictions exist for these, in order
+    kept = [key not in failed_keys for key in images.keys]
+    scored_targets = targets[kept]  # predictions exist for these, in order
+    scored_groups = np.asarray(images.groups, dtype=object)[kept] if images.groups else None
     results = tuple(
         SettingResult(
             setting,
             {
                 method: _method_result(
                     method, setting_seeds if method in CROP_METHODS else setting_seeds[:1], tally[method],
-                    scored_targets, classes, confusions,
+                    scored_targets, scored_groups, classes, confusions,
                 )
                 for method in methods
             },
@@ -684,11 +715,16 @@ def _score_batch(
     configs: list[ScoringConfig],
     vectors: Callable[[str, ScoringConfig], torch.Tensor],
     k: int,
+    observe: Observer | None,
 ) -> None:
     global_emb = None  # f(x) depends on neither seed nor setting: encoded once per batch
-    for setting_scorers, tally, config in zip(scorers, tallies, configs):
+    embedded: dict[ScoringConfig, ViewSet] = {}  # settings that differ only in how views combine share views
+    for index, (setting_scorers, tally, config) in enumerate(zip(scorers, tallies, configs)):
         for run, scorer in enumerate(setting_scorers):
-            views = scorer.embed(batch.images, batch.keys, batch.sizes, global_emb=global_emb)
+            view_key = embedding_key(scorer.config)
+            if view_key not in embedded:
+                embedded[view_key] = scorer.embed(batch.images, batch.keys, batch.sizes, global_emb=global_emb)
+            views = embedded[view_key]
             global_emb = views.global_emb
             for method, method_tally in tally.items():
                 if run > 0 and method not in CROP_METHODS:
@@ -696,6 +732,20 @@ def _score_batch(
                 scores = scorer.combine(views, vectors(method, config), method)
                 probabilities = np.stack([score.probabilities for score in scores])  # (B, C)
                 method_tally.add(run, probabilities, batch.targets, k)
+                if observe is not None:
+                    observe(Observation(index, run, method, batch.keys, scores, views))
+
+
+def embedding_key(config: ScoringConfig) -> ScoringConfig:
+    """The parts of `config` that decide which views are encoded: two settings with one key share views.
+
+    The combining weights (global_weight, expand_weight, image_scale) and the output size do not change
+    the views, except under `agreement` saliency, which selects regions by the combined score.
+    """
+    neutral = {"topk": 1, "micro_batch": 1}
+    if config.saliency != "agreement":
+        neutral.update(global_weight=None, expand_weight=1.0, image_scale=ScoringConfig.image_scale)
+    return dataclasses.replace(config, **neutral)
 
 
 def _method_result(
@@ -703,10 +753,12 @@ def _method_result(
     seeds: Sequence[int],
     tally: _Tally,
     targets: np.ndarray,
+    groups: np.ndarray | None,
     classes: Sequence[str],
     confusions: int,
 ) -> MethodResult:
     acc1, acc5, recall = [], [], []
+    group_acc1: dict[str, list[float]] = {name: [] for name in sorted(set(groups))} if groups is not None else {}
     first_predictions = None
     for run in range(len(seeds)):
         predictions = np.concatenate(tally.predictions[run])
@@ -714,6 +766,9 @@ def _method_result(
         acc1.append(float(np.mean(predictions == targets)))
         acc5.append(float(np.mean(hits)))
         recall.append(mean_per_class_recall(predictions, targets))
+        for name, values in group_acc1.items():
+            members = groups == name
+            values.append(float(np.mean(predictions[members] == targets[members])))
         if first_predictions is None:
             first_predictions = predictions
     return MethodResult(
@@ -723,6 +778,7 @@ def _method_result(
         acc5=tuple(acc5),
         mean_per_class_recall=tuple(recall),
         confusions=tuple(confused_pairs(first_predictions, targets, classes, confusions)),
+        group_acc1={name: tuple(values) for name, values in group_acc1.items()},
     )
 
 
@@ -820,14 +876,23 @@ def result_records(evaluation: Evaluation, identity: Mapping[str, Any]) -> list[
                 for name, value in scoring.to_dict().items()
                 if name in METHOD_PARAMETERS[method]
             }
+            if "global_weight" in record["scoring"]:
+                record["scoring"]["global_weight"] = scoring.global_weight_for(method)  # the λ used, not "default"
             if setting_result.setting.changes:
                 record["setting"] = {
                     name: (list(value) if isinstance(value, tuple) else value)
                     for name, value in setting_result.setting.changes.items()
                 }
             record["confusions"] = [{"true": t, "predicted": p, "count": n} for t, p, n in result.confusions]
+            if result.group_acc1:
+                record["groups"] = {name: _group_record(values) for name, values in result.group_acc1.items()}
             records.append(record)
     return records
+
+
+def _group_record(values: Sequence[float]) -> dict[str, Any]:
+    mean, std = mean_and_std(values)
+    return {"acc1": mean, "acc1_std": std} if len(values) > 1 else {"acc1": mean}
 
 
 __all__ = [
@@ -839,12 +904,15 @@ __all__ = [
     "LabelledImages",
     "METHOD_PARAMETERS",
     "MethodResult",
+    "Observation",
+    "Observer",
     "Setting",
     "SettingResult",
     "check_classes",
     "check_methods",
     "confused_pairs",
     "describe_changes",
+    "embedding_key",
     "embedding_method",
     "evaluate",
     "limit_images",

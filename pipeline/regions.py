@@ -1,9 +1,11 @@
-"""Region geometry: seeded crop sampling per image key, IoU, and box expansion, in normalised xyxy."""
+"""Region geometry: seeded crop sampling per image key, IoU, box expansion and salient-region selection, in
+normalised xyxy of the upright original image."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+from typing import Sequence
 
 import numpy as np
 
@@ -31,7 +33,7 @@ def sample_crops(
     Args:
         key: the image's stable key; with `seed` it fixes the random crops.
         width, height: size of the upright original image, so boxes do not depend on the decode scale.
-        count: N, the number of crops.
+        count: N, the number of crops; the first i crops do not depend on it (for count >= i).
         scale: (alpha, beta); a crop's side is u * min(width, height), u ~ U[alpha, beta].
         seed: the job seed.
         layout: "random" (uniform placement) or "grid" (sqrt(N) x sqrt(N) tiles of side
@@ -50,10 +52,11 @@ def sample_crops(
         fx, fy = np.meshgrid(fractions, fractions, indexing="xy")
         fx, fy = fx.ravel(), fy.ravel()
     else:
-        rng = np.random.default_rng(image_seed(seed, key))
-        sides = rng.uniform(scale[0], scale[1], size=count) * short
-        fx = rng.uniform(0.0, 1.0, size=count)
-        fy = rng.uniform(0.0, 1.0, size=count)
+        # one (side, fx, fy) row per crop, drawn row by row: crop i is the same box for every count > i,
+        # so a sweep over N compares nested crop sets
+        draws = np.random.default_rng(image_seed(seed, key)).uniform(size=(count, 3))
+        sides = (scale[0] + (scale[1] - scale[0]) * draws[:, 0]) * short
+        fx, fy = draws[:, 1], draws[:, 2]
     box_w = sides / width
     box_h = sides / height
     x0 = fx * (1.0 - box_w)
@@ -74,19 +77,67 @@ def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1e-12)
 
 
-def grow_boxes(boxes: np.ndarray, growth: float) -> np.ndarray:
-    """Grow normalised xyxy boxes about their centres by `growth` per axis, kept inside the image.
+def grow_boxes(
+    boxes: np.ndarray,
+    growth: float | np.ndarray,
+    width: float | np.ndarray,
+    height: float | np.ndarray,
+) -> np.ndarray:
+    """Grow normalised xyxy boxes into squares about their centres, capped at the image's shorter side.
 
-    A box that would cross an edge is shifted back inside first and clipped only if it is larger than
-    the image, so the grown box always contains its parent.
+    The new side in pixels is min(side * growth, min(width, height)), side being the parent's longer side,
+    so a grown view is never the whole image squashed. A box that would cross an edge is shifted back
+    inside, so the grown box always contains its parent (a non-square parent keeps its extent along an
+    axis where the square would be narrower; crops and grown boxes are square).
+
+    Args:
+        boxes: (n, 4) normalised xyxy of the upright original image.
+        growth: gamma >= 1, one for all boxes or one per box.
+        width, height: the upright original's size in pixels, one for all boxes or one per box.
+
+    Returns:
+        float64 array (n, 4) of grown boxes in [0, 1].
     """
+    width = np.broadcast_to(np.asarray(width, dtype=np.float64), len(boxes))
+    height = np.broadcast_to(np.asarray(height, dtype=np.float64), len(boxes))
+    parent_w = (boxes[:, 2] - boxes[:, 0]) * width
+    parent_h = (boxes[:, 3] - boxes[:, 1]) * height
+    side = np.minimum(np.maximum(parent_w, parent_h) * growth, np.minimum(width, height))
+    new_w = np.minimum(np.maximum(side, parent_w) / width, 1.0)
+    new_h = np.minimum(np.maximum(side, parent_h) / height, 1.0)
     centre_x = (boxes[:, 0] + boxes[:, 2]) / 2
     centre_y = (boxes[:, 1] + boxes[:, 3]) / 2
-    new_w = np.minimum((boxes[:, 2] - boxes[:, 0]) * growth, 1.0)
-    new_h = np.minimum((boxes[:, 3] - boxes[:, 1]) * growth, 1.0)
     x0 = np.clip(centre_x - new_w / 2, 0.0, 1.0 - new_w)
     y0 = np.clip(centre_y - new_h / 2, 0.0, 1.0 - new_h)
     return np.stack([x0, y0, x0 + new_w, y0 + new_h], axis=1)
+
+
+def growth_to_target(
+    boxes: np.ndarray,
+    width: float | np.ndarray,
+    height: float | np.ndarray,
+    target: float,
+    steps_left: int,
+) -> np.ndarray:
+    """Per-box growth that makes each box's side reach `target * min(width, height)` in `steps_left` steps.
+
+    Geometric: (target side / side) ** (1 / steps_left), at least 1. Applied at every step with the steps
+    still to go, a lineage selected at the first step grows by the same factor (target / s0) ** (1 / T) each
+    step, and one selected later still reaches the target at the last step.
+
+    Args:
+        boxes: (n, 4) normalised xyxy; sizes as in `grow_boxes`.
+        target: the side to reach, as a fraction of the shorter side, in (0, 1].
+        steps_left: growth steps including this one, >= 1.
+
+    Returns:
+        float64 array (n,) of growth factors >= 1.
+    """
+    width = np.broadcast_to(np.asarray(width, dtype=np.float64), len(boxes))
+    height = np.broadcast_to(np.asarray(height, dtype=np.float64), len(boxes))
+    side = np.maximum((boxes[:, 2] - boxes[:, 0]) * width, (boxes[:, 3] - boxes[:, 1]) * height)
+    goal = target * np.minimum(width, height)
+    return np.maximum((goal / np.maximum(side, 1e-12)) ** (1.0 / steps_left), 1.0)
 
 
 def select_salient(
@@ -95,20 +146,51 @@ def select_salient(
     eligible: np.ndarray,
     count: int,
     max_iou: float,
+    earlier: Sequence[int] = (),
+    parents: np.ndarray | None = None,
 ) -> list[int]:
-    """Indices of the `count` most salient eligible regions that overlap each other at most `max_iou`.
+    """Indices of the `count` most salient eligible regions, each a place distinct from the others.
 
-    Regions are taken greedily by saliency; one that overlaps an already chosen region above `max_iou`
-    is passed over. If that leaves fewer than `count`, the most salient passed-over ones fill the gap,
-    so a step always grows `count` regions while at least that many are eligible.
+    Regions are taken greedily by saliency; one that overlaps above `max_iou` a region already chosen in
+    this call, or a region of `earlier` (selected at earlier steps) other than its own ancestors, is passed
+    over: a lineage may keep growing, but lineages stay distinct places. If that leaves fewer than `count`,
+    the most salient passed-over ones fill the gap, so a step always grows `count` regions while at least
+    that many are eligible.
+
+    Args:
+        saliency, boxes, eligible: (P,), (P, 4) and (P,) bool over the pool.
+        count: K.
+        max_iou: the overlap allowed.
+        earlier: pool indices selected at earlier steps.
+        parents: (P,) pool index of each region's parent, -1 for a root; needed with `earlier`.
+
+    Returns:
+        Pool indices, greedy picks in saliency order, then the fill.
     """
     order = [int(i) for i in np.argsort(-saliency, kind="stable") if eligible[i]]
+    earlier = list(earlier)
+    earlier_iou = box_iou(boxes, boxes[earlier]) if earlier else np.zeros((len(boxes), 0))
     chosen: list[int] = []
     for index in order:
         if len(chosen) == count:
             break
-        if not chosen or box_iou(boxes[index : index + 1], boxes[chosen]).max() <= max_iou:
-            chosen.append(index)
+        if chosen and box_iou(boxes[index : index + 1], boxes[chosen]).max() > max_iou:
+            continue
+        if earlier:
+            ancestors = _ancestors(index, parents)
+            if any(iou > max_iou and j not in ancestors for j, iou in zip(earlier, earlier_iou[index])):
+                continue
+        chosen.append(index)
     rest = [i for i in order if i not in chosen]
     chosen.extend(rest[: max(0, count - len(chosen))])
     return chosen
+
+
+def _ancestors(index: int, parents: np.ndarray | None) -> set[int]:
+    """Pool indices of a region's parent, grandparent, ... up to its root."""
+    found: set[int] = set()
+    parent = int(parents[index]) if parents is not None else -1
+    while parent >= 0:
+        found.add(parent)
+        parent = int(parents[parent])
+    return found

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from .config import ScoringConfig
-from .regions import grow_boxes, sample_crops, select_salient
+from .regions import grow_boxes, growth_to_target, sample_crops, select_salient
 
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) normalised pixels -> (B, D)
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]  # n strings -> (n, D)
@@ -60,6 +60,7 @@ class ImageScore:
     topk_scores: list[float]
     margin: float  # top-1 probability minus top-2 probability
     boxes: list[SalientBox]
+    view_shares: tuple[float, float, float]  # share of S carried by (global view, local crops, grown boxes)
 
 
 @dataclass
@@ -77,7 +78,7 @@ class ViewSet:
     boxes: np.ndarray  # (B, P, 4) normalised xyxy
     levels: np.ndarray  # (B, P) 0 for local crops, t for a box grown t times
     parents: np.ndarray  # (B, P) pool index of the parent, -1 for local crops
-    saliency: torch.Tensor  # (B, P) sigma(b) under the scorer's own class vectors
+    saliency: torch.Tensor  # (B, P) sigma(b) under the scorer's own class vectors and rule
     selected: list[list[int]]  # per image, pool indices of salient boxes in output order
     crops: int  # N
 
@@ -141,6 +142,62 @@ def class_vectors(
         weights = torch.softmax(math.exp(text_scale) * (group @ anchor), dim=0)  # (M,)
         vectors.append((weights[:, None] * group).sum(dim=0))
     return F.normalize(torch.stack(vectors), dim=-1)
+
+
+# ---------------------------------------------------------------- score of the views
+
+
+def region_weights(
+    global_emb: torch.Tensor,
+    regions: torch.Tensor,
+    image_scale: float,
+    grown: torch.Tensor | None = None,
+    expand_weight: float = 1.0,
+) -> torch.Tensor:
+    """WCA's region weights w_b = softmax_b(exp(image_scale) * <f(b), k0> + log m_b), over regions only.
+
+    Args:
+        global_emb: (B, D) k0.
+        regions: (B, P, D) f(b) of local crops and grown boxes.
+        image_scale: the weight temperature.
+        grown: (B, P) bool, True for a grown box; m_b is `expand_weight` there and 1 for a crop.
+        expand_weight: m of grown boxes; 0 removes them.
+
+    Returns:
+        (B, P) weights, each row summing to 1 (empty rows when P = 0).
+    """
+    logits = math.exp(image_scale) * torch.einsum("bpd,bd->bp", regions, global_emb)
+    if grown is not None and expand_weight != 1.0:
+        # multiplying a softmax weight by m is adding log m to its logit
+        log_m = math.log(expand_weight) if expand_weight > 0 else float("-inf")
+        logits = torch.where(grown, logits + log_m, logits)
+    return torch.softmax(logits, dim=1)
+
+
+def view_score(
+    global_emb: torch.Tensor,
+    regions: torch.Tensor,
+    weights: torch.Tensor,
+    vectors: torch.Tensor,
+    global_weight: float,
+) -> torch.Tensor:
+    """S(x, c) = lambda * <k0, T_c> + (1 - lambda) * <r, T_c>, r = normalise(sum_b w_b f(b)).
+
+    r is a unit vector, so the region term is a cosine on CLIP's scale. With no regions S = <k0, T_c>.
+
+    Args:
+        global_emb: (B, D) k0; regions: (B, P, D); weights: (B, P) from `region_weights`.
+        vectors: (C, D) class vectors T_c.
+        global_weight: lambda in [0, 1].
+
+    Returns:
+        (B, C) scores.
+    """
+    global_sims = global_emb @ vectors.T
+    if regions.shape[1] == 0:
+        return global_sims
+    region_emb = F.normalize(torch.einsum("bp,bpd->bd", weights, regions), dim=-1)
+    return global_weight * global_sims + (1.0 - global_weight) * (region_emb @ vectors.T)
 
 
 # ---------------------------------------------------------------- image side
@@ -244,18 +301,20 @@ class Scorer:
                 crops; lgca all views. Default: the configured method. A method needs the views it uses.
 
         Returns:
-            One ImageScore per image; salient boxes for lgca only.
+            One ImageScore per image; salient boxes for lgca only. wca and lgca weigh the global view
+            with `config.global_weight_for(method)`.
         """
         method = method or self.config.method
         vectors = self.vectors if vectors is None else F.normalize(vectors.float(), dim=-1).to(self.device)
         with torch.inference_mode():
             if method not in ("wca", "lgca"):
                 sims = views.global_emb @ vectors.T  # (B, C)
-                return [self._result(key, row, []) for key, row in zip(views.keys, sims)]
+                return [self._result(key, row, [], (1.0, 0.0, 0.0)) for key, row in zip(views.keys, sims)]
             pool = views.region_emb.shape[1] if method == "lgca" else views.crops
             if method == "lgca" and self.config.grown_views and pool == views.crops:
                 raise ValueError("these views hold no grown regions; embed them with an lgca scorer")
-            return self._combine_regions(views, vectors, pool, with_boxes=method == "lgca")
+            global_weight = self.config.global_weight_for(method)
+            return self._combine_regions(views, vectors, pool, global_weight, with_boxes=method == "lgca")
 
     # ---- views
 
@@ -335,11 +394,33 @@ class Scorer:
 
     # ---- regions
 
-    def _saliency(self, embeddings: torch.Tensor, global_emb: torch.Tensor) -> torch.Tensor:
-        """sigma(b) for (B, P, D) embeddings: max_c s(b, c) (class) or <f(b), f(x)> (global)."""
-        if self.config.saliency == "class":
-            return (embeddings @ self.vectors.T).max(dim=-1).values
-        return torch.einsum("bpd,bd->bp", embeddings, global_emb)
+    def _saliency(self, embeddings: torch.Tensor, global_emb: torch.Tensor, leading: torch.Tensor | None) -> torch.Tensor:
+        """sigma(b) for (B, P, D) embeddings under the configured rule.
+
+        class: max_c s(b, c). global: <f(b), f(x)>. margin: top-1 minus top-2 of the region's own class
+        probabilities softmax_c(logit_scale * s(b, c)). agreement: s(b, leading class of the image), with
+        `leading` (B,) from `_leading_class`.
+        """
+        rule = self.config.saliency
+        if rule == "global":
+            return torch.einsum("bpd,bd->bp", embeddings, global_emb)
+        sims = embeddings @ self.vectors.T  # (B, P, C)
+        if rule == "class":
+            return sims.max(dim=-1).values
+        if rule == "margin":
+            if sims.shape[-1] < 2:
+                return torch.ones(sims.shape[:-1], device=sims.device)  # one class: certain
+            top = torch.softmax(self.logit_scale * sims, dim=-1).topk(2, dim=-1).values
+            return top[..., 0] - top[..., 1]
+        index = leading.view(-1, 1, 1).expand(sims.shape[0], sims.shape[1], 1)
+        return sims.gather(-1, index).squeeze(-1)
+
+    def _leading_class(self, crop_emb: torch.Tensor, global_emb: torch.Tensor) -> torch.Tensor | None:
+        """The leading class (B,) of the crops-and-global score with this config's lambda, for `agreement`."""
+        if self.config.saliency != "agreement":
+            return None
+        weights = region_weights(global_emb, crop_emb, self.config.image_scale)
+        return view_score(global_emb, crop_emb, weights, self.vectors, self.config.view_global_weight).argmax(dim=-1)
 
     def _embed_regions(
         self,
@@ -356,20 +437,33 @@ class Scorer:
         ).reshape(batch, crops, 4)
         embeddings = self._encode_boxes(pixels, np.repeat(np.arange(batch), crops), boxes.reshape(-1, 4))
         embeddings = embeddings.view(batch, crops, dim)  # (B, N, D)
-        saliency = self._saliency(embeddings, global_emb)  # (B, N)
+        leading = self._leading_class(embeddings, global_emb)  # fixed before expansion
+        saliency = self._saliency(embeddings, global_emb, leading)  # (B, N)
         levels = np.zeros((batch, crops), dtype=np.int64)
         parents = np.full((batch, crops), -1, dtype=np.int64)
         expanded = np.zeros((batch, crops), dtype=bool)
-        selected: list[list[int]] = [[] for _ in range(batch)]
+        selected: list[list[int]] = [[] for _ in range(batch)]  # output order: selected crops and grown boxes
+        picked: list[list[int]] = [[] for _ in range(batch)]  # every region selected for expansion so far
+        owner_w = np.repeat(np.array([w for w, _ in sizes], dtype=np.float64), cfg.regions)
+        owner_h = np.repeat(np.array([h for _, h in sizes], dtype=np.float64), cfg.regions)
 
-        for _ in range(cfg.steps if cfg.method == "lgca" and cfg.regions else 0):
+        steps = cfg.steps if cfg.method == "lgca" and cfg.regions else 0
+        for step in range(steps):
             saliency_np = saliency.float().cpu().numpy()
             picks = np.empty((batch, cfg.regions), dtype=np.int64)
             for b in range(batch):
-                picks[b] = select_salient(saliency_np[b], boxes[b], ~expanded[b], cfg.regions, cfg.overlap_iou)
+                picks[b] = select_salient(
+                    saliency_np[b], boxes[b], ~expanded[b], cfg.regions, cfg.overlap_iou, picked[b], parents[b]
+                )
                 selected[b].extend(int(i) for i in picks[b] if levels[b, i] == 0)
+                picked[b].extend(int(i) for i in picks[b])
             pool_size = boxes.shape[1]
-            grown = grow_boxes(np.take_along_axis(boxes, picks[..., None], axis=1).reshape(-1, 4), cfg.growth)
+            chosen = np.take_along_axis(boxes, picks[..., None], axis=1).reshape(-1, 4)
+            if cfg.growth_target is None:
+                growth: float | np.ndarray = cfg.growth
+            else:
+                growth = growth_to_target(chosen, owner_w, owner_h, cfg.growth_target, steps - step)
+            grown = grow_boxes(chosen, growth, owner_w, owner_h)
             new_emb = self._encode_boxes(pixels, np.repeat(np.arange(batch), cfg.regions), grown)
             new_emb = new_emb.view(batch, cfg.regions, dim)
             np.put_along_axis(expanded, picks, True, axis=1)
@@ -378,40 +472,45 @@ class Scorer:
             parents = np.concatenate([parents, picks], axis=1)
             expanded = np.concatenate([expanded, np.zeros((batch, cfg.regions), dtype=bool)], axis=1)
             embeddings = torch.cat([embeddings, new_emb], dim=1)
-            saliency = torch.cat([saliency, self._saliency(new_emb, global_emb)], dim=1)
+            saliency = torch.cat([saliency, self._saliency(new_emb, global_emb, leading)], dim=1)
             for b in range(batch):
                 selected[b].extend(range(pool_size, pool_size + cfg.regions))
         return ViewSet(keys, global_emb, embeddings, boxes, levels, parents, saliency, selected, crops)
 
-    def _combine_regions(self, views: ViewSet, vectors: torch.Tensor, pool: int, with_boxes: bool) -> list[ImageScore]:
-        """S(x, c) = sum_b w_b s(b, c) over the global view and the first `pool` regions."""
+    def _combine_regions(
+        self, views: ViewSet, vectors: torch.Tensor, pool: int, global_weight: float, with_boxes: bool
+    ) -> list[ImageScore]:
+        """S(x, c) from the global view and the first `pool` regions (`view_score`)."""
         cfg = self.config
         batch = len(views.keys)
         regions = views.region_emb[:, :pool]
         levels = views.levels[:, :pool]
-        all_views = torch.cat([views.global_emb[:, None], regions], dim=1)  # (B, 1 + P, D)
-        view_sims = all_views @ vectors.T  # (B, 1 + P, C)
-        weight_logits = math.exp(cfg.image_scale) * torch.einsum("bvd,bd->bv", all_views, views.global_emb)
-        if cfg.expand_weight != 1.0:
-            # multiplying a softmax weight by m is adding log m to its logit; m = 0 removes the view
-            boosted = np.concatenate([np.ones((batch, 1), dtype=bool), levels > 0], axis=1)
-            log_boost = math.log(cfg.expand_weight) if cfg.expand_weight > 0 else float("-inf")
-            boost = torch.from_numpy(boosted).to(self.device)
-            weight_logits = torch.where(boost, weight_logits + log_boost, weight_logits)
-        weights = torch.softmax(weight_logits, dim=1)  # (B, 1 + P)
-        combined = (weights[..., None] * view_sims).sum(dim=1)  # (B, C)
+        grown = torch.from_numpy(levels > 0).to(self.device)
+        weights = region_weights(views.global_emb, regions, cfg.image_scale, grown, cfg.expand_weight)  # (B, P)
+        combined = view_score(views.global_emb, regions, weights, vectors, global_weight)  # (B, C)
+        shares = self._view_shares(weights, grown, global_weight if pool else 1.0)
         if not with_boxes:
-            return [self._result(key, row, []) for key, row in zip(views.keys, combined)]
-        region_probs = torch.softmax(self.logit_scale * view_sims[:, 1:], dim=-1).float().cpu().numpy()  # (B, P, C)
+            return [self._result(key, row, [], share) for key, row, share in zip(views.keys, combined, shares)]
+        region_probs = torch.softmax(self.logit_scale * (regions @ vectors.T), dim=-1).float().cpu().numpy()  # (B, P, C)
         saliency = views.saliency.float().cpu().numpy()
         return [
             self._result(
                 views.keys[b],
                 combined[b],
                 self._salient_boxes(views.selected[b], views.boxes[b], levels[b], views.parents[b], saliency[b], region_probs[b]),
+                shares[b],
             )
             for b in range(batch)
         ]
+
+    @staticmethod
+    def _view_shares(weights: torch.Tensor, grown: torch.Tensor, global_weight: float) -> list[tuple[float, float, float]]:
+        """(lambda, (1 - lambda) * crop weight, (1 - lambda) * grown weight) per image, from the region weights."""
+        grown_weight = (weights * grown).sum(dim=1)
+        crop_weight = weights.sum(dim=1) - grown_weight
+        region_share = 1.0 - global_weight
+        groups = torch.stack([crop_weight * region_share, grown_weight * region_share], dim=1).float().cpu().numpy()
+        return [(float(global_weight), float(c), float(g)) for c, g in groups]
 
     def _salient_boxes(
         self,
@@ -443,7 +542,9 @@ class Scorer:
             )
         return out
 
-    def _result(self, key: str, similarity: torch.Tensor, boxes: list[SalientBox]) -> ImageScore:
+    def _result(
+        self, key: str, similarity: torch.Tensor, boxes: list[SalientBox], view_shares: tuple[float, float, float]
+    ) -> ImageScore:
         probabilities = torch.softmax(self.logit_scale * similarity.float(), dim=-1).cpu().numpy()
         ranked = np.argsort(-probabilities, kind="stable")
         order = ranked[: self.config.topk]
@@ -457,4 +558,5 @@ class Scorer:
             topk_scores=[float(probabilities[i]) for i in order],
             margin=float(probabilities[order[0]]) - second,
             boxes=boxes,
+            view_shares=view_shares,
         )

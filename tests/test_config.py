@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import (
+    LGCA_GLOBAL_WEIGHT,
     METHODS,
     ConfigError,
     DecodeConfig,
@@ -27,7 +28,7 @@ from pipeline.config import (
     "kwargs, message",
     [
         ({"method": "clipp"}, "method 'clipp' is unknown; choose one of clip, ensemble, descriptors, wca, lgca"),
-        ({"saliency": "max"}, "saliency 'max' is unknown; choose class or global"),
+        ({"saliency": "max"}, "saliency 'max' is unknown; choose one of class, global, margin, agreement"),
         ({"crop_layout": "spiral"}, "crop layout 'spiral' is unknown; choose random or grid"),
         ({"crops": -1}, "crops must be >= 0, got -1"),
         ({"steps": -2}, "steps must be >= 0, got -2"),
@@ -41,12 +42,18 @@ from pipeline.config import (
         ({"overlap_iou": 1.5}, "overlap IoU must lie in [0, 1], got 1.5"),
         ({"overlap_iou": -0.1}, "overlap IoU must lie in [0, 1], got -0.1"),
         ({"expand_weight": -1.0}, "expand weight must be >= 0, got -1.0"),
+        ({"global_weight": 1.5}, "global weight must lie in [0, 1], got 1.5"),
+        ({"global_weight": -0.1}, "global weight must lie in [0, 1], got -0.1"),
+        ({"global_weight": float("nan")}, "global weight must lie in [0, 1], got nan"),
+        ({"global_weight": "0.3"}, "global weight must be a number or None, got '0.3'"),
+        ({"growth_target": "0.8"}, "growth target must be a number or None, got '0.8'"),
+        ({"growth_target": 0.0}, "growth target must lie in (0, 1] (a fraction of the shorter side), got 0.0"),
+        ({"growth_target": 1.2}, "growth target must lie in (0, 1] (a fraction of the shorter side), got 1.2"),
         ({"image_scale": float("inf")}, "image and text scales must be finite"),
         ({"text_scale": float("nan")}, "image and text scales must be finite"),
         ({"topk": 0}, "topk must be >= 1, got 0"),
         ({"micro_batch": 0}, "micro batch must be >= 1, got 0"),
         ({"crop_layout": "grid", "crops": 10}, "the grid layout needs a square number of crops (e.g. 49, 64), got 10"),
-        ({"method": "wca", "crops": 0, "expand_weight": 0.0}, "expand weight 0 removes the global view; it needs --crops > 0"),
         (
             {"method": "lgca", "crops": 1, "regions": 2},
             "lgca grows 2 regions a step but has only 1 crops; use --crops >= --regions",
@@ -68,7 +75,12 @@ def test_scoring_config_errors_name_value_and_fix(kwargs, message):
         {"method": "lgca", "crops": 1, "regions": 2, "steps": 0},  # no expansion: regions are never grown
         {"method": "lgca", "crops": 0, "regions": 0},
         {"method": "wca", "crops": 1, "regions": 5},  # regions only matter to lgca
-        {"method": "clip", "crops": 0, "expand_weight": 0.0},  # no crops used, so no view is removed
+        {"method": "clip", "crops": 0, "expand_weight": 0.0},
+        {"method": "wca", "crops": 0, "expand_weight": 0.0},  # revision 2: m weighs grown boxes only, never the global view
+        {"method": "lgca", "expand_weight": 0.0, "global_weight": 0.0},  # the local crops alone
+        {"global_weight": 1.0, "growth_target": 1.0},  # the global view alone; lineages grow to the shorter side
+        {"saliency": "margin"},
+        {"saliency": "agreement"},
         {"crop_scale": (1.0, 1.0), "growth": 1.0, "overlap_iou": 0.0},
     ],
 )
@@ -84,6 +96,20 @@ def test_crop_scale_list_becomes_float_tuple():
     assert config.crop_scale == (1.0, 1.0)
     assert all(isinstance(v, float) for v in config.crop_scale)
     assert config.to_dict()["crop_scale"] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "method, given, resolved",
+    [("clip", None, 1.0), ("descriptors", 0.3, 1.0), ("wca", None, 0.0), ("lgca", None, LGCA_GLOBAL_WEIGHT),
+     ("wca", 0.3, 0.3), ("lgca", 0.0, 0.0), ("lgca", 1.0, 1.0)],
+)
+def test_global_weight_resolves_to_the_method_default(method, given, resolved):
+    """None means the method's default: 0 for wca (WCA's code), LGCA_GLOBAL_WEIGHT for lgca; the global-only
+    methods are the global view alone, whatever is given."""
+    config = ScoringConfig(method=method, global_weight=given)
+    assert config.view_global_weight == resolved
+    assert config.global_weight_for(method) == resolved
+    assert 0.0 < LGCA_GLOBAL_WEIGHT < 1.0
 
 
 def test_scoring_to_dict_is_json_and_rebuilds_the_config():
@@ -377,7 +403,7 @@ FULL_JOB = JobConfig(
                       cache_dir="/cache", random_seed=3, compile=True),
     scoring=ScoringConfig(method="wca", crops=16, crop_scale=(0.3, 0.7), crop_layout="grid", saliency="global", steps=2,
                           regions=3, growth=1.6, overlap_iou=0.4, image_scale=3.0, text_scale=1.5, expand_weight=0.5,
-                          seed=11, topk=3, micro_batch=64),
+                          seed=11, topk=3, micro_batch=64, global_weight=0.4, growth_target=0.8),
     decode=DecodeConfig(max_pixels=1000, min_short_side=128, timeout_s=5.0, device="gpu"),
     execution=ExecutionConfig(address="auto", batch_size=8, concurrency=2, num_gpus=0.5, num_cpus_per_actor=2.0,
                               decode_batch_size=4, rows_per_file=100),

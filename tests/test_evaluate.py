@@ -195,14 +195,15 @@ def test_class_check_names_both_kinds_of_mismatch():
 CLASSES = ("red", "green", "blue", "yellow", "orange", "grey")
 DESCRIPTIONS = {"orange": ("red and yellow",)}
 TEMPLATES = ("a {} object",)
-# Uniform view weights (exp(-50) * similarity is 0 to float precision) make every method a vote of its views
-# that can be counted by hand: S(c) = sum_b m_b s(b, c) / sum_b m_b, with m_b = expand_weight (2) for the
-# global and grown views and 1 for a crop. Grid crops of scale 1 on a 3:1 panorama are its thirds L, M, R
-# (three of each); on a square image every crop is the whole image. With global saliency the three M crops
-# (identical to the global view, saliency 1) are grown, one per step, into the box [0.27, 0.73] x [0, 1].
+# Uniform region weights (exp(-50) * similarity is 0 to float precision) make the region embedding a plain
+# sum that can be counted by hand: S(c) = 0.1 <k0, T_c> + 0.9 <normalise(sum_b f(b)), T_c> (global_weight 0.1
+# for wca and lgca alike). Grid crops of scale 1 on a 3:1 panorama are its thirds L, M, R (three of each); on a
+# square image every crop is the whole image. With global saliency an M crop (identical to the global view,
+# saliency 1) is selected and grown three times in one lineage (the other M crops are the same place, so they
+# are passed over); an M crop's side is already the shorter side, the cap, so its grown boxes are M again.
 ANALYTIC = ScoringConfig(
     method="lgca", crops=9, crop_layout="grid", crop_scale=(1.0, 1.0), image_scale=-50.0,
-    expand_weight=2.0, saliency="global", regions=1, steps=3,
+    global_weight=0.1, saliency="global", regions=1, steps=3,
 )
 
 
@@ -265,13 +266,14 @@ def test_metrics_are_exact_on_analytic_scenes(analytic_root):
     acc1, acc5 and mean per-class recall follow by hand.
 
     - */scene.png (4 images): one large object; every view shows mostly its colour. All methods right.
-    - red/panorama.png: thirds green | red | green. The global view sees red. wca: red 2+3 = 5 against green
-      6 of 11 weight: green, wrong. lgca adds three grown views (5/7 red, 2/7 green, s = 0.93 / 0.37) of weight
-      2: red 5 + 6 * 0.93 = 10.6 against green 6 + 6 * 0.37 = 8.2: red, right.
+    - red/panorama.png: thirds green | red | green. The global view sees red. wca: r ~ 6 green + 3 red,
+      R = 0.89 green, 0.45 red; S = green 0.9 * 0.89 = 0.80 against red 0.1 + 0.9 * 0.45 = 0.50: green,
+      wrong. lgca adds three M boxes: r ~ 6 green + 6 red, a tie in R (0.71 each) that the global view
+      breaks: red 0.74 against green 0.64: right.
     - blue/panorama.png: blue | red (64 px, centred) | blue. The global view and the M crops are 80% red,
-      20% blue (s = 0.97 / 0.24): clip, ensemble, descriptors say red, wrong (blue second). wca: blue
-      5 * 0.24 + 6 = 7.2 against red 5 * 0.97 = 4.9: right. lgca: grown views 57% red (s = 0.8 / 0.6):
-      blue 7.2 + 3.6 = 10.8 against red 4.9 + 4.8 = 9.7: right.
+      20% blue (f(M) = 0.97 red + 0.24 blue): clip, ensemble, descriptors say red, wrong (blue second). wca:
+      r ~ 6 blue + 3 f(M), R = 0.92 blue, 0.40 red; S = blue 0.85 against red 0.46: right. lgca: r ~ 6 blue +
+      6 f(M), R = 0.79 blue, 0.61 red; S = blue 0.02 + 0.71 = 0.73 against red 0.10 + 0.56 = 0.66: right.
     - orange/stripes.png: 44% red, 38% yellow, 19% grey. clip and ensemble: red (orange is background to
       them, third), wrong. descriptors, wca, lgca: orange, (red + yellow) / sqrt(2) beats red alone: right.
     - yellow/hidden.png: red, green, blue and grey stripes, no yellow: every method says red, and yellow

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.regions import box_iou, grow_boxes, image_seed, sample_crops, select_salient
+from pipeline.regions import box_iou, grow_boxes, growth_to_target, image_seed, sample_crops, select_salient
 
 SIZES = [(640, 480), (300, 900), (50, 50), (1000, 3)]
 
@@ -104,6 +104,24 @@ def test_random_crops_spread_over_the_image():
     assert 0.4 < centres.mean() < 0.6
 
 
+@pytest.mark.parametrize("width, height", SIZES)
+def test_random_crops_are_nested_in_n(width, height):
+    """Crop i is the same box for every N > i, so a sweep over N compares nested crop sets."""
+    largest = sample_crops("nested.jpg", width, height, 60, (0.5, 0.9), seed=4)
+    for count in (1, 2, 7, 30, 59):
+        np.testing.assert_array_equal(sample_crops("nested.jpg", width, height, count, (0.5, 0.9), seed=4), largest[:count])
+
+
+def test_random_crops_draw_each_crop_from_its_own_row():
+    """Pin of the sampling order: row i of uniform(size=(N, 3)) is (side fraction, fx, fy) of crop i."""
+    draws = np.random.default_rng(image_seed(2, "row")).uniform(size=(5, 3))
+    boxes = sample_crops("row", 400, 200, 5, (0.4, 0.8), seed=2)
+    side = (0.4 + 0.4 * draws[:, 0]) * 200
+    np.testing.assert_allclose((boxes[:, 2] - boxes[:, 0]) * 400, side)
+    np.testing.assert_allclose(boxes[:, 0], draws[:, 1] * (1 - side / 400))
+    np.testing.assert_allclose(boxes[:, 1], draws[:, 2] * (1 - side / 200))
+
+
 def test_zero_crops():
     assert sample_crops("k", 10, 10, 0, (0.5, 0.9), 0).shape == (0, 4)
     assert sample_crops("k", 10, 10, 0, (0.5, 0.9), 0, layout="grid").shape == (0, 4)
@@ -189,33 +207,57 @@ def _boxes(draw, max_count=6):
 EPS = 1e-9
 
 
+@st.composite
+def _squares(draw, max_count=6):
+    """Boxes square in pixels with side at most min(W, H), as crops and grown boxes are; with the image size."""
+    width, height = draw(st.integers(8, 2000)), draw(st.integers(8, 2000))
+    count = draw(st.integers(1, max_count))
+    unit = st.floats(0.0, 1.0, allow_nan=False)
+    rows = []
+    for _ in range(count):
+        side = draw(st.floats(0.02, 1.0)) * min(width, height)
+        x0 = draw(unit) * (width - side) / width
+        y0 = draw(unit) * (height - side) / height
+        rows.append([x0, y0, x0 + side / width, y0 + side / height])
+    return np.array(rows, dtype=np.float64), width, height
+
+
+def _pixel_sides(boxes, width, height):
+    return (boxes[:, 2] - boxes[:, 0]) * width, (boxes[:, 3] - boxes[:, 1]) * height
+
+
 @settings(max_examples=300, deadline=None)
-@given(boxes=_boxes(), growth=st.floats(1.0, 4.0))
-def test_grown_boxes_contain_parent_and_stay_inside(boxes, growth):
-    grown = grow_boxes(boxes, growth)
+@given(boxes=_boxes(), growth=st.floats(1.0, 4.0), width=st.integers(1, 3000), height=st.integers(1, 3000))
+def test_grown_boxes_contain_parent_and_stay_inside(boxes, growth, width, height):
+    """Any parent, square or not: the grown box lies inside the image and contains it."""
+    grown = grow_boxes(boxes, growth, width, height)
     assert grown.shape == boxes.shape
-    assert grown.min() >= 0.0 and grown.max() <= 1.0
+    assert grown.min() >= 0.0 and grown.max() <= 1.0 + EPS
     assert np.all(grown[:, :2] <= boxes[:, :2] + EPS)
     assert np.all(grown[:, 2:] >= boxes[:, 2:] - EPS)
 
 
 @settings(max_examples=300, deadline=None)
-@given(boxes=_boxes(), growth=st.floats(1.0, 4.0))
-def test_grown_size_is_gamma_times_parent_clipped_to_the_image(boxes, growth):
-    grown = grow_boxes(boxes, growth)
-    for axis in (0, 1):
-        parent = boxes[:, axis + 2] - boxes[:, axis]
-        np.testing.assert_allclose(grown[:, axis + 2] - grown[:, axis], np.minimum(parent * growth, 1.0), atol=1e-12)
+@given(squares=_squares(), growth=st.floats(1.0, 4.0))
+def test_grown_box_is_a_square_gamma_times_its_parent_capped_at_the_shorter_side(squares, growth):
+    boxes, width, height = squares
+    grown = grow_boxes(boxes, growth, width, height)
+    side_w, side_h = _pixel_sides(grown, width, height)
+    np.testing.assert_allclose(side_w, side_h, rtol=1e-9)  # square in pixels
+    parent = _pixel_sides(boxes, width, height)[0]
+    np.testing.assert_allclose(side_w, np.minimum(parent * growth, min(width, height)), rtol=1e-9)
+    assert np.all(side_w <= min(width, height) * (1 + 1e-9))  # never the whole image squashed
 
 
 @settings(max_examples=300, deadline=None)
-@given(boxes=_boxes(), growth=st.floats(1.0, 4.0))
-def test_grown_box_keeps_its_centre_when_there_is_room(boxes, growth):
+@given(squares=_squares(), growth=st.floats(1.0, 4.0))
+def test_grown_box_keeps_its_centre_when_there_is_room(squares, growth):
     """Growth is about the centre; only a box that would cross an edge is moved, and then it touches that edge."""
-    grown = grow_boxes(boxes, growth)
+    boxes, width, height = squares
+    grown = grow_boxes(boxes, growth, width, height)
     for axis in (0, 1):
         centre = (boxes[:, axis] + boxes[:, axis + 2]) / 2
-        half = np.minimum((boxes[:, axis + 2] - boxes[:, axis]) * growth, 1.0) / 2
+        half = (grown[:, axis + 2] - grown[:, axis]) / 2
         room = (centre - half >= 0) & (centre + half <= 1)
         new_centre = (grown[:, axis] + grown[:, axis + 2]) / 2
         np.testing.assert_allclose(new_centre[room], centre[room], atol=1e-12)
@@ -230,19 +272,62 @@ def test_grow_known_values():
             [0.4, 0.4, 0.6, 0.6],  # room: grows about its centre
             [0.0, 0.4, 0.2, 0.6],  # at the left edge: shifted right, not clipped
             [0.85, 0.85, 1.0, 1.0],  # in the bottom-right corner
-            [0.1, 0.1, 0.9, 0.9],  # larger than the image once grown: clipped to it
+            [0.1, 0.1, 0.9, 0.9],  # larger than the image once grown: capped at it
         ]
     )
     np.testing.assert_allclose(
-        grow_boxes(boxes, 2.0),
+        grow_boxes(boxes, 2.0, 100, 100),
         [[0.3, 0.3, 0.7, 0.7], [0.0, 0.3, 0.4, 0.7], [0.7, 0.7, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]],
         atol=1e-12,
     )
-    np.testing.assert_allclose(grow_boxes(boxes, 1.0), boxes, atol=1e-12)  # gamma 1 changes nothing
+    np.testing.assert_allclose(grow_boxes(boxes, 1.0, 100, 100), boxes, atol=1e-12)  # gamma 1 changes nothing
+
+
+def test_grow_on_a_wide_image_stays_square_and_stops_at_the_height():
+    """200 x 100: a 40 px square grows to 80 px, then to 100 px (the height), never to the full width."""
+    box = np.array([[0.4, 0.3, 0.6, 0.7]])
+    np.testing.assert_allclose(grow_boxes(box, 2.0, 200, 100), [[0.3, 0.1, 0.7, 0.9]], atol=1e-12)
+    np.testing.assert_allclose(grow_boxes(box, 4.0, 200, 100), [[0.25, 0.0, 0.75, 1.0]], atol=1e-12)
+    capped = grow_boxes(grow_boxes(box, 4.0, 200, 100), 1.4, 200, 100)
+    np.testing.assert_allclose(capped, [[0.25, 0.0, 0.75, 1.0]], atol=1e-12)  # at the cap it stays put
+
+
+def test_grow_takes_sizes_and_growth_per_box():
+    boxes = np.array([[0.4, 0.3, 0.6, 0.7], [0.4, 0.4, 0.6, 0.6]])
+    grown = grow_boxes(boxes, np.array([2.0, 1.0]), np.array([200, 100]), np.array([100, 100]))
+    np.testing.assert_allclose(grown, [[0.3, 0.1, 0.7, 0.9], [0.4, 0.4, 0.6, 0.6]], atol=1e-12)
 
 
 def test_grow_empty():
-    assert grow_boxes(np.zeros((0, 4)), 1.4).shape == (0, 4)
+    assert grow_boxes(np.zeros((0, 4)), 1.4, 10, 10).shape == (0, 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(squares=_squares(), target=st.floats(0.05, 1.0), steps=st.integers(1, 5))
+def test_growth_target_is_reached_at_the_last_step(squares, target, steps):
+    """Growing with growth_to_target(steps left) every step ends at target * min(W, H), or at the parent's side
+    if that is already larger; the factor is the same every step."""
+    boxes, width, height = squares
+    short = min(width, height)
+    start = _pixel_sides(boxes, width, height)[0]
+    factors = []
+    for left in range(steps, 0, -1):
+        factor = growth_to_target(boxes, width, height, target, left)
+        assert np.all(factor >= 1.0)
+        factors.append(factor)
+        boxes = grow_boxes(boxes, factor, width, height)
+    np.testing.assert_allclose(_pixel_sides(boxes, width, height)[0], np.maximum(start, target * short), rtol=1e-9)
+    expected = np.maximum((target * short / start) ** (1 / steps), 1.0)
+    for factor in factors:
+        np.testing.assert_allclose(factor, expected, rtol=1e-9)  # geometric: (target / s0) ** (1 / T) per step
+
+
+def test_growth_target_for_a_lineage_started_late():
+    """A region first grown with 2 steps left reaches the target too, at a larger factor per step."""
+    box = np.array([[0.4, 0.4, 0.5, 0.5]])  # 10 px of 100
+    np.testing.assert_allclose(growth_to_target(box, 100, 100, 0.9, 3), [9 ** (1 / 3)])
+    np.testing.assert_allclose(growth_to_target(box, 100, 100, 0.9, 2), [3.0])
+    np.testing.assert_allclose(growth_to_target(box, 100, 100, 0.05, 2), [1.0])  # already larger: no shrinking
 
 
 # ---------------------------------------------------------------- select_salient
@@ -288,6 +373,39 @@ def test_select_never_picks_ineligible():
     assert select_salient(saliency, _disjoint(5), eligible, count=5, max_iou=0.5) == [2, 4, 0]
 
 
+def test_select_skips_places_selected_at_earlier_steps():
+    """Crop 2 is where crop 0 was selected at the previous step: it is passed over for the next place."""
+    boxes = _disjoint(4)
+    boxes[2] = boxes[0]
+    saliency = np.array([0.0, 0.1, 0.9, 0.5])
+    eligible = np.array([False, True, True, True])  # 0 was expanded
+    parents = np.full(4, -1)
+    assert select_salient(saliency, boxes, eligible, 1, 0.5, earlier=[0], parents=parents) == [3]
+    assert select_salient(saliency, boxes, eligible, 1, 0.5) == [2]  # revision 1: only within the step
+
+
+def test_select_lets_a_lineage_keep_growing():
+    """A grown box overlaps its ancestors (IoU 1 / gamma^2) but not other selections: it may be selected."""
+    parent = np.array([[0.3, 0.3, 0.5, 0.5]])
+    child = grow_boxes(parent, 1.2, 100, 100)  # IoU 0.69 with its parent
+    grandchild = grow_boxes(child, 1.2, 100, 100)
+    other = np.array([[0.0, 0.0, 0.2, 0.2]])
+    boxes = np.concatenate([parent, other, child, grandchild])
+    parents = np.array([-1, -1, 0, 2])
+    saliency = np.array([0.0, 0.5, 0.0, 0.9])
+    eligible = np.array([False, True, False, True])
+    assert select_salient(saliency, boxes, eligible, 1, 0.5, earlier=[0, 2], parents=parents) == [3]
+    # the same box with no lineage overlaps earlier selections 0 and 2 and gives way to the other place
+    assert select_salient(saliency, boxes, eligible, 1, 0.5, earlier=[0, 2], parents=np.full(4, -1)) == [1]
+
+
+def test_select_fills_from_places_taken_earlier_when_nothing_else_is_left():
+    boxes = np.tile([[0.1, 0.1, 0.6, 0.6]], (3, 1))
+    saliency = np.array([0.9, 0.2, 0.4])
+    eligible = np.array([False, True, True])
+    assert select_salient(saliency, boxes, eligible, 2, 0.5, earlier=[0], parents=np.full(3, -1)) == [2, 1]
+
+
 def test_select_zero_count():
     assert select_salient(np.array([0.5, 0.2]), _disjoint(2), np.ones(2, bool), count=0, max_iou=0.5) == []
 
@@ -308,15 +426,28 @@ def test_select_properties(data, count, max_iou):
     size = len(boxes)
     saliency = np.array(data.draw(st.lists(st.floats(-1, 1), min_size=size, max_size=size)))
     eligible = np.array(data.draw(st.lists(st.booleans(), min_size=size, max_size=size)))
-    chosen = select_salient(saliency, boxes, eligible, count, max_iou)
+    earlier = sorted(data.draw(st.sets(st.integers(0, size - 1), max_size=3)))
+    # each region's parent, if any, has a lower index: a forest as the pool builds it
+    parents = np.array([data.draw(st.integers(-1, i - 1)) for i in range(size)])
+    chosen = select_salient(saliency, boxes, eligible, count, max_iou, earlier, parents)
     assert len(chosen) == min(count, int(eligible.sum()))
     assert len(set(chosen)) == len(chosen)
     assert all(eligible[i] for i in chosen)
-    # a plain reference: greedy by saliency (ties by index) under the IoU filter, then fill by saliency
+
+    def ancestors(i):
+        found = set()
+        while parents[i] >= 0:
+            i = parents[i]
+            found.add(i)
+        return found
+
+    # a plain reference: greedy by saliency (ties by index) under the IoU filter against this step's picks and
+    # the earlier selections but the candidate's ancestors, then fill by saliency
     order = sorted((i for i in range(size) if eligible[i]), key=lambda i: (-saliency[i], i))
     picked: list[int] = []
     for i in order:
-        if len(picked) < count and all(box_iou(boxes[[i]], boxes[[j]])[0, 0] <= max_iou for j in picked):
+        others = picked + [j for j in earlier if j not in ancestors(i)]
+        if len(picked) < count and all(box_iou(boxes[[i]], boxes[[j]])[0, 0] <= max_iou for j in others):
             picked.append(i)
     fill = [i for i in order if i not in picked][: count - len(picked)]
     assert chosen == picked + fill

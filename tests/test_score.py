@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ScoringConfig
+from pipeline.config import LGCA_GLOBAL_WEIGHT, SALIENCY_RULES, ScoringConfig
 from pipeline.regions import box_iou, sample_crops
 from pipeline.score import Scorer, class_vectors
 
-from .analytic import COLOURS, VIEW, ColourEncoder, encode_colour_text, make_scene
+from .analytic import COLOURS, PALETTE, VIEW, ColourEncoder, encode_colour_text, make_scene
 from .tiny import CLASSES, random_images, scorer_for, tiny_model
 
 SMALL = dict(crops=8, steps=2, regions=2)
@@ -37,22 +37,53 @@ def _probabilities(model, config, images, **kwargs):
 # ---------------------------------------------------------------- identities (METHOD.md)
 
 
-def test_lgca_without_regions_equals_wca(model, images):
-    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=0, steps=3), images)
-    wca = _probabilities(model, ScoringConfig(method="wca", crops=8), images)
+@pytest.mark.parametrize("global_weight", [0.0, LGCA_GLOBAL_WEIGHT, 0.7])
+def test_lgca_without_regions_equals_wca(model, images, global_weight):
+    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=0, steps=3, global_weight=global_weight), images)
+    wca = _probabilities(model, ScoringConfig(method="wca", crops=8, global_weight=global_weight), images)
     np.testing.assert_array_equal(lgca, wca)
 
 
-def test_lgca_without_steps_equals_wca(model, images):
-    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=2, steps=0), images)
-    wca = _probabilities(model, ScoringConfig(method="wca", crops=8), images)
+@pytest.mark.parametrize("global_weight", [0.0, LGCA_GLOBAL_WEIGHT, 0.7])
+def test_lgca_without_steps_equals_wca(model, images, global_weight):
+    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=2, steps=0, global_weight=global_weight), images)
+    wca = _probabilities(model, ScoringConfig(method="wca", crops=8, global_weight=global_weight), images)
     np.testing.assert_array_equal(lgca, wca)
 
 
-def test_wca_without_crops_equals_descriptors(model, images):
-    wca = _probabilities(model, ScoringConfig(method="wca", crops=0), images)
+def test_lgca_and_wca_default_to_other_global_weights(model, images):
+    """lgca's lambda defaults to LGCA_GLOBAL_WEIGHT, wca's to 0 (crops only, as WCA's code): with no regions
+    grown they differ by lambda alone."""
+    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=0), images)
+    wca = _probabilities(model, ScoringConfig(method="wca", crops=8), images)
+    same_lambda = _probabilities(model, ScoringConfig(method="wca", crops=8, global_weight=LGCA_GLOBAL_WEIGHT), images)
+    np.testing.assert_array_equal(lgca, same_lambda)
+    assert not np.allclose(lgca, wca, atol=1e-6)
+
+
+@pytest.mark.parametrize("global_weight", [None, 0.5])
+def test_wca_without_crops_equals_descriptors(model, images, global_weight):
+    wca = _probabilities(model, ScoringConfig(method="wca", crops=0, global_weight=global_weight), images)
     descriptors = _probabilities(model, ScoringConfig(method="descriptors"), images)
     np.testing.assert_allclose(wca, descriptors, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["wca", "lgca"])
+def test_global_weight_one_gives_descriptors(model, images, method):
+    """lambda = 1: the regions carry no weight and the score is the global view's, as for descriptors."""
+    alone = _probabilities(model, ScoringConfig(method=method, global_weight=1.0, **SMALL), images)
+    descriptors = _probabilities(model, ScoringConfig(method="descriptors"), images)
+    np.testing.assert_allclose(alone, descriptors, rtol=0, atol=1e-6)
+
+
+def test_expand_weight_zero_equals_wca_with_the_same_crops(model, images):
+    """m = 0 gives the grown boxes zero weight: lgca scores as wca over the same crops, at the same lambda."""
+    keys = [f"z{i}" for i in range(len(images))]
+    lgca = scorer_for(model, ScoringConfig(method="lgca", expand_weight=0.0, global_weight=0.3, **SMALL)).score(images, keys)
+    wca = scorer_for(model, ScoringConfig(method="wca", global_weight=0.3, **SMALL)).score(images, keys)
+    for a, b in zip(lgca, wca):
+        np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=0, atol=1e-6)
+        assert a.view_shares[2] == 0.0 and len([box for box in a.boxes if box.level > 0]) == 4  # grown, unweighted
 
 
 def test_descriptors_with_one_description_equal_clip_with_that_prompt(model, images):
@@ -72,6 +103,41 @@ def test_methods_differ_from_each_other(model, images):
         for second in results:
             if first < second:
                 assert not np.allclose(results[first], results[second], atol=1e-6), (first, second)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ScoringConfig(method="wca", crops=8), ScoringConfig(method="wca", crops=8, global_weight=0.4),
+     ScoringConfig(method="lgca", **SMALL), ScoringConfig(method="lgca", global_weight=0.0, **SMALL),
+     ScoringConfig(method="lgca", global_weight=0.9, expand_weight=5.0, **SMALL)],
+    ids=lambda c: f"{c.method}-lambda{c.global_weight}-m{c.expand_weight}",
+)
+def test_global_share_equals_lambda(model, images, config):
+    """view_shares = (lambda, (1 - lambda) * crop weight, (1 - lambda) * grown weight): the global view carries
+    exactly lambda, whatever the region weights; the shares sum to 1."""
+    for result in scorer_for(model, config).score(images, [f"w{i}" for i in range(len(images))]):
+        global_share, crop_share, grown_share = result.view_shares
+        assert global_share == pytest.approx(config.view_global_weight)
+        assert global_share + crop_share + grown_share == pytest.approx(1.0, abs=1e-5)
+        assert crop_share >= 0 and grown_share >= 0
+        assert (grown_share > 0) == (config.method == "lgca" and config.view_global_weight < 1)
+
+
+def test_view_shares_of_global_only_scores(model, images):
+    for config in (ScoringConfig(method="clip"), ScoringConfig(method="descriptors"), ScoringConfig(method="wca", crops=0)):
+        for result in scorer_for(model, config).score(images[:2], ["a", "b"]):
+            assert result.view_shares == (1.0, 0.0, 0.0)
+
+
+def test_expand_weight_moves_weight_between_crops_and_grown_boxes(model, images):
+    keys = [f"m{i}" for i in range(len(images))]
+    shares = {
+        m: [r.view_shares for r in scorer_for(model, ScoringConfig(method="lgca", expand_weight=m, **SMALL)).score(images, keys)]
+        for m in (0.5, 1.0, 20.0)
+    }
+    for low, plain, high in zip(shares[0.5], shares[1.0], shares[20.0]):
+        assert low[0] == plain[0] == high[0] == LGCA_GLOBAL_WEIGHT  # m never touches the global view
+        assert low[2] < plain[2] < high[2]
 
 
 def test_description_weights_follow_text_scale():
@@ -138,6 +204,15 @@ def test_crops_do_not_depend_on_the_decode_scale(model):
                 assert np.isclose(sampled, [box.x0, box.y0, box.x1, box.y1]).all(axis=1).any()
 
 
+def test_crops_are_nested_across_n(model, images):
+    """A sweep over N compares nested crop sets: the first 4 of 8 crops are the 4 crops of N = 4."""
+    keys = [f"n{i}" for i in range(len(images))]
+    four = scorer_for(model, ScoringConfig(method="wca", crops=4)).embed(images, keys)
+    eight = scorer_for(model, ScoringConfig(method="wca", crops=8)).embed(images, keys)
+    np.testing.assert_array_equal(eight.boxes[:, :4], four.boxes)
+    torch.testing.assert_close(eight.region_emb[:, :4], four.region_emb)
+
+
 # ---------------------------------------------------------------- boxes
 
 
@@ -159,6 +234,84 @@ def test_salient_boxes_are_consistent(model, images, crops, regions, steps):
                 assert box.x1 >= parent.x1 - 1e-9 and box.y1 >= parent.y1 - 1e-9
             assert box.label in CLASSES and 0.0 < box.score <= 1.0
         assert sum(b.level == 0 for b in result.boxes) <= regions * steps
+
+
+def _pixel_box(box, width, height):
+    return (box.x1 - box.x0) * width, (box.y1 - box.y0) * height
+
+
+@pytest.mark.parametrize("growth", [1.4, 3.0])
+def test_grown_boxes_are_square_and_never_exceed_the_shorter_side(model, images, growth):
+    config = ScoringConfig(method="lgca", crops=8, regions=2, steps=3, growth=growth)
+    for image, result in zip(images, scorer_for(model, config).score(images, [f"q{i}" for i in range(len(images))])):
+        height, width = image.shape[-2:]
+        short = min(width, height)
+        for box in result.boxes:
+            side_w, side_h = _pixel_box(box, width, height)
+            assert side_w == pytest.approx(side_h, rel=1e-6)
+            assert side_w <= short * (1 + 1e-9)
+            if box.level > 0:
+                parent = _pixel_box(result.boxes[box.parent], width, height)[0]
+                assert side_w == pytest.approx(min(parent * growth, short), rel=1e-6)
+
+
+def _selections(boxes):
+    """Output indices of the regions selected for expansion (the level-0 boxes and every grown box that was
+    grown again), each with its lineage's root."""
+    def root(index):
+        while boxes[index].parent >= 0:
+            index = boxes[index].parent
+        return index
+
+    selected = [i for i, b in enumerate(boxes) if b.level == 0] + sorted({b.parent for b in boxes if b.level > 1})
+    return [(i, root(i)) for i in selected]
+
+
+def _as_array(box):
+    return np.array([[box.x0, box.y0, box.x1, box.y1]])
+
+
+def test_lineages_stay_distinct_places_across_steps():
+    """A region selected at any step overlaps no region selected before (or beside it) at IoU > overlap_iou,
+    except its own ancestors. On one-object scenes the most salient crops crowd the object: revision 1
+    (overlap checked within a step only) re-expanded its place at later steps and fails this."""
+    scenes = [make_scene(np.random.default_rng(i)) for i in range(12)]
+    config = ScoringConfig(method="lgca", crops=40, crop_scale=(0.25, 0.45), regions=2, steps=3)
+    results = _colour_scorer(config, ColourEncoder()).score([s.pixels for s in scenes], [f"d{i}" for i in range(12)])
+    for result in results:
+        assert sum(b.level > 0 for b in result.boxes) == 6  # still K per step
+        selections = _selections(result.boxes)
+        assert len(selections) == 6  # a lineage's last box is never selected
+        for a, root_a in selections:
+            for b, root_b in selections:
+                if a < b and root_a != root_b:
+                    iou = box_iou(_as_array(result.boxes[a]), _as_array(result.boxes[b]))[0, 0]
+                    assert iou <= config.overlap_iou, (result.key, a, b, iou)
+
+
+@pytest.mark.parametrize("target", [0.6, 1.0])
+def test_growth_target_is_reached_at_step_t(model, images, target):
+    """With growth_target F every box grown at the last step has side F * min(W, H) (its parents are smaller),
+    and a lineage started at step 1 grows by one factor, (F / s0) ** (1 / T), per step."""
+    config = ScoringConfig(method="lgca", crops=8, crop_scale=(0.3, 0.5), regions=2, steps=3, growth_target=target)
+    full_lineages = 0
+    for image, result in zip(images, scorer_for(model, config).score(images, [f"t{i}" for i in range(len(images))])):
+        height, width = image.shape[-2:]
+        short = min(width, height)
+        last_step = result.boxes[-config.regions :]
+        assert all(box.level > 0 for box in last_step)
+        for box in last_step:
+            assert _pixel_box(box, width, height)[0] == pytest.approx(target * short, rel=1e-6)
+        for box in result.boxes:
+            if box.level == config.steps:  # started at step 1
+                chain = [box]
+                while chain[-1].parent >= 0:
+                    chain.append(result.boxes[chain[-1].parent])
+                sides = [_pixel_box(b, width, height)[0] for b in reversed(chain)]
+                factor = (target * short / sides[0]) ** (1 / config.steps)
+                np.testing.assert_allclose(np.array(sides[1:]) / np.array(sides[:-1]), factor, rtol=1e-6)
+                full_lineages += 1
+    assert full_lineages > 0
 
 
 def test_result_fields(model, images):
@@ -274,16 +427,42 @@ def test_global_saliency_rule_uses_the_global_view():
     assert len(result.boxes) == 2 and result.boxes[1].parent == 0
 
 
-def test_expand_weight_zero_drops_global_and_grown_views():
-    """expand_weight scales the global and grown views; 0 leaves only the local crops' weighted vote."""
-    rng = np.random.default_rng(4)
-    scene = make_scene(rng)
-    base = ScoringConfig(method="lgca", crops=12, crop_scale=(0.2, 0.4), regions=1, steps=1)
-    heavy = _colour_scorer(dataclasses.replace(base, expand_weight=50.0), ColourEncoder()).score([scene.pixels], ["e"])[0]
-    none = _colour_scorer(dataclasses.replace(base, expand_weight=0.0), ColourEncoder()).score([scene.pixels], ["e"])[0]
-    plain = _colour_scorer(base, ColourEncoder()).score([scene.pixels], ["e"])[0]
-    assert not np.allclose(heavy.probabilities, plain.probabilities)
-    assert not np.allclose(none.probabilities, plain.probabilities)
+def _two_objects(seed: int = 0) -> torch.Tensor:
+    """160 x 120: a large red square with 15% grey speckle (class similarity 0.98) and a smaller pure blue one
+    (similarity 1). Red leads the image's score; a crop inside the blue one is the most class-salient."""
+    rng = np.random.default_rng(seed)
+    image = np.repeat(rng.normal(128, 18, size=(120, 160, 1)).clip(70, 190), 3, axis=2)
+    red = np.tile(np.array(PALETTE["red"], dtype=float), (85, 85, 1))
+    red[rng.random((85, 85)) < 0.15] = 128
+    image[5:90, 5:90] = red
+    image[65:120, 100:160] = PALETTE["blue"]
+    return torch.from_numpy(image.astype(np.uint8)).permute(2, 0, 1).contiguous()
+
+
+@pytest.mark.parametrize("rule", SALIENCY_RULES)
+def test_every_saliency_rule_runs(rule):
+    config = ScoringConfig(method="lgca", crops=60, crop_scale=(0.2, 0.3), regions=2, steps=2, saliency=rule)
+    encoder = ColourEncoder()
+    result = _colour_scorer(config, encoder).score([_two_objects()], ["two"])[0]
+    assert encoder.rows == 1 + 60 + 4
+    assert len([b for b in result.boxes if b.level > 0]) == 4 and result.label == "red"
+    if rule == "margin":
+        assert all(0.0 <= b.saliency <= 1.0 for b in result.boxes)
+
+
+def _selected_crops(rule: str) -> list[tuple[float, float, float, float, str]]:
+    config = ScoringConfig(method="lgca", crops=60, crop_scale=(0.2, 0.3), regions=2, steps=2, saliency=rule)
+    result = _colour_scorer(config, ColourEncoder()).score([_two_objects()], ["two"])[0]
+    return [(b.x0, b.y0, b.x1, b.y1, b.label) for b in result.boxes if b.level == 0]
+
+
+def test_agreement_and_margin_select_other_regions_than_class():
+    """class takes the purest crops, inside the blue square; agreement the ones of the image's leading class,
+    red; margin the crops whose own class is the most certain, which are others again."""
+    by_class, by_agreement, by_margin = (_selected_crops(rule) for rule in ("class", "agreement", "margin"))
+    assert {box[-1] for box in by_class} == {"blue"}
+    assert {box[-1] for box in by_agreement} == {"red"}
+    assert by_margin != by_class and by_margin != by_agreement
 
 
 @pytest.mark.gpu
