@@ -1,4 +1,4 @@
-# Two entry points: `make example` (set up, then label examples/images on a local embedded Ray)
+# Two entry points: `make example` (set up, then label the demo scenes on a local embedded Ray)
 # and `make test` (set up with test extras, then run the test suite). Both create .venv on first use.
 # constraints.txt pins the versions the suite last passed with: installs are reproducible, and pip skips
 # the long backtracking through boto3/botocore releases that s3fs's pins otherwise cause.
@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The demo scenes hold one Fashion-MNIST test object each, named by its true class; the committed model knows
+# those ten kinds of clothing (examples/fashion/README.md).
 example: setup
-	$(BIN)/lgca run examples/images --labels examples/labels.txt --output out/example --overwrite \
-		--model ViT-B-32 --pretrained random --crops 12 --steps 2 --regions 2
-	$(BIN)/python -c "import pandas as pd; print(pd.read_parquet('out/example')[['key', 'status', 'label', 'score']].to_string(index=False))"
+	$(BIN)/lgca run examples/fashion/scenes --labels examples/fashion/descriptors.json \
+		--templates examples/fashion/templates.txt --model examples/fashion/fashion-clip.json \
+		--pretrained examples/fashion/fashion-clip.safetensors --output out/example --overwrite
+	$(BIN)/python jobs/show_example.py out/example
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -14,10 +14,10 @@ CROP_LAYOUTS = ("random", "grid")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DECODE_DEVICES = ("auto", "cpu", "gpu")
 DEFAULT_PROMPT = "a photo of a {}."
-# lambda of lgca when `global_weight` is not given: the share of the score carried by the global view.
-# A placeholder until measured; docs/EVALUATION.md holds the sweep that chose it. wca's default is 0
-# (WCA's official code aggregates the crops only).
-LGCA_GLOBAL_WEIGHT = 0.25
+# lambda of lgca when `global_weight` is not given: the share of the score carried by the global view, chosen
+# on the learned model's scenes (docs/EVALUATION.md, "Choosing the defaults"). wca's default is 0 (WCA's
+# official code aggregates the crops only).
+LGCA_GLOBAL_WEIGHT = 0.3
 
 
 class ConfigError(ValueError):
@@ -37,7 +37,7 @@ class ScoringConfig:
     crops: int = 60  # N: local crops per image (wca, lgca)
     crop_scale: tuple[float, float] = (0.5, 0.9)  # (alpha, beta): crop side as a fraction of min(W, H)
     crop_layout: str = "random"  # random: seeded uniform crops; grid: sqrt(N) x sqrt(N) tiles at one scale
-    saliency: str = "class"  # class: max_c s(b, c) | global: <f(b), f(x)> | margin | agreement (docs/METHOD.md)
+    saliency: str = "margin"  # margin: top-1 minus top-2 of the region's class probabilities | class | global | agreement
     steps: int = 3  # T: expansion steps (lgca)
     regions: int = 2  # K: regions selected and grown per step (lgca)
     growth: float = 1.4  # gamma: growth of a selected region's side, capped at min(W, H)

@@ -438,7 +438,10 @@ def _sweep_value(name: str, text: str, default: Any) -> Any:
         else:
             value = text
     except ValueError:
-        example = "ALPHA:BETA such as 0.4:0.8" if isinstance(default, tuple) else type(default).__name__
+        if isinstance(default, tuple):
+            example = "ALPHA:BETA such as 0.4:0.8"
+        else:
+            example = "a number or none" if default is None else type(default).__name__
         raise EvaluationError(f"--sweep {name}: value {text!r} is not {example}") from None
     if name in _CHOICES and value not in _CHOICES[name]:
         raise EvaluationError(f"--sweep {name}: value {text!r} is unknown; choose from {', '.join(_CHOICES[name])}")
@@ -740,11 +743,14 @@ def embedding_key(config: ScoringConfig) -> ScoringConfig:
     """The parts of `config` that decide which views are encoded: two settings with one key share views.
 
     The combining weights (global_weight, expand_weight, image_scale) and the output size do not change
-    the views, except under `agreement` saliency, which selects regions by the combined score.
+    the views, except that `agreement` saliency selects regions by the crops-and-global score, which
+    global_weight and image_scale decide (expand_weight still does not: it weighs grown boxes only).
     """
-    neutral = {"topk": 1, "micro_batch": 1}
-    if config.saliency != "agreement":
-        neutral.update(global_weight=None, expand_weight=1.0, image_scale=ScoringConfig.image_scale)
+    neutral: dict[str, Any] = {"topk": 1, "micro_batch": 1, "expand_weight": 1.0}
+    if config.saliency == "agreement":
+        neutral["global_weight"] = config.view_global_weight  # None and the default's value are one lambda
+    else:
+        neutral.update(global_weight=None, image_scale=ScoringConfig.image_scale)
     return dataclasses.replace(config, **neutral)
 
 

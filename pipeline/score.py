@@ -451,9 +451,13 @@ class Scorer:
         for step in range(steps):
             saliency_np = saliency.float().cpu().numpy()
             picks = np.empty((batch, cfg.regions), dtype=np.int64)
+            growable = self._growable(boxes, sizes)
             for b in range(batch):
+                eligible = ~expanded[b] & growable[b]
+                if eligible.sum() < cfg.regions:  # too few can still grow: repeat capped ones rather than fail
+                    eligible = ~expanded[b]
                 picks[b] = select_salient(
-                    saliency_np[b], boxes[b], ~expanded[b], cfg.regions, cfg.overlap_iou, picked[b], parents[b]
+                    saliency_np[b], boxes[b], eligible, cfg.regions, cfg.overlap_iou, picked[b], parents[b]
                 )
                 selected[b].extend(int(i) for i in picks[b] if levels[b, i] == 0)
                 picked[b].extend(int(i) for i in picks[b])
@@ -476,6 +480,16 @@ class Scorer:
             for b in range(batch):
                 selected[b].extend(range(pool_size, pool_size + cfg.regions))
         return ViewSet(keys, global_emb, embeddings, boxes, levels, parents, saliency, selected, crops)
+
+    def _growable(self, boxes: np.ndarray, sizes: list[tuple[int, int]]) -> np.ndarray:
+        """(B, P) whether growing each region would change it: its side is below the cap (the shorter side, or
+        the growth target). A capped lineage would otherwise spend its passes re-encoding the same box, and on
+        a square image that box is the whole image, which hands the region term back to the global view."""
+        width = np.array([w for w, _ in sizes], dtype=np.float64)[:, None]
+        height = np.array([h for _, h in sizes], dtype=np.float64)[:, None]
+        side = np.maximum((boxes[..., 2] - boxes[..., 0]) * width, (boxes[..., 3] - boxes[..., 1]) * height)
+        cap = np.minimum(width, height) * (self.config.growth_target or 1.0)
+        return (side < cap * (1 - 1e-6)) & (self.config.growth > 1.0 or self.config.growth_target is not None)
 
     def _combine_regions(
         self, views: ViewSet, vectors: torch.Tensor, pool: int, global_weight: float, with_boxes: bool

@@ -425,6 +425,50 @@ def test_a_sweep_evaluates_each_setting_on_one_pass_over_the_data(analytic_root)
         assert setting_result.methods["lgca"] == alone.results[0].methods["lgca"]
 
 
+def test_settings_that_differ_only_in_combining_weights_share_their_views(analytic_root):
+    """global_weight, expand_weight and image_scale combine views without changing them: encoded once for all."""
+    settings, _ = ev.sweep_settings(RANDOM_CROPS, ev.parse_sweep(["global_weight=0,0.5,1", "expand_weight=1,3"], METHODS))
+    encoder = ColourEncoder()
+    evaluation = ev.evaluate(
+        ev.list_labelled(str(analytic_root), {}), CLASSES, _analytic_vectors,
+        ev.ImageModel(encoder, 20.0, VIEW), ("wca", "lgca"), settings,
+    )
+    assert len(settings) == 6 and encoder.rows == 8 * RANDOM_CROPS.encoder_passes
+    for setting_result in evaluation.results:
+        alone = _evaluate_analytic(analytic_root, methods=("wca", "lgca"), scoring=setting_result.setting.scoring)
+        assert setting_result.methods == alone.results[0].methods
+    # agreement saliency selects regions by the global-and-crops score: a new lambda needs new views
+    agreement = dataclasses.replace(RANDOM_CROPS, saliency="agreement")
+    assert ev.embedding_key(dataclasses.replace(agreement, global_weight=0.5)) != ev.embedding_key(agreement)
+    assert ev.embedding_key(dataclasses.replace(agreement, expand_weight=3.0)) == ev.embedding_key(agreement)
+    assert ev.embedding_key(dataclasses.replace(RANDOM_CROPS, steps=3)) != ev.embedding_key(RANDOM_CROPS)
+
+
+def test_manifest_groups_split_the_accuracy_and_observers_see_every_score(analytic_root, tmp_path):
+    listed = ev.list_labelled(str(analytic_root), {})
+    manifest = tmp_path / "grouped.csv"
+    groups = ["panoramas" if "panorama" in key else "squares" for key in listed.keys]
+    manifest.write_text("path,label,key,group\n" + "".join(
+        f"{p},{l},{k},{g}\n" for p, l, k, g in zip(listed.paths, listed.labels, listed.keys, groups)))
+    seen: list[ev.Observation] = []
+    evaluation = _evaluate_analytic(manifest, methods=("clip", "lgca"), observe=seen.append)
+    plain = _evaluate_analytic(analytic_root, methods=("clip", "lgca"))
+    for method in ("clip", "lgca"):
+        result = evaluation.results[0].methods[method]
+        assert result.acc1 == plain.results[0].methods[method].acc1
+        per_group = {name: values[0] for name, values in result.group_acc1.items()}
+        assert set(per_group) == {"panoramas", "squares"}
+        # the overall accuracy is the image-weighted mean of the groups'
+        counts = {name: groups.count(name) for name in per_group}
+        assert sum(per_group[g] * counts[g] for g in counts) / len(groups) == pytest.approx(result.acc1[0])
+    record = next(r for r in ev.result_records(evaluation, {}) if r["method"] == "lgca")
+    assert set(record["groups"]) == {"panoramas", "squares"}
+    assert sorted(k for o in seen if o.method == "lgca" for k in o.keys) == sorted(listed.keys)
+    shares = [score.view_shares for o in seen if o.method == "lgca" for score in o.scores]
+    assert all(abs(sum(share) - 1) < 1e-5 and share[0] == pytest.approx(0.1) for share in shares)
+    assert all(score.view_shares == (1.0, 0.0, 0.0) for o in seen if o.method == "clip" for score in o.scores)
+
+
 # ---------------------------------------------------------------- the CLI, end to end
 
 

@@ -255,6 +255,21 @@ def test_grown_boxes_are_square_and_never_exceed_the_shorter_side(model, images,
                 assert side_w == pytest.approx(min(parent * growth, short), rel=1e-6)
 
 
+@pytest.mark.parametrize("target", [None, 0.6])
+def test_capped_regions_are_not_grown_into_copies_of_themselves(model, target):
+    """Crops up to the whole shorter side with strong growth: a region at its cap (the shorter side, or the
+    growth target) would grow into an identical box, so the step grows another region instead."""
+    images = random_images(5, seed=3)
+    config = ScoringConfig(method="lgca", crops=12, crop_scale=(0.3, 1.0), regions=2, steps=3, growth=2.0,
+                           growth_target=target)
+    for image, result in zip(images, scorer_for(model, config).score(images, [f"c{i}" for i in range(len(images))])):
+        height, width = image.shape[-2:]
+        grown = [box for box in result.boxes if box.level > 0]
+        assert len(grown) == config.regions * config.steps
+        for box in grown:
+            assert _as_array(box).tolist() != _as_array(result.boxes[box.parent]).tolist()
+
+
 def _selections(boxes):
     """Output indices of the regions selected for expansion (the level-0 boxes and every grown box that was
     grown again), each with its lineage's root."""

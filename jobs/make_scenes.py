@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Write labelled scenes from the Fashion-MNIST test split: a folder `lgca eval` reads, with the true boxes.
+
+    .venv/bin/python jobs/make_scenes.py --output scenes --per-class 20
+    .venv/bin/lgca eval --data scenes/manifest.csv --labels examples/fashion/descriptors.json \
+        --model examples/fashion/fashion-clip.json --pretrained examples/fashion/fashion-clip.safetensors
+
+Layout: `scale-<s>/<class>/<index>.jpg` for each object scale (object tile side / canvas shorter side),
+`full-frame/<class>/<index>.png` (the test images themselves, the model's home ground), and
+`manifest.csv` with `key, path, label, group, x0, y0, x1, y1` (the object's box, normalised xyxy) and
+`tile_x0..tile_y1` (the square its 28 x 28 tile was placed in). `lgca eval` reports every `group`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.scenes import CLASSES, FASHION_MNIST_DIR, SCENE_SCALES, load_fashion_mnist, render_scenes  # noqa: E402
+
+FULL_FRAME = "full-frame"
+COLUMNS = ("key", "path", "label", "group", "x0", "y0", "x1", "y1", "tile_x0", "tile_y0", "tile_x1", "tile_y1")
+
+
+def write_scenes(
+    output: Path,
+    per_class: int,
+    scales: tuple[float, ...] = SCENE_SCALES,
+    seed: int = 0,
+    full_frame: int | None = None,
+    data: str = FASHION_MNIST_DIR,
+    quality: int = 92,
+) -> Path:
+    """Render and write a scene set; returns the manifest's path.
+
+    Args:
+        output: folder to write (created; existing files of the same names are replaced).
+        per_class: scenes per class and scale.
+        scales: object scales.
+        seed: fixes every scene.
+        full_frame: plain test images per class in the `full-frame` group (default: `per_class`; 0 for none).
+        data: folder of the Fashion-MNIST IDX files.
+        quality: JPEG quality of the scenes.
+    """
+    objects = load_fashion_mnist("test", data)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for scene in render_scenes(objects, per_class, scales, seed):
+        path = output / scene.key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scene.pixels).save(path, quality=quality)
+        rows.append((scene.key, scene.key, scene.label, scene.key.split("/", 1)[0], *scene.box, *scene.tile_box))
+    count = per_class if full_frame is None else full_frame
+    for label, name in enumerate(CLASSES):
+        for index, member in enumerate(np.nonzero(objects.labels == label)[0][:count]):
+            key = f"{FULL_FRAME}/{name}/{index:04d}.png"
+            (output / key).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(objects.images[member]).convert("RGB").save(output / key)
+            rows.append((key, key, name, FULL_FRAME, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0))
+    manifest = output / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, help="folder to write the scenes and manifest.csv into")
+    parser.add_argument("--per-class", type=int, default=20, help="scenes per class and scale (default: %(default)s)")
+    parser.add_argument("--scales", type=float, nargs="+", default=list(SCENE_SCALES),
+                        help="object tile side / canvas shorter side (default: %(default)s)")
+    parser.add_argument("--full-frame", type=int, default=None, help="plain test images per class (default: --per-class)")
+    parser.add_argument("--seed", type=int, default=0, help="fixes every scene (default: %(default)s)")
+    parser.add_argument("--data", default=FASHION_MNIST_DIR, help="folder of the Fashion-MNIST IDX files (default: %(default)s)")
+    args = parser.parse_args(argv)
+    manifest = write_scenes(Path(args.output), args.per_class, tuple(args.scales), args.seed, args.full_frame, args.data)
+    print(f"wrote {manifest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
