@@ -17,7 +17,6 @@ Random weights measure nothing here: the default model is examples/fashion (jobs
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import sys
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "jobs"))
 
-from make_scenes import FULL_FRAME, write_scenes  # noqa: E402
+from make_scenes import FULL_FRAME, read_truth, write_scenes  # noqa: E402
 
 from pipeline import evaluate as ev  # noqa: E402
 from pipeline.config import METHODS, ModelConfig, ScoringConfig, VocabularyConfig  # noqa: E402
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if not manifest.is_file():
         print(f"rendering scenes into {scenes} ...", flush=True)
         write_scenes(scenes, args.per_class)
-    truth = _true_boxes(manifest)
+    truth = read_truth(manifest)
     methods = ev.check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     base = _base_config(methods, args.set)
     settings = ev.sweep_settings(base, ev.parse_sweep(args.sweep, methods))[0] if args.sweep else [ev.Setting({}, base)]
@@ -118,18 +117,6 @@ def _base_config(methods: tuple[str, ...], items: list[str]) -> ScoringConfig:
     return ScoringConfig(method=ev.embedding_method(methods), **values)
 
 
-def _true_boxes(manifest: Path) -> dict[str, dict]:
-    with manifest.open() as handle:
-        return {
-            row["key"]: {
-                "group": row["group"],
-                "box": np.array([[float(row[n]) for n in ("x0", "y0", "x1", "y1")]]),
-                "tile": np.array([[float(row[n]) for n in ("tile_x0", "tile_y0", "tile_x1", "tile_y1")]]),
-            }
-            for row in csv.DictReader(handle)
-        }
-
-
 def _scale(group: str) -> float | None:
     return float(group.split("-", 1)[1]) if group.startswith("scale-") else None
 
@@ -137,7 +124,7 @@ def _scale(group: str) -> float | None:
 class _Collector:
     """Per setting, run, method and group: view shares, salient-box IoUs and crop-to-image cosines."""
 
-    def __init__(self, truth: dict[str, dict], settings: int, methods: tuple[str, ...]) -> None:
+    def __init__(self, truth: dict[str, tuple[str, np.ndarray]], settings: int, methods: tuple[str, ...]) -> None:
         self.truth = truth
         self.cosine_method = next((m for m in methods if m in ("wca", "lgca")), None)
         self.shares: dict[tuple, list] = defaultdict(list)
@@ -146,12 +133,12 @@ class _Collector:
         self.cosines: list[list[np.ndarray]] = [[] for _ in range(settings)]
 
     def __call__(self, seen: ev.Observation) -> None:
-        groups = [self.truth[key]["group"] for key in seen.keys]
+        groups = [self.truth[key][0] for key in seen.keys]
         for key, group, score in zip(seen.keys, groups, seen.scores):
             self.shares[(seen.setting, seen.method, group)].append(score.view_shares)
             if score.boxes:
                 boxes = np.array([[b.x0, b.y0, b.x1, b.y1] for b in score.boxes])
-                ious = box_iou(boxes, self.truth[key]["box"])[:, 0]
+                ious = box_iou(boxes, self.truth[key][1])[:, 0]
                 top = int(np.argmax([b.saliency for b in score.boxes]))
                 self.top_iou[(seen.setting, seen.method, group)].append(float(ious[top]))
                 self.best_iou[(seen.setting, seen.method, group)].append(float(ious.max()))

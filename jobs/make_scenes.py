@@ -72,6 +72,15 @@ def write_scenes(
     return manifest
 
 
+def read_truth(manifest: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """Each key's group and true object box, (1, 4) normalised xyxy, from a manifest `write_scenes` wrote."""
+    with manifest.open(newline="") as handle:
+        return {
+            row["key"]: (row["group"], np.array([[float(row[name]) for name in ("x0", "y0", "x1", "y1")]]))
+            for row in csv.DictReader(handle)
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="folder to write the scenes and manifest.csv into")

@@ -8,7 +8,6 @@ measured with jobs/bench_quality.py (docs/EVALUATION.md), with room for a differ
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from pipeline.vocab import load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "jobs"))
-from make_scenes import write_scenes  # noqa: E402
+from make_scenes import read_truth, write_scenes  # noqa: E402
 
 FASHION = ROOT / "examples" / "fashion"
 MODEL = str(FASHION / "fashion-clip.json")
@@ -81,14 +80,9 @@ def test_committed_weights_reach_full_frame_accuracy_through_the_cli(full_frame,
     assert "full-frame" in capsys.readouterr().out  # the per-group table
 
 
-def _true_boxes(manifest: Path) -> dict[str, np.ndarray]:
-    with manifest.open() as handle:
-        return {row["key"]: np.array([[float(row[n]) for n in ("x0", "y0", "x1", "y1")]]) for row in csv.DictReader(handle)}
-
-
 def test_wca_and_lgca_beat_clip_where_crops_cut_the_object_and_boxes_find_it(mid_scenes):
     """Objects at 0.6 and 0.4 of the shorter side: a crop often holds only part of the object (or little else)."""
-    truth = _true_boxes(mid_scenes)
+    truth = {key: box for key, (_, box) in read_truth(mid_scenes).items()}
     top_iou: list[float] = []  # IoU of the most salient output box with the object's box
     crop_iou: list[float] = []  # mean IoU of the image's local crops with it: where chance placement lands
 
