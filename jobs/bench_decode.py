@@ -3,7 +3,7 @@
     python jobs/bench_decode.py --size 4000 3000 --images 12
 
 The photographs are scikit-image's sample photos upscaled to the given size and saved as JPEG (quality 90).
-"full" decodes every pixel and converts to RGB; "draft" is what the job does (`pipeline.decode.decode_image`
+"full" decodes every pixel and converts to RGB; "draft" is what the job does (`pipeline.stages.decode.decode_image`
 with the decode scale LGCA's default needs for ViT-B-32: shorter side >= ceil(224 / 0.5) = 448). With
 `--decode gpu` the decode workers only run "header" (format, size limit, EXIF orientation) and the scoring
 actor decodes a batch at once ("device", timed with --device cuda, or cpu for torchvision's libjpeg path).
@@ -23,8 +23,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import DecodeConfig  # noqa: E402
-from pipeline.decode import decode_image, defer_jpeg, short_side_for  # noqa: E402
+from pipeline.config import DecodeConfig
+from pipeline.stages.decode import decode_image, defer_jpeg, short_side_for
 
 
 def large_jpegs(count: int, size: tuple[int, int]) -> list[bytes]:
@@ -76,7 +76,7 @@ def main() -> None:
     if args.device:
         import torch
 
-        from pipeline.device_decode import decode_jpegs
+        from pipeline.stages.device_decode import decode_jpegs
 
         def on_device(batch: list[bytes]) -> None:
             decode_jpegs(batch, [1] * len(batch), config.min_short_side, args.device)

@@ -36,11 +36,11 @@ sys.path.insert(0, str(ROOT / "jobs"))
 from benchlib import measure, megabytes, ray_workers_root, synthetic_jpegs, venv_bin  # noqa: E402
 
 from pipeline.config import DecodeConfig, ModelConfig, ScoringConfig, VocabularyConfig  # noqa: E402
-from pipeline.decode import decode_image, short_side_for  # noqa: E402
-from pipeline.labeler import text_vectors  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.score import Scorer, ViewFormat  # noqa: E402
-from pipeline.vocab import load_vocabulary  # noqa: E402
+from pipeline.models.load import load_model  # noqa: E402
+from pipeline.models.text_vectors import text_vectors  # noqa: E402
+from pipeline.scoring.score import Scorer, ViewFormat  # noqa: E402
+from pipeline.stages.decode import decode_image, short_side_for  # noqa: E402
+from pipeline.stages.vocab import load_vocabulary  # noqa: E402
 
 TINY_MODEL = str(ROOT / "tests" / "fixtures" / "lgca-tiny-vit.json")
 SUMMARY = re.compile(r"([\d.]+) images/s \(first rows after ([\d.]+) s(?:, then ([\d.]+) images/s)?\)")
@@ -61,14 +61,32 @@ def overhead(args: argparse.Namespace) -> dict:
     images = photo_jpegs(work / "images", args.images, tuple(args.size))
     labels = ROOT / "examples" / "labels.txt"
     scoring = ScoringConfig(method=args.method, crops=args.crops, regions=args.regions, steps=args.steps)
-    flags = ["--method", args.method, "--crops", str(args.crops), "--regions", str(args.regions), "--steps", str(args.steps),
-             "--decode", args.decode, *(["--compile"] if args.compile else [])]
+    flags = [
+        "--method",
+        args.method,
+        "--crops",
+        str(args.crops),
+        "--regions",
+        str(args.regions),
+        "--steps",
+        str(args.steps),
+        "--decode",
+        args.decode,
+        *(["--compile"] if args.compile else []),
+    ]
 
     model = load_model(ModelConfig(name=args.model, pretrained="random", compile=args.compile))
     vocabulary = load_vocabulary(VocabularyConfig(labels=str(labels)))
     vectors = text_vectors(model, vocabulary, scoring)
-    scorer = Scorer(model.encode_image, vocabulary.classes, vectors, model.logit_scale,
-                    ViewFormat(model.image_size, model.mean, model.std), scoring, model.device)
+    scorer = Scorer(
+        model.encode_image,
+        vocabulary.classes,
+        vectors,
+        model.logit_scale,
+        ViewFormat(model.image_size, model.mean, model.std),
+        scoring,
+        model.device,
+    )
     # decoded up front as the pipeline's CPU workers decode them (same draft scale), so both score the same pixels
     decode = DecodeConfig(min_short_side=short_side_for(model.image_size, scoring.crop_scale[0] if scoring.uses_crops else None))
     files = sorted(images.iterdir())[: args.in_process_images]  # enough for a rate, not the whole set
@@ -84,23 +102,51 @@ def overhead(args: argparse.Namespace) -> dict:
     in_process = len(decoded) / (time.perf_counter() - started)
     del model, scorer
 
-    command = [str(venv_bin() / "lgca"), "run", str(images), "--labels", str(labels), "--output", str(work / "out"),
-               "--model", args.model, "--pretrained", "random", "--batch-size", str(args.batch_size),
-               "--decode-batch-size", str(args.batch_size), *flags]
+    command = [
+        str(venv_bin() / "lgca"),
+        "run",
+        str(images),
+        "--labels",
+        str(labels),
+        "--output",
+        str(work / "out"),
+        "--model",
+        args.model,
+        "--pretrained",
+        "random",
+        "--batch-size",
+        str(args.batch_size),
+        "--decode-batch-size",
+        str(args.batch_size),
+        *flags,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     end_to_end, first_rows, steady = (float(v or 0) for v in SUMMARY.search(result.stdout).groups())
     shutil.rmtree(work, ignore_errors=True)
-    row = {"model": args.model, "method": args.method, "images": args.images, "decode": args.decode, "compiled": args.compile,
-           "in_process_images_per_s": in_process,
-           "lgca_run_images_per_s": end_to_end, "lgca_run_steady_images_per_s": steady, "first_rows_s": first_rows,
-           "ratio_end_to_end": end_to_end / in_process, "ratio_steady": steady / in_process}
-    print(f"model {args.model}, method {args.method}, {args.images} JPEGs {args.size[0]}x{args.size[1]}, "
-          f"{torch.get_num_threads()} torch threads, --decode {args.decode}{', compiled' if args.compile else ''}")
+    row = {
+        "model": args.model,
+        "method": args.method,
+        "images": args.images,
+        "decode": args.decode,
+        "compiled": args.compile,
+        "in_process_images_per_s": in_process,
+        "lgca_run_images_per_s": end_to_end,
+        "lgca_run_steady_images_per_s": steady,
+        "first_rows_s": first_rows,
+        "ratio_end_to_end": end_to_end / in_process,
+        "ratio_steady": steady / in_process,
+    }
+    print(
+        f"model {args.model}, method {args.method}, {args.images} JPEGs {args.size[0]}x{args.size[1]}, "
+        f"{torch.get_num_threads()} torch threads, --decode {args.decode}{', compiled' if args.compile else ''}"
+    )
     print(f"{'in-process scorer':22s} {in_process:8.2f} images/s")
-    print(f"{'lgca run, end to end':22s} {end_to_end:8.2f} images/s  ratio {row['ratio_end_to_end']:.2f} "
-          f"(start-up included; first rows after {first_rows:.1f} s)")
+    print(
+        f"{'lgca run, end to end':22s} {end_to_end:8.2f} images/s  ratio {row['ratio_end_to_end']:.2f} "
+        f"(start-up included; first rows after {first_rows:.1f} s)"
+    )
     print(f"{'lgca run, after them':22s} {steady:8.2f} images/s  ratio {row['ratio_steady']:.2f}")
     return row
 
@@ -119,21 +165,48 @@ def scaling(args: argparse.Namespace) -> list[dict]:
             images = synthetic_jpegs(work / f"images-{count}", count)
             output = work / f"out-{count}"
             shutil.rmtree(output, ignore_errors=True)
-            command = [str(venv_bin() / "lgca"), "run", str(images), "--labels", str(labels), "--output", str(output),
-                       "--model", TINY_MODEL, "--pretrained", "random", "--method", "clip", "--address", head.address,
-                       "--batch-size", "256", "--decode-batch-size", "64"]
+            command = [
+                str(venv_bin() / "lgca"),
+                "run",
+                str(images),
+                "--labels",
+                str(labels),
+                "--output",
+                str(output),
+                "--model",
+                TINY_MODEL,
+                "--pretrained",
+                "random",
+                "--method",
+                "clip",
+                "--address",
+                head.address,
+                "--batch-size",
+                "256",
+                "--decode-batch-size",
+                "64",
+            ]
             run = measure(command, head.env(), ray_workers_root(head.temp_dir))
             if run.returncode != 0:
                 raise SystemExit(run.stderr[-3000:])
             end_to_end, _, steady = (float(v or 0) for v in SUMMARY.search(run.stdout).groups())
-            rows.append({"images": count, "wall_s": run.seconds, "images_per_s": end_to_end, "steady_images_per_s": steady,
-                         "driver_peak_rss_mib": megabytes(run.driver_peak_rss),
-                         "worker_peak_rss_mib": megabytes(run.worker_peak_rss)})
+            rows.append(
+                {
+                    "images": count,
+                    "wall_s": run.seconds,
+                    "images_per_s": end_to_end,
+                    "steady_images_per_s": steady,
+                    "driver_peak_rss_mib": megabytes(run.driver_peak_rss),
+                    "worker_peak_rss_mib": megabytes(run.worker_peak_rss),
+                }
+            )
             shutil.rmtree(output, ignore_errors=True)
     print(f"{'images':>8s} {'wall s':>8s} {'images/s':>9s} {'steady':>8s} {'driver MiB':>11s} {'worker MiB':>11s}")
     for row in rows:
-        print(f"{row['images']:8d} {row['wall_s']:8.1f} {row['images_per_s']:9.1f} {row['steady_images_per_s']:8.1f} "
-              f"{row['driver_peak_rss_mib']:11.0f} {row['worker_peak_rss_mib']:11.0f}")
+        print(
+            f"{row['images']:8d} {row['wall_s']:8.1f} {row['images_per_s']:9.1f} {row['steady_images_per_s']:8.1f} "
+            f"{row['driver_peak_rss_mib']:11.0f} {row['worker_peak_rss_mib']:11.0f}"
+        )
     return rows
 
 

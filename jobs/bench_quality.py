@@ -5,7 +5,7 @@
     .venv/bin/python jobs/bench_quality.py --sweep global_weight=0,0.25,0.5 saliency=class,global
 
 Renders (once) labelled Fashion-MNIST test-split scenes with `jobs/make_scenes.py`, scores them with
-`clip`, `ensemble`, `descriptors`, `wca` and `lgca` through `pipeline.evaluate` (each view encoded once for
+`clip`, `ensemble`, `descriptors`, `wca` and `lgca` through `pipeline.evaluation.evaluate` (each view encoded once for
 all methods), and prints per setting:
 - acc1 per method and object scale (`full-frame` is the plain test image);
 - for `lgca`, the IoU of the most salient output box (and of the best one) with the object's true box;
@@ -33,13 +33,13 @@ sys.path.insert(0, str(ROOT / "jobs"))
 
 from make_scenes import FULL_FRAME, read_truth, write_scenes  # noqa: E402
 
-from pipeline import evaluate as ev  # noqa: E402
 from pipeline.config import METHODS, ModelConfig, ScoringConfig, VocabularyConfig  # noqa: E402
-from pipeline.labeler import text_vectors  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.regions import box_iou  # noqa: E402
-from pipeline.score import ViewFormat  # noqa: E402
-from pipeline.vocab import load_vocabulary  # noqa: E402
+from pipeline.evaluation import evaluate as ev  # noqa: E402
+from pipeline.models.load import load_model  # noqa: E402
+from pipeline.models.text_vectors import text_vectors  # noqa: E402
+from pipeline.scoring.regions import box_iou  # noqa: E402
+from pipeline.scoring.score import ViewFormat  # noqa: E402
+from pipeline.stages.vocab import load_vocabulary  # noqa: E402
 
 FASHION = ROOT / "examples" / "fashion"
 SMALL_SCALE = 0.3  # "small objects": tile side at most this share of the shorter side
@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--templates", default=str(FASHION / "templates.txt"))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all five)")
     parser.add_argument("--runs", type=int, default=1, help="seeds per crop method (default: %(default)s)")
-    parser.add_argument("--sweep", nargs="+", default=None, metavar="FIELD=V1,V2",
-                        help="cartesian sweep of scoring parameters, as `lgca eval --sweep`")
+    parser.add_argument(
+        "--sweep", nargs="+", default=None, metavar="FIELD=V1,V2", help="cartesian sweep of scoring parameters, as `lgca eval --sweep`"
+    )
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=V", help="base scoring parameters, e.g. crops=30")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--output", default=None, help="write every figure as JSON here")
@@ -93,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.monotonic() - started
     records = ev.result_records(evaluation, {"dataset": scenes.name, "model": args.model, "pretrained": args.pretrained})
     report = [_setting_report(i, setting, records, collector) for i, setting in enumerate(settings)]
-    print(f"{evaluation.scored} images, {len(settings)} setting(s), {evaluation.encoder_rows} views encoded in {seconds:.0f} s "
-          f"({torch.get_num_threads()} threads)")
+    print(
+        f"{evaluation.scored} images, {len(settings)} setting(s), {evaluation.encoder_rows} views encoded in {seconds:.0f} s "
+        f"({torch.get_num_threads()} threads)"
+    )
     for entry in report:
         _print_setting(entry, methods)
     if len(report) > 1:
@@ -110,7 +113,7 @@ def _base_config(methods: tuple[str, ...], items: list[str]) -> ScoringConfig:
     values = {}
     for item in items:
         grid = ev.parse_sweep([item], methods)
-        (name, choices), = grid.items()
+        ((name, choices),) = grid.items()
         if len(choices) != 1:
             raise SystemExit(f"--set {item}: give one value")
         values[name] = choices[0]
@@ -165,8 +168,7 @@ def _setting_report(index: int, setting: ev.Setting, records: list[dict], seen: 
         for method, r in ((r["method"], r) for r in mine)
     }
     shares = {
-        f"{method}/{group}": [float(v) for v in np.mean(values, axis=0)]
-        for (s, method, group), values in seen.shares.items() if s == index
+        f"{method}/{group}": [float(v) for v in np.mean(values, axis=0)] for (s, method, group), values in seen.shares.items() if s == index
     }
     boxes = {}
     for (s, method, group), values in seen.top_iou.items():
@@ -174,8 +176,10 @@ def _setting_report(index: int, setting: ev.Setting, records: list[dict], seen: 
             best = np.array(seen.best_iou[(s, method, group)])
             top = np.array(values)
             boxes[f"{method}/{group}"] = {
-                "top_iou_median": float(np.median(top)), "top_iou_at_least_goal": float(np.mean(top >= IOU_GOAL)),
-                "best_iou_median": float(np.median(best)), "best_iou_at_least_goal": float(np.mean(best >= IOU_GOAL)),
+                "top_iou_median": float(np.median(top)),
+                "top_iou_at_least_goal": float(np.mean(top >= IOU_GOAL)),
+                "best_iou_median": float(np.median(best)),
+                "best_iou_at_least_goal": float(np.mean(best >= IOU_GOAL)),
             }
     cos = np.concatenate(seen.cosines[index]) if seen.cosines[index] else np.zeros(0)
     return {
@@ -198,8 +202,14 @@ def _print_setting(entry: dict, methods: tuple[str, ...]) -> None:
         print(f"{method:<12}" + "".join(f"{100 * entry['accuracy'][method][g]:>13.1f}" for g in groups))
     if entry["boxes"]:
         print("lgca salient boxes vs the true box (share with IoU >= 0.5: most salient box / best box):")
-        print("  " + "  ".join(f"{k.split('/')[1]} {v['top_iou_at_least_goal']:.2f}/{v['best_iou_at_least_goal']:.2f}"
-                               for k, v in entry["boxes"].items() if k.startswith("lgca/")))
+        print(
+            "  "
+            + "  ".join(
+                f"{k.split('/')[1]} {v['top_iou_at_least_goal']:.2f}/{v['best_iou_at_least_goal']:.2f}"
+                for k, v in entry["boxes"].items()
+                if k.startswith("lgca/")
+            )
+        )
     print("share of the score (global / crops / grown), all scenes:")
     for method in methods:
         rows = [v for k, v in entry["view_shares"].items() if k.startswith(f"{method}/") and not k.endswith(FULL_FRAME)]
@@ -207,8 +217,9 @@ def _print_setting(entry: dict, methods: tuple[str, ...]) -> None:
             mean = np.mean(rows, axis=0)
             print(f"  {method:<12} {mean[0]:.2f} / {mean[1]:.2f} / {mean[2]:.2f}")
     if entry["crop_cosine_percentiles"]:
-        print("crop-to-image cosine percentiles (5/25/50/75/95): "
-              + " / ".join(f"{v:.2f}" for v in entry["crop_cosine_percentiles"].values()))
+        print(
+            "crop-to-image cosine percentiles (5/25/50/75/95): " + " / ".join(f"{v:.2f}" for v in entry["crop_cosine_percentiles"].values())
+        )
 
 
 def _print_sweep(report: list[dict]) -> None:
@@ -217,11 +228,16 @@ def _print_sweep(report: list[dict]) -> None:
     for entry in report:
         s = entry["summary"].get("lgca") or entry["summary"].get("wca")
         w = entry["summary"].get("wca", {})
-        small_boxes = [v["top_iou_at_least_goal"] for k, v in entry["boxes"].items()
-                       if k.startswith("lgca/") and (_scale(k.split("/")[1]) or 1.0) <= SMALL_SCALE]
+        small_boxes = [
+            v["top_iou_at_least_goal"]
+            for k, v in entry["boxes"].items()
+            if k.startswith("lgca/") and (_scale(k.split("/")[1]) or 1.0) <= SMALL_SCALE
+        ]
         iou = f"{np.mean(small_boxes):.2f}" if small_boxes else "-"
-        print(f"{ev.describe_changes(entry['setting'] or {}):<48}{100 * s['scenes']:>12.1f}{100 * (s['small'] or 0):>11.1f}"
-              f"{100 * (s['full_frame'] or 0):>10.1f}{100 * (w.get('small') or 0):>10.1f}{iou:>12}")
+        print(
+            f"{ev.describe_changes(entry['setting'] or {}):<48}{100 * s['scenes']:>12.1f}{100 * (s['small'] or 0):>11.1f}"
+            f"{100 * (s['full_frame'] or 0):>10.1f}{100 * (w.get('small') or 0):>10.1f}{iou:>12}"
+        )
 
 
 if __name__ == "__main__":

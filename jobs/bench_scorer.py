@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ModelConfig, ScoringConfig  # noqa: E402
-from pipeline.labeler import text_vectors  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.score import Scorer, ViewFormat  # noqa: E402
-from pipeline.vocab import Vocabulary  # noqa: E402
+from pipeline.config import ModelConfig, ScoringConfig
+from pipeline.models.load import load_model
+from pipeline.models.text_vectors import text_vectors
+from pipeline.scoring.score import Scorer, ViewFormat
+from pipeline.stages.vocab import Vocabulary
 
 CLASSES = ("cat", "dog", "car", "bird", "boat", "plane", "horse", "truck", "ship", "frog")
 
@@ -76,8 +76,7 @@ def scorer_rate(model, vectors, config: ScoringConfig, images, batch: int) -> tu
     """Images/s of Scorer.score over `images` after a one-batch warm-up, and the share of that time spent
     inside the encoder (immune to machine noise: both are measured over the same calls)."""
     encoder = _TimedEncoder(model)
-    scorer = Scorer(encoder, CLASSES, vectors, model.logit_scale,
-                    ViewFormat(model.image_size, model.mean, model.std), config, model.device)
+    scorer = Scorer(encoder, CLASSES, vectors, model.logit_scale, ViewFormat(model.image_size, model.mean, model.std), config, model.device)
     scorer.score(images[:batch], [f"w{i}" for i in range(batch)])
     encoder.seconds = 0.0
     started = time.perf_counter()
@@ -109,8 +108,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    model = load_model(ModelConfig(name=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision,
-                                   compile=args.compile))
+    model = load_model(
+        ModelConfig(name=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, compile=args.compile)
+    )
     vocabulary = Vocabulary(classes=CLASSES)
     images = sample_images(args.images, *args.size)
     settings = {
@@ -122,12 +122,16 @@ def main() -> None:
     for name, config in settings.items():
         vectors = text_vectors(model, vocabulary, config)
         rate, encoder_share = scorer_rate(model, vectors, config, images, args.batch)
-        rows.append({
-            "setting": name, "passes_per_image": config.encoder_passes, "images_per_s": rate,
-            "encoder_share": encoder_share,
-            "encoder_bound_images_per_s": crops_per_s / config.encoder_passes,
-            "efficiency": rate * config.encoder_passes / crops_per_s,
-        })
+        rows.append(
+            {
+                "setting": name,
+                "passes_per_image": config.encoder_passes,
+                "images_per_s": rate,
+                "encoder_share": encoder_share,
+                "encoder_bound_images_per_s": crops_per_s / config.encoder_passes,
+                "efficiency": rate * config.encoder_passes / crops_per_s,
+            }
+        )
     # the encoder rate drifts on a noisy machine: measure it again and report the mean of both
     crops_per_s_after = encoder_rate(model, args.micro_batch, args.encoder_seconds)
     eager_crops_per_s = None
@@ -135,8 +139,10 @@ def main() -> None:
         eager = load_model(ModelConfig(name=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision))
         eager_crops_per_s = encoder_rate(eager, args.micro_batch, args.encoder_seconds)
         del eager
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {model.device}, "
-          f"model {args.model}, precision {args.precision}{', compiled' if args.compile else ''}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {model.device}, "
+        f"model {args.model}, precision {args.precision}{', compiled' if args.compile else ''}"
+    )
     print(f"raw encoder: {crops_per_s:.1f} crops/s before, {crops_per_s_after:.1f} after (batch {args.micro_batch})")
     mean_rate = (crops_per_s + crops_per_s_after) / 2
     if eager_crops_per_s:
@@ -145,12 +151,24 @@ def main() -> None:
     for row in rows:
         row["efficiency"] = row["images_per_s"] * row["passes_per_image"] / mean_rate
         row["encoder_bound_images_per_s"] = mean_rate / row["passes_per_image"]
-        print(f"{row['setting']:28s} {row['passes_per_image']:6d} {row['images_per_s']:9.3f} "
-              f"{row['encoder_bound_images_per_s']:9.3f} {row['efficiency']:10.3f} {row['encoder_share']:10.3f}")
+        print(
+            f"{row['setting']:28s} {row['passes_per_image']:6d} {row['images_per_s']:9.3f} "
+            f"{row['encoder_bound_images_per_s']:9.3f} {row['efficiency']:10.3f} {row['encoder_share']:10.3f}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"encoder_crops_per_s": [crops_per_s, crops_per_s_after], "rows": rows,
-                                               "model": args.model, "device": str(model.device),
-                                               "compiled": args.compile, "uncompiled_encoder_crops_per_s": eager_crops_per_s}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "encoder_crops_per_s": [crops_per_s, crops_per_s_after],
+                    "rows": rows,
+                    "model": args.model,
+                    "device": str(model.device),
+                    "compiled": args.compile,
+                    "uncompiled_encoder_crops_per_s": eager_crops_per_s,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

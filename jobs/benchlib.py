@@ -6,9 +6,9 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import psutil
@@ -40,8 +40,13 @@ class RunMeasurement:
     stderr: str
 
 
-def measure(command: Sequence[str], env: dict[str, str], worker_roots: Sequence[psutil.Process] = (),
-            interval_s: float = 0.25, timeout_s: float = 3600) -> RunMeasurement:
+def measure(
+    command: Sequence[str],
+    env: dict[str, str],
+    worker_roots: Sequence[psutil.Process] = (),
+    interval_s: float = 0.25,
+    timeout_s: float = 3600,
+) -> RunMeasurement:
     """Run `command`, sampling the RSS of its process tree and of the trees under `worker_roots` (a Ray head's
     raylet, whose children are the workers) every `interval_s`."""
     started = time.perf_counter()

@@ -6,15 +6,16 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # Submitted jobs run this file from the shipped working dir: its code must win over an installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, JobConfig  # noqa: E402
-from pipeline.submit import load_spec  # noqa: E402
+from pipeline.config import ConfigError, JobConfig
+from pipeline.run.submit import load_spec
 
 EXIT_CONFIG = 2  # unusable spec or arguments: nothing ran
 
@@ -61,8 +62,8 @@ def job_from_arguments(argv: Sequence[str]) -> tuple[JobConfig, dict[str, Any]]:
         _spec_parser().print_help()
         raise SystemExit(0 if argv else EXIT_CONFIG)
 
-    from pipeline.cli import build_parser, job_config
-    from pipeline.sources import storage_options_from
+    from pipeline.cli.main import build_parser, job_config
+    from pipeline.stages.sources import storage_options_from
 
     args = build_parser().parse_args(["run", *argv])
     return job_config(args), storage_options_from(args.storage_option)
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 on success, 2 when the spec or arguments are unusable (nothing ran).
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     try:
         config, storage_options = job_from_arguments(list(sys.argv[1:] if argv is None else argv))

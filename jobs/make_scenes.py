@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.scenes import CLASSES, FASHION_MNIST_DIR, SCENE_SCALES, load_fashion_mnist, render_scenes  # noqa: E402
+from pipeline.evaluation.scenes import CLASSES, FASHION_MNIST_DIR, SCENE_SCALES, load_fashion_mnist, render_scenes
 
 FULL_FRAME = "full-frame"
 COLUMNS = ("key", "path", "label", "group", "x0", "y0", "x1", "y1", "tile_x0", "tile_y0", "tile_x1", "tile_y1")
@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="folder to write the scenes and manifest.csv into")
     parser.add_argument("--per-class", type=int, default=20, help="scenes per class and scale (default: %(default)s)")
-    parser.add_argument("--scales", type=float, nargs="+", default=list(SCENE_SCALES),
-                        help="object tile side / canvas shorter side (default: %(default)s)")
+    parser.add_argument(
+        "--scales", type=float, nargs="+", default=list(SCENE_SCALES), help="object tile side / canvas shorter side (default: %(default)s)"
+    )
     parser.add_argument("--full-frame", type=int, default=None, help="plain test images per class (default: --per-class)")
     parser.add_argument("--seed", type=int, default=0, help="fixes every scene (default: %(default)s)")
     parser.add_argument("--data", default=FASHION_MNIST_DIR, help="folder of the Fashion-MNIST IDX files (default: %(default)s)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Print the labels of `make example` beside the true class that each demo scene's folder names.
 
-    .venv/bin/python jobs/show_example.py out/example
+.venv/bin/python jobs/show_example.py out/example
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 """Train the project's small image-text model on the Fashion-MNIST train split, contrastively, on the CPU.
 
 The model is an open_clip custom architecture (examples/fashion/fashion-clip.json: a small ViT and a small
-text transformer with open_clip's tokenizer). Each step renders training views with `pipeline.scenes`
+text transformer with open_clip's tokenizer). Each step renders training views with `pipeline.evaluation.scenes`
 (objects from a third of the view to all of it, at random places, over clutter with fragments of other
 objects; a share of views with no whole object, captioned as background) and pairs them with captions from
 examples/fashion/templates.txt and the class descriptions of examples/fashion/descriptors.json. The test
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.scenes import CLASSES, FASHION_MNIST_DIR, load_fashion_mnist, training_views  # noqa: E402
+from pipeline.evaluation.scenes import CLASSES, FASHION_MNIST_DIR, load_fashion_mnist, training_views  # noqa: E402
 
 FASHION = ROOT / "examples" / "fashion"
 BACKGROUND = (  # captions of views with no whole object: the class the vocabulary never names
@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=FASHION_MNIST_DIR, help="folder of the Fashion-MNIST IDX files (default: %(default)s)")
     parser.add_argument("--config", default=str(FASHION / "fashion-clip.json"), help="open_clip model config (default: %(default)s)")
     parser.add_argument("--descriptors", default=str(FASHION / "descriptors.json"), help="class descriptions (default: %(default)s)")
-    parser.add_argument("--templates", default=str(FASHION / "templates.txt"), help="caption templates, one per line (default: %(default)s)")
+    parser.add_argument(
+        "--templates", default=str(FASHION / "templates.txt"), help="caption templates, one per line (default: %(default)s)"
+    )
     parser.add_argument("--output", default=str(FASHION / "fashion-clip.safetensors"), help="weights file to write (default: %(default)s)")
     args = parser.parse_args(argv)
 
@@ -106,15 +108,20 @@ def main(argv: list[str] | None = None) -> int:
             model.logit_scale.clamp_(0, math.log(100))
         if step % 50 == 0 or step == args.steps - 1:
             elapsed = time.monotonic() - start
-            print(f"step {step + 1}/{args.steps} loss {loss.item():.3f} logit_scale {model.logit_scale.exp().item():.1f} "
-                  f"{elapsed:.0f} s", flush=True)
+            print(
+                f"step {step + 1}/{args.steps} loss {loss.item():.3f} logit_scale {model.logit_scale.exp().item():.1f} {elapsed:.0f} s",
+                flush=True,
+            )
 
     model.eval()
     state = {name: tensor.detach().to(torch.float16).contiguous() for name, tensor in model.state_dict().items()}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(state, str(output), metadata={"architecture": config.name, "seed": str(args.seed),
-                                                              "steps": str(args.steps), "data": "fashion-mnist train"})
+    safetensors.torch.save_file(
+        state,
+        str(output),
+        metadata={"architecture": config.name, "seed": str(args.seed), "steps": str(args.steps), "data": "fashion-mnist train"},
+    )
     print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB) after {time.monotonic() - start:.0f} s")
     return 0
 

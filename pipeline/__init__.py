@@ -1,6 +1,6 @@
 """lgca-label: batch zero-shot image labelling with LGCA on Ray Data.
 
-Importing the package does nothing but define its version; the Python API lives in `pipeline.labeler`.
+Importing the package does nothing but define its version; the Python API lives in `pipeline.run.labeler`.
 """
 
 from importlib.metadata import PackageNotFoundError, version

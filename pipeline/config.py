@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import types
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 METHODS = ("clip", "ensemble", "descriptors", "wca", "lgca")
 CROP_METHODS = ("wca", "lgca")
@@ -68,8 +69,10 @@ class ScoringConfig:
         _require(self.expand_weight >= 0, f"expand weight must be >= 0, got {self.expand_weight}")
         for name in ("global_weight", "growth_target"):  # optional numbers: a string here is a parsing slip
             value = getattr(self, name)
-            _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
-                     f"{name.replace('_', ' ')} must be a number or None, got {value!r}")
+            _require(
+                value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+                f"{name.replace('_', ' ')} must be a number or None, got {value!r}",
+            )
         _require(
             self.global_weight is None or 0 <= self.global_weight <= 1,
             f"global weight must lie in [0, 1], got {self.global_weight}",
@@ -292,7 +295,9 @@ def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[Job
     """
     _require(isinstance(spec, Mapping), f"{where} must be a mapping of keys to values, got {type(spec).__name__}")
     unknown = sorted(set(spec) - set(JOB_SECTIONS) - set(JOB_SCALARS))
-    _require(not unknown, f"unknown key(s) in {where}: {', '.join(unknown)}; valid keys: {', '.join(sorted([*JOB_SECTIONS, *JOB_SCALARS]))}")
+    _require(
+        not unknown, f"unknown key(s) in {where}: {', '.join(unknown)}; valid keys: {', '.join(sorted([*JOB_SECTIONS, *JOB_SCALARS]))}"
+    )
     sections = {}
     for name, cls in JOB_SECTIONS.items():
         values = spec.get(name) or {}
@@ -303,8 +308,10 @@ def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[Job
     inputs = spec.get("inputs")
     if isinstance(inputs, str):
         inputs = [inputs]
-    _require(isinstance(inputs, list) and inputs and all(isinstance(i, str) for i in inputs),
-             f"{where}: `inputs` must be a non-empty list of paths or URIs")
+    _require(
+        isinstance(inputs, list) and inputs and all(isinstance(i, str) for i in inputs),
+        f"{where}: `inputs` must be a non-empty list of paths or URIs",
+    )
     output = spec.get("output")
     _require(isinstance(output, str) and bool(output), f"{where}: `output` must be a path or URI")
     for flag in ("resume", "overwrite"):
@@ -312,8 +319,11 @@ def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[Job
     storage = spec.get("storage_options") or {}
     _require(isinstance(storage, Mapping), f"{where}: `storage_options` must be a mapping")
     secrets = sorted(_secret_names(storage))
-    _require(not secrets, f"{where}: `storage_options` must not hold secrets ({', '.join(secrets)}); "
-             "give credentials through AWS environment variables, files or service accounts")
+    _require(
+        not secrets,
+        f"{where}: `storage_options` must not hold secrets ({', '.join(secrets)}); "
+        "give credentials through AWS environment variables, files or service accounts",
+    )
     job = JobConfig(
         inputs=tuple(inputs),
         output=output,

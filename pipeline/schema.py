@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -57,7 +58,7 @@ def output_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
 
 def empty_prediction() -> dict[str, Any]:
     """The prediction columns of a row that has none: all null, never invented values."""
-    return {name: None for name in PREDICTION_COLUMNS}
+    return dict.fromkeys(PREDICTION_COLUMNS)
 
 
 def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:

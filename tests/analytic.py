@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.score import ViewFormat
+from pipeline.scoring.score import ViewFormat
 
 PALETTE = {
     "red": (220, 40, 40),
@@ -47,9 +47,7 @@ class ColourEncoder:
         distance = torch.linalg.vector_norm(rgb[:, None] - palette[None, :, :, None, None], dim=2)  # (B, P, S, S)
         nearest = distance.min(dim=1)
         matched = nearest.values < MATCH_DISTANCE
-        shares = torch.stack(
-            [(matched & (nearest.indices == p)).float().mean(dim=(1, 2)) for p in range(len(PALETTE))], dim=1
-        )
+        shares = torch.stack([(matched & (nearest.indices == p)).float().mean(dim=(1, 2)) for p in range(len(PALETTE))], dim=1)
         background = 1.0 - shares.sum(dim=1, keepdim=True)
         return torch.cat([shares, background], dim=1) + 1e-3
 

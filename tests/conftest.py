@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -46,7 +47,7 @@ def s3_bucket(s3_server: MotoS3Server) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """One in-process local Ray for the session; `pipeline.job.run` reuses it instead of starting its own."""
+    """One in-process local Ray for the session; `pipeline.run.job.run` reuses it instead of starting its own."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)

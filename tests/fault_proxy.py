@@ -7,16 +7,27 @@ import re
 import socket
 import threading
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterable
 
 # 500 and 503 answer as S3 does (InternalError, SlowDown); drop closes the socket before the request reaches
 # the server; lost forwards it, then closes the socket instead of answering (done, but the client can't know).
 FAULTS = ("500", "503", "drop", "lost")
 # Headers that belong to one hop (RFC 9110 section 7.6.1) or that the proxy sets itself.
-_HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                "transfer-encoding", "upgrade", "content-length", "date", "server"}
+_HOP_HEADERS = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "date",
+    "server",
+}
 _ERROR_BODY = (
     '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
     "<RequestId>fault-proxy</RequestId></Error>"
@@ -76,9 +87,7 @@ class FaultProxy:
     (`proxy.rules = [...]`; empty passes everything through).
     """
 
-    def __init__(
-        self, upstream: str, rules: list[Rule] | None = None, max_connections: int = 64, timeout_s: float = 30.0
-    ) -> None:
+    def __init__(self, upstream: str, rules: list[Rule] | None = None, max_connections: int = 64, timeout_s: float = 30.0) -> None:
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.rules = list(rules or [])
@@ -99,7 +108,7 @@ class FaultProxy:
                 total[fault] = total.get(fault, 0) + count
         return total
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self._thread.start()
         return self
 
@@ -145,7 +154,7 @@ def _handler_for(proxy: FaultProxy) -> type:
         protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
         timeout = proxy.timeout_s
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet test output
+        def log_message(self, format: str, *args: object) -> None:
             pass
 
         def _body(self) -> bytes:
@@ -192,8 +201,9 @@ def _handler_for(proxy: FaultProxy) -> type:
             finally:
                 upstream.close()
 
-        def _answer(self, status: int, headers: Iterable[tuple[str, str]], data: bytes, set_length: bool = True,
-                    reason: str | None = None) -> None:
+        def _answer(
+            self, status: int, headers: Iterable[tuple[str, str]], data: bytes, set_length: bool = True, reason: str | None = None
+        ) -> None:
             self.send_response(status, reason)
             for name, value in headers:
                 self.send_header(name, value)

@@ -15,8 +15,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +51,7 @@ def real_output(base: Path) -> Path:
     import ray
 
     from pipeline.config import ExecutionConfig, JobConfig, ModelConfig, ScoringConfig, VocabularyConfig
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     images = base / "images"
     images.mkdir(parents=True)
@@ -67,11 +68,16 @@ def real_output(base: Path) -> Path:
     if started_here:
         ray.init(num_cpus=2, include_dashboard=False)
     try:
-        run(JobConfig(
-            inputs=(str(images),), output=str(out), vocabulary=VocabularyConfig(labels=str(labels)),
-            model=ModelConfig(name=TINY_MODEL, pretrained="random"),
-            scoring=ScoringConfig(method="lgca", crops=4, regions=1, steps=1), execution=ExecutionConfig(batch_size=8),
-        ))
+        run(
+            JobConfig(
+                inputs=(str(images),),
+                output=str(out),
+                vocabulary=VocabularyConfig(labels=str(labels)),
+                model=ModelConfig(name=TINY_MODEL, pretrained="random"),
+                scoring=ScoringConfig(method="lgca", crops=4, regions=1, steps=1),
+                execution=ExecutionConfig(batch_size=8),
+            )
+        )
     finally:
         if started_here:
             ray.shutdown()
@@ -100,8 +106,9 @@ def sample_images(directory: Path, count: int = 8) -> list[str]:
     return paths
 
 
-def synthetic_rows(count: int, image_paths: Sequence[str], classes: Sequence[str] = SYNTHETIC_CLASSES, seed: int = 0,
-                   key_prefix: str = "img") -> list[dict[str, Any]]:
+def synthetic_rows(
+    count: int, image_paths: Sequence[str], classes: Sequence[str] = SYNTHETIC_CLASSES, seed: int = 0, key_prefix: str = "img"
+) -> list[dict[str, Any]]:
     """Output rows with predictable content: every 50th a decode_error, every 97th a read_error, the rest ok
     with two boxes each (a level-0 crop and the level-1 region grown from it)."""
     rng = np.random.default_rng(seed)
@@ -112,8 +119,17 @@ def synthetic_rows(count: int, image_paths: Sequence[str], classes: Sequence[str
     rows = []
     for i in range(count):
         path = image_paths[i % len(image_paths)]
-        base = {"key": f"{key_prefix}{i:06d}.jpg", "path": path, "method": "lgca", "model": "synthetic",
-                "pretrained": "none", "batch": f"b{i % 7}", "error_message": None, "width": None, "height": None}
+        base = {
+            "key": f"{key_prefix}{i:06d}.jpg",
+            "path": path,
+            "method": "lgca",
+            "model": "synthetic",
+            "pretrained": "none",
+            "batch": f"b{i % 7}",
+            "error_message": None,
+            "width": None,
+            "height": None,
+        }
         if i % 50 == 49:
             rows.append({**base, "status": DECODE_ERROR, "error_message": f"not a recognised image format (row {i})"})
             continue
@@ -129,36 +145,72 @@ def synthetic_rows(count: int, image_paths: Sequence[str], classes: Sequence[str
         x1, y1 = x0 + 0.3 + float(corners[i, 2]), y0 + 0.3 + float(corners[i, 3])
         boxes = [
             {"x0": x0, "y0": y0, "x1": x1, "y1": y1, "level": 0, "parent": -1, "saliency": 0.1, "label": label, "score": score},
-            {"x0": max(0.0, x0 - 0.05), "y0": max(0.0, y0 - 0.05), "x1": min(1.0, x1 + 0.05), "y1": min(1.0, y1 + 0.05),
-             "level": 1, "parent": 0, "saliency": 0.08, "label": label, "score": score * 0.9},
+            {
+                "x0": max(0.0, x0 - 0.05),
+                "y0": max(0.0, y0 - 0.05),
+                "x1": min(1.0, x1 + 0.05),
+                "y1": min(1.0, y1 + 0.05),
+                "level": 1,
+                "parent": 0,
+                "saliency": 0.08,
+                "label": label,
+                "score": score * 0.9,
+            },
         ]
-        rows.append({**base, "status": OK, "width": width, "height": height, "label": label, "score": score,
-                     "topk_labels": [label] + others, "topk_scores": [score] + rest.tolist(),
-                     "margin": score - float(rest[0]) if len(rest) else score, "boxes": boxes})
+        rows.append(
+            {
+                **base,
+                "status": OK,
+                "width": width,
+                "height": height,
+                "label": label,
+                "score": score,
+                "topk_labels": [label] + others,
+                "topk_scores": [score] + rest.tolist(),
+                "margin": score - float(rest[0]) if len(rest) else score,
+                "boxes": boxes,
+            }
+        )
     return rows
 
 
-def write_output(directory: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str] = SYNTHETIC_CLASSES,
-                 rows_per_file: int = 10_000, success: bool = True) -> Path:
+def write_output(
+    directory: Path,
+    rows: Sequence[dict[str, Any]],
+    classes: Sequence[str] = SYNTHETIC_CLASSES,
+    rows_per_file: int = 10_000,
+    success: bool = True,
+) -> Path:
     """Write rows as an lgca output directory: part files, `_manifest.json`, `_SUCCESS` (unless not `success`)."""
     directory.mkdir(parents=True, exist_ok=True)
     schema = output_schema(PASSTHROUGH)
     for index, start in enumerate(range(0, len(rows), rows_per_file)):
-        table = rows_to_table(rows[start:start + rows_per_file], schema)
+        table = rows_to_table(rows[start : start + rows_per_file], schema)
         pq.write_table(table, directory / f"part-00001-{index:06d}.parquet", compression="zstd")
-    counts = {status: 0 for status in ("ok", "read_error", "decode_error", "score_error")}
+    counts = dict.fromkeys(("ok", "read_error", "decode_error", "score_error"), 0)
     for row in rows:
         counts[row["status"]] += 1
     manifest = {
-        "format": "lgca-label/1", "run_id": "synthetic", "code_version": "test", "started_at": "2026-01-01T00:00:00+00:00",
+        "format": "lgca-label/1",
+        "run_id": "synthetic",
+        "code_version": "test",
+        "started_at": "2026-01-01T00:00:00+00:00",
         "ended_at": "2026-01-01T00:10:00+00:00",
         "attempts": [{"attempt": 1, "rows_written": len(rows), "seconds": 600.0, "files_written": []}],
-        "inputs": ["synthetic"], "output": str(directory),
+        "inputs": ["synthetic"],
+        "output": str(directory),
         "model": {"name": "synthetic", "pretrained": "none", "source": "random", "weights_sha256": None},
-        "vocabulary": {"sha256": "0" * 64, "classes": list(classes), "labels_file": "labels.txt", "templates_file": None,
-                       "prompt": "a photo of a {}."},
-        "method": "lgca", "scoring": {"method": "lgca", "crops": 4, "steps": 1, "regions": 1, "topk": 5},
-        "decode": {}, "execution": {},
+        "vocabulary": {
+            "sha256": "0" * 64,
+            "classes": list(classes),
+            "labels_file": "labels.txt",
+            "templates_file": None,
+            "prompt": "a photo of a {}.",
+        },
+        "method": "lgca",
+        "scoring": {"method": "lgca", "crops": 4, "steps": 1, "regions": 1, "topk": 5},
+        "decode": {},
+        "execution": {},
         "counts": {"inputs": len(rows), "rows": len(rows), "non_image_files_skipped": 0, "non_image_examples": [], **counts},
     }
     (directory / "_manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -187,7 +239,7 @@ def big_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # with Ray and torch loaded), which would swamp the figure.
 _MEASURED_CLI = """
 import sys
-from pipeline.cli import main
+from pipeline.cli.main import main
 code = main(sys.argv[1:]) if sys.argv[1:] else 0
 with open("/proc/self/status") as status:
     peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
@@ -228,9 +280,19 @@ class HeadlessChromium:
     Chromium reads NUL-terminated JSON commands on fd 3 and writes responses and events on fd 4.
     """
 
-    FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--hide-scrollbars", "--force-device-scale-factor=1", "--remote-debugging-pipe")
+    FLAGS = (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        "--remote-debugging-pipe",
+    )
 
     def __init__(self, executable: str = CHROMIUM, width: int = 1280, height: int = 900) -> None:
         self.profile = tempfile.mkdtemp(prefix="lgca-chromium-")  # a fresh profile every time
@@ -246,8 +308,11 @@ class HeadlessChromium:
 
         self.process = subprocess.Popen(
             [executable, *self.FLAGS, f"--user-data-dir={self.profile}", f"--window-size={width},{height}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=wire_pipes, close_fds=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=wire_pipes,
+            close_fds=False,
         )
         os.close(commands_read)
         os.close(events_write)
@@ -303,8 +368,9 @@ class HeadlessChromium:
         self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             self.call(f"{domain}.enable")
-        self.call("Emulation.setDeviceMetricsOverride",
-                  {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False})
+        self.call(
+            "Emulation.setDeviceMetricsOverride", {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False}
+        )
         self.events.clear()
         self.call("Page.navigate", {"url": url})
         self.wait_for("Page.loadEventFired")
@@ -340,7 +406,7 @@ class HeadlessChromium:
     def close(self) -> None:
         try:
             self.call("Browser.close", session=False, timeout=5)
-        except Exception:  # noqa: BLE001 - the browser may already be gone; the process is reaped below
+        except Exception:
             pass
         try:
             self.process.wait(timeout=10)

@@ -36,13 +36,21 @@ class RayHead:
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
 
-    def __enter__(self) -> "RayHead":
+    def __enter__(self) -> RayHead:
         command = [
-            RAY, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}",
-            "--num-gpus=0", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+            RAY,
+            "start",
+            "--head",
+            f"--port={self.port}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
             f"--include-dashboard={'true' if self.dashboard else 'false'}",
             # free ports for what Ray would otherwise pin (Ray Client 10001, agent 52365): heads can coexist
-            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
         ]
         if self.dashboard:
             command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]

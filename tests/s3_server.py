@@ -6,9 +6,10 @@ import logging
 import os
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import boto3
 from moto.server import ThreadedMotoServer

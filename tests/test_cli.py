@@ -33,9 +33,28 @@ def test_help_explains_the_commands():
 def test_run_help_lists_every_scoring_option():
     result = subprocess.run([LGCA, "run", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for flag in ("--method", "--model", "--pretrained", "--crops", "--crop-scale", "--crop-layout", "--steps",
-                 "--regions", "--saliency", "--growth", "--seed", "--topk", "--resume", "--overwrite",
-                 "--num-gpus", "--concurrency", "--batch-size", "--address", "--storage-option", "--max-pixels"):
+    for flag in (
+        "--method",
+        "--model",
+        "--pretrained",
+        "--crops",
+        "--crop-scale",
+        "--crop-layout",
+        "--steps",
+        "--regions",
+        "--saliency",
+        "--growth",
+        "--seed",
+        "--topk",
+        "--resume",
+        "--overwrite",
+        "--num-gpus",
+        "--concurrency",
+        "--batch-size",
+        "--address",
+        "--storage-option",
+        "--max-pixels",
+    ):
         assert flag in result.stdout, flag
 
 
@@ -65,6 +84,7 @@ def test_readme_example_labels_the_demo_scenes_mostly_right(tmp_path):
     assert set(table.column("status").to_pylist()) == {"ok"}
     right = sum(key.split("/")[0] == label for key, label in zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
     assert right >= EXAMPLE_RIGHT_MIN * len(scenes), f"{right} of {len(scenes)} demo scenes right"
-    shown = subprocess.run([sys.executable, "jobs/show_example.py", str(tmp_path / "example")], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        [sys.executable, "jobs/show_example.py", str(tmp_path / "example")], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert shown.returncode == 0 and f"{right} of {len(scenes)} scenes labelled with their true class" in shown.stdout

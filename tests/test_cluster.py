@@ -11,8 +11,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,9 +21,9 @@ import pytest
 import yaml
 from PIL import Image
 
-import pipeline.submit
-from pipeline.cli import main as lgca_main
-from pipeline.submit import (
+import pipeline.cli.cluster
+from pipeline.cli.main import main as lgca_main
+from pipeline.run.submit import (
     ENTRYPOINT_SCRIPT,
     WORKING_DIR_EXCLUDES,
     ClusterError,
@@ -169,8 +170,22 @@ def test_lgca_submit_wait_labels_every_image(cluster: TokenRayHead, images: Path
     spec = _write_spec(tmp_path, images, output)
     job_id = f"lgca-test-{secrets.token_hex(3)}"
     started = time.monotonic()
-    result = _run([LGCA, "submit", "--spec", str(spec), "--address", cluster.dashboard_url, "--wait",
-                   "--working-dir", str(REPO), "--submission-id", job_id], cluster.env())
+    result = _run(
+        [
+            LGCA,
+            "submit",
+            "--spec",
+            str(spec),
+            "--address",
+            cluster.dashboard_url,
+            "--wait",
+            "--working-dir",
+            str(REPO),
+            "--submission-id",
+            job_id,
+        ],
+        cluster.env(),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.splitlines()[0] == job_id
     assert "lgca: 6 images (0 already done), 6 rows written: 5 ok, 1 errors (decode_error 1)" in result.stdout
@@ -198,8 +213,10 @@ def test_lgca_submit_wait_labels_every_image(cluster: TokenRayHead, images: Path
     assert unknown.returncode == 2 and "no job no-such-job" in unknown.stderr, unknown.stderr
 
     # resubmitting with --resume finds every image done and writes nothing
-    again = _run([LGCA, "submit", "--spec", str(spec), "--resume", "--address", cluster.dashboard_url, "--wait",
-                  "--working-dir", str(REPO)], cluster.env())
+    again = _run(
+        [LGCA, "submit", "--spec", str(spec), "--resume", "--address", cluster.dashboard_url, "--wait", "--working-dir", str(REPO)],
+        cluster.env(),
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "6 images (6 already done), 0 rows written" in again.stdout
     assert _rows(output) == rows
@@ -210,8 +227,22 @@ def test_ray_job_submit_runs_the_same_entrypoint(cluster: TokenRayHead, images: 
     output = tmp_path / "out"
     spec = _write_spec(tmp_path, images, output)
     job_id = f"ray-test-{secrets.token_hex(3)}"
-    command = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
-               "--submission-id", job_id, "--", "python", ENTRYPOINT_SCRIPT, "--spec", str(spec)]
+    command = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--working-dir",
+        str(REPO),
+        "--submission-id",
+        job_id,
+        "--",
+        "python",
+        ENTRYPOINT_SCRIPT,
+        "--spec",
+        str(spec),
+    ]
     result = _run(command, cluster.env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "lgca: 6 images (0 already done), 6 rows written: 5 ok, 1 errors" in result.stdout
@@ -243,11 +274,43 @@ def test_bad_spec_fails_before_submission(tmp_path: Path, body: dict[str, Any], 
 
 
 def test_bad_run_arguments_fail_before_submission() -> None:
-    result = _run([LGCA, "submit", "--address", "http://127.0.0.1:1", "--", "/data/images", "--labels", "l.txt",
-                   "--output", "/data/out", "--batch-size", "0"], dict(os.environ), timeout=60)
+    result = _run(
+        [
+            LGCA,
+            "submit",
+            "--address",
+            "http://127.0.0.1:1",
+            "--",
+            "/data/images",
+            "--labels",
+            "l.txt",
+            "--output",
+            "/data/out",
+            "--batch-size",
+            "0",
+        ],
+        dict(os.environ),
+        timeout=60,
+    )
     assert result.returncode == 2 and "batch_size" in result.stderr and "cannot reach" not in result.stderr
-    secret = _run([LGCA, "submit", "--address", "http://127.0.0.1:1", "--", "/data/images", "--labels", "l.txt",
-                   "--output", "/data/out", "--storage-option", "secret=abc"], dict(os.environ), timeout=60)
+    secret = _run(
+        [
+            LGCA,
+            "submit",
+            "--address",
+            "http://127.0.0.1:1",
+            "--",
+            "/data/images",
+            "--labels",
+            "l.txt",
+            "--output",
+            "/data/out",
+            "--storage-option",
+            "secret=abc",
+        ],
+        dict(os.environ),
+        timeout=60,
+    )
     assert secret.returncode == 2 and "looks like a secret" in secret.stderr
     neither = _run([LGCA, "submit", "--address", "http://127.0.0.1:1"], dict(os.environ), timeout=60)
     assert neither.returncode == 2 and "--spec FILE" in neither.stderr
@@ -255,8 +318,11 @@ def test_bad_run_arguments_fail_before_submission() -> None:
 
 def test_unreachable_address_fails_in_seconds(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = _run([LGCA, "submit", "--spec", str(REPO / "jobs" / "specs" / "gpu-fleet.yaml"), "--address",
-                   "http://127.0.0.1:1"], dict(os.environ), timeout=60)
+    result = _run(
+        [LGCA, "submit", "--spec", str(REPO / "jobs" / "specs" / "gpu-fleet.yaml"), "--address", "http://127.0.0.1:1"],
+        dict(os.environ),
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "--address http://127.0.0.1:1" in result.stderr and "Traceback" not in result.stderr
     assert time.monotonic() - started < 20
@@ -301,15 +367,18 @@ class _RecordingClient:
     [
         (["--spec", "jobs/specs/gpu-fleet.yaml"], "python jobs/label_images.py --spec jobs/specs/gpu-fleet.yaml"),
         (["--spec", "jobs/specs/gpu-fleet.yaml", "--resume"], "python jobs/label_images.py --spec jobs/specs/gpu-fleet.yaml --resume"),
-        (["--", "s3://b/images/", "--labels", "s3://b/l.txt", "--output", "s3://b/out/", "--num-gpus", "1"],
-         "python jobs/label_images.py s3://b/images/ --labels s3://b/l.txt --output s3://b/out/ --num-gpus 1"),
+        (
+            ["--", "s3://b/images/", "--labels", "s3://b/l.txt", "--output", "s3://b/out/", "--num-gpus", "1"],
+            "python jobs/label_images.py s3://b/images/ --labels s3://b/l.txt --output s3://b/out/ --num-gpus 1",
+        ),
     ],
     ids=["spec-in-repo", "spec-resume", "run-arguments"],
 )
-def test_submit_sends_the_entrypoint_and_code(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-                                              arguments: list[str], expected: str) -> None:
+def test_submit_sends_the_entrypoint_and_code(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, arguments: list[str], expected: str
+) -> None:
     client = _RecordingClient()
-    monkeypatch.setattr(pipeline.submit, "connect", lambda address: client)
+    monkeypatch.setattr(pipeline.cli.cluster, "connect", lambda address: client)
     monkeypatch.chdir(REPO)
     status = lgca_main(["submit", "--address", "http://head:8265", "--submission-id", "lgca-x", "--pip-pin", *arguments])
     assert status == 0

@@ -100,8 +100,15 @@ def test_crop_scale_list_becomes_float_tuple():
 
 @pytest.mark.parametrize(
     "method, given, resolved",
-    [("clip", None, 1.0), ("descriptors", 0.3, 1.0), ("wca", None, 0.0), ("lgca", None, LGCA_GLOBAL_WEIGHT),
-     ("wca", 0.3, 0.3), ("lgca", 0.0, 0.0), ("lgca", 1.0, 1.0)],
+    [
+        ("clip", None, 1.0),
+        ("descriptors", 0.3, 1.0),
+        ("wca", None, 0.0),
+        ("lgca", None, LGCA_GLOBAL_WEIGHT),
+        ("wca", 0.3, 0.3),
+        ("lgca", 0.0, 0.0),
+        ("lgca", 1.0, 1.0),
+    ],
 )
 def test_global_weight_resolves_to_the_method_default(method, given, resolved):
     """None means the method's default: 0 for wca (WCA's code), LGCA_GLOBAL_WEIGHT for lgca; the global-only
@@ -399,14 +406,38 @@ FULL_JOB = JobConfig(
     inputs=("s3://bucket/a/", "/data/manifest.parquet"),
     output="s3://bucket/out/",
     vocabulary=VocabularyConfig(labels="s3://bucket/labels.json", templates="templates.txt", prompt="an image of a {}."),
-    model=ModelConfig(name="ViT-L-14", pretrained="s3://bucket/w.safetensors", device="cuda:0", precision="fp16",
-                      cache_dir="/cache", random_seed=3, compile=True),
-    scoring=ScoringConfig(method="wca", crops=16, crop_scale=(0.3, 0.7), crop_layout="grid", saliency="global", steps=2,
-                          regions=3, growth=1.6, overlap_iou=0.4, image_scale=3.0, text_scale=1.5, expand_weight=0.5,
-                          seed=11, topk=3, micro_batch=64, global_weight=0.4, growth_target=0.8),
+    model=ModelConfig(
+        name="ViT-L-14",
+        pretrained="s3://bucket/w.safetensors",
+        device="cuda:0",
+        precision="fp16",
+        cache_dir="/cache",
+        random_seed=3,
+        compile=True,
+    ),
+    scoring=ScoringConfig(
+        method="wca",
+        crops=16,
+        crop_scale=(0.3, 0.7),
+        crop_layout="grid",
+        saliency="global",
+        steps=2,
+        regions=3,
+        growth=1.6,
+        overlap_iou=0.4,
+        image_scale=3.0,
+        text_scale=1.5,
+        expand_weight=0.5,
+        seed=11,
+        topk=3,
+        micro_batch=64,
+        global_weight=0.4,
+        growth_target=0.8,
+    ),
     decode=DecodeConfig(max_pixels=1000, min_short_side=128, timeout_s=5.0, device="gpu"),
-    execution=ExecutionConfig(address="auto", batch_size=8, concurrency=2, num_gpus=0.5, num_cpus_per_actor=2.0,
-                              decode_batch_size=4, rows_per_file=100),
+    execution=ExecutionConfig(
+        address="auto", batch_size=8, concurrency=2, num_gpus=0.5, num_cpus_per_actor=2.0, decode_batch_size=4, rows_per_file=100
+    ),
     resume=True,
 )
 

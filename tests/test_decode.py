@@ -1,4 +1,4 @@
-"""Tests of pipeline.decode over the shared corpus, synthetic edge cases, and fuzzed bytes."""
+"""Tests of pipeline.stages.decode over the shared corpus, synthetic edge cases, and fuzzed bytes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile, JpegImagePlugin
 
 from pipeline.config import DecodeConfig
-from pipeline.decode import GREY, DecodedImage, DecodeFailure, decode_image, short_side_for
+from pipeline.stages.decode import GREY, DecodedImage, DecodeFailure, decode_image, short_side_for
 
 from .corpus import (
     BLUE,
@@ -39,9 +39,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Ex
     return directory, build_corpus(directory)
 
 
-def _decode_file(
-    corpus: tuple[Path, dict[str, Expected]], relative: str, config: DecodeConfig = DEFAULT
-) -> DecodedImage | DecodeFailure:
+def _decode_file(corpus: tuple[Path, dict[str, Expected]], relative: str, config: DecodeConfig = DEFAULT) -> DecodedImage | DecodeFailure:
     directory, _ = corpus
     return decode_image(Path(directory, *relative.split("/")).read_bytes(), config)
 
@@ -102,9 +100,7 @@ def test_failure_messages(corpus: tuple[Path, dict[str, Expected]], relative: st
         assert fragment in result.message
 
 
-def test_bomb_refused_before_decoding(
-    corpus: tuple[Path, dict[str, Expected]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bomb_refused_before_decoding(corpus: tuple[Path, dict[str, Expected]], monkeypatch: pytest.MonkeyPatch) -> None:
     loads: list[str] = []
     original_load = ImageFile.ImageFile.load
 
@@ -119,7 +115,7 @@ def test_bomb_refused_before_decoding(
     assert time.perf_counter() - started < 0.5
     assert isinstance(result, DecodeFailure) and "max_pixels" in result.message
     assert loads == []  # refused from the header: the 900 MB image was never allocated
-    assert Image.MAX_IMAGE_PIXELS == limit_before  # PIL's global is restored
+    assert limit_before == Image.MAX_IMAGE_PIXELS  # PIL's global is restored
 
 
 def test_exif_rotation_gives_upright_size_and_pixels(corpus: tuple[Path, dict[str, Expected]]) -> None:
@@ -276,9 +272,7 @@ def test_max_pixels_above_pil_limit_is_honoured(image_format: str, monkeypatch: 
     assert isinstance(refused, DecodeFailure) and "100 x 100 = 10000 pixels" in refused.message
 
 
-def test_concurrent_decodes_restore_pil_limit(
-    corpus: tuple[Path, dict[str, Expected]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_concurrent_decodes_restore_pil_limit(corpus: tuple[Path, dict[str, Expected]], monkeypatch: pytest.MonkeyPatch) -> None:
     # A low PIL limit sends every photo through the path that raises it for the load, from 4 threads at once.
     # A smoke test: a lost restore is a rare interleaving, so passing does not prove the lock.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
@@ -348,9 +342,7 @@ def _mutate(data: bytes, mutations: list[tuple[str, int, int]], keep: float | No
     mutations=st.lists(_MUTATION, min_size=1, max_size=8),
     keep=st.none() | st.floats(0.0, 1.0),
 )
-def test_mutated_bytes_never_raise(
-    image_format: str, mutations: list[tuple[str, int, int]], keep: float | None
-) -> None:
+def test_mutated_bytes_never_raise(image_format: str, mutations: list[tuple[str, int, int]], keep: float | None) -> None:
     data = _mutate(_seed_file(image_format), mutations, keep)
     started = time.perf_counter()
     result = decode_image(data, _FUZZ_CONFIG)

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from pipeline.config import ConfigError, DecodeConfig, JobConfig, ModelConfig, ScoringConfig, VocabularyConfig
-from pipeline.decode import DecodedImage, DecodeFailure, DeferredJpeg, decode_image, defer_jpeg
-from pipeline.device_decode import CHUNK, box_reduce, decode_jpegs, upright
-from pipeline.job import ScoringActor, _jpegs_on_device, _read_and_decode
+from pipeline.run.job import ScoringActor, _jpegs_on_device, _read_and_decode
 from pipeline.schema import DECODE_ERROR, OK
+from pipeline.stages.decode import DecodedImage, DecodeFailure, DeferredJpeg, decode_image, defer_jpeg
+from pipeline.stages.device_decode import CHUNK, box_reduce, decode_jpegs, upright
 
 from .corpus import build_corpus
 from .tiny import TINY_MODEL
@@ -148,7 +148,7 @@ def actor(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     (cache / "labels.txt").write_text("cat\nrocket\ncoffee\n")
     vocabulary_config = VocabularyConfig(labels=str(cache / "labels.txt"))
-    from pipeline.vocab import load_vocabulary
+    from pipeline.stages.vocab import load_vocabulary
 
     return ScoringActor(
         model_config=ModelConfig(name=TINY_MODEL, pretrained="random", device="cpu", cache_dir=str(cache)),
@@ -181,7 +181,7 @@ def test_scoring_actor_scores_deferred_jpegs_like_cpu_decoded_ones(tmp_path, act
             assert np.allclose(on_device["topk_scores"], on_cpu["topk_scores"], atol=2e-3)
             assert len(on_device["boxes"]) == len(on_cpu["boxes"]) > 0
             for box_device, box_cpu in zip(on_device["boxes"], on_cpu["boxes"]):
-                assert np.allclose([box_device[k] for k in "x0 y0 x1 y1".split()], [box_cpu[k] for k in "x0 y0 x1 y1".split()])
+                assert np.allclose([box_device[k] for k in ["x0", "y0", "x1", "y1"]], [box_cpu[k] for k in ["x0", "y0", "x1", "y1"]])
     # the truncated JPEG passed the header check, failed the device decoder, and PIL named the problem
     assert rows_device[-1]["status"] == DECODE_ERROR and "truncated" in rows_device[-1]["error_message"].lower()
 
@@ -190,8 +190,13 @@ def test_decode_device_is_validated_before_any_work():
     with pytest.raises(ConfigError, match="decode device 'nvjpeg' is unknown"):
         DecodeConfig(device="nvjpeg")
     with pytest.raises(ConfigError, match="--decode gpu .* --device cpu"):
-        JobConfig(inputs=("x",), output="y", vocabulary=VocabularyConfig(labels="l"), model=ModelConfig(device="cpu"),
-                  decode=DecodeConfig(device="gpu"))
+        JobConfig(
+            inputs=("x",),
+            output="y",
+            vocabulary=VocabularyConfig(labels="l"),
+            model=ModelConfig(device="cpu"),
+            decode=DecodeConfig(device="gpu"),
+        )
     with pytest.raises(ConfigError, match="no GPU for the scoring actors"):
         _jpegs_on_device("gpu", "cpu")
     assert [_jpegs_on_device(d, "cpu") for d in ("cpu", "auto")] == [False, False]
@@ -230,7 +235,7 @@ def _decode_job(tmp_path, images, name, device):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU exists")
 def test_decode_gpu_without_a_gpu_in_the_cluster_is_refused_before_labelling(tmp_path, ray_local):
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     images = _photo_directory(tmp_path / "images")
     with pytest.raises(ConfigError, match="no GPU for the scoring actors"):
@@ -242,7 +247,7 @@ def test_decode_gpu_without_a_gpu_in_the_cluster_is_refused_before_labelling(tmp
 def test_decode_gpu_job_matches_decode_cpu_job(tmp_path, ray_local):
     import pyarrow.parquet as pq
 
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     images = _photo_directory(tmp_path / "images")
     tables = {}

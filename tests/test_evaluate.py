@@ -14,10 +14,10 @@ import skimage.data
 import torch
 from PIL import Image
 
-from pipeline import evaluate as ev
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.config import METHODS, ScoringConfig
-from pipeline.score import Scorer, class_vectors
+from pipeline.evaluation import evaluate as ev
+from pipeline.scoring.score import Scorer, class_vectors
 
 from .analytic import PALETTE, VIEW, ColourEncoder, encode_colour_text, make_scene
 from .tiny import TINY_MODEL
@@ -202,8 +202,15 @@ TEMPLATES = ("a {} object",)
 # saliency 1) is selected and grown three times in one lineage (the other M crops are the same place, so they
 # are passed over); an M crop's side is already the shorter side, the cap, so its grown boxes are M again.
 ANALYTIC = ScoringConfig(
-    method="lgca", crops=9, crop_layout="grid", crop_scale=(1.0, 1.0), image_scale=-50.0,
-    global_weight=0.1, saliency="global", regions=1, steps=3,
+    method="lgca",
+    crops=9,
+    crop_layout="grid",
+    crop_scale=(1.0, 1.0),
+    image_scale=-50.0,
+    global_weight=0.1,
+    saliency="global",
+    regions=1,
+    steps=3,
 )
 
 
@@ -300,7 +307,7 @@ def test_metrics_are_exact_on_analytic_scenes(analytic_root):
     for method in METHODS:
         right = [predicted[method][key] == label for key, label in truth.items()]
         per_class = {}
-        for (key, label), ok in zip(truth.items(), right):
+        for label, ok in zip(truth.values(), right):
             per_class.setdefault(label, []).append(ok)
         recall = sum(sum(oks) / len(oks) for oks in per_class.values()) / len(per_class)
         assert results[method].acc1 == (sum(right) / 8,), method
@@ -415,8 +422,12 @@ def test_a_sweep_evaluates_each_setting_on_one_pass_over_the_data(analytic_root)
     assert [s.changes for s in settings] == [{"steps": 1, "regions": 1}, {"steps": 2, "regions": 1}] and len(skipped) == 2
     encoder = ColourEncoder()
     evaluation = ev.evaluate(
-        ev.list_labelled(str(analytic_root), {}), CLASSES, _analytic_vectors,
-        ev.ImageModel(encoder, 20.0, VIEW), ("wca", "lgca"), settings,
+        ev.list_labelled(str(analytic_root), {}),
+        CLASSES,
+        _analytic_vectors,
+        ev.ImageModel(encoder, 20.0, VIEW),
+        ("wca", "lgca"),
+        settings,
     )
     # one global view per image; each setting's crops and grown regions
     assert encoder.rows == 8 * (1 + (6 + 1) + (6 + 2))
@@ -430,8 +441,12 @@ def test_settings_that_differ_only_in_combining_weights_share_their_views(analyt
     settings, _ = ev.sweep_settings(RANDOM_CROPS, ev.parse_sweep(["global_weight=0,0.5,1", "expand_weight=1,3"], METHODS))
     encoder = ColourEncoder()
     evaluation = ev.evaluate(
-        ev.list_labelled(str(analytic_root), {}), CLASSES, _analytic_vectors,
-        ev.ImageModel(encoder, 20.0, VIEW), ("wca", "lgca"), settings,
+        ev.list_labelled(str(analytic_root), {}),
+        CLASSES,
+        _analytic_vectors,
+        ev.ImageModel(encoder, 20.0, VIEW),
+        ("wca", "lgca"),
+        settings,
     )
     assert len(settings) == 6 and encoder.rows == 8 * RANDOM_CROPS.encoder_passes
     for setting_result in evaluation.results:
@@ -448,8 +463,9 @@ def test_manifest_groups_split_the_accuracy_and_observers_see_every_score(analyt
     listed = ev.list_labelled(str(analytic_root), {})
     manifest = tmp_path / "grouped.csv"
     groups = ["panoramas" if "panorama" in key else "squares" for key in listed.keys]
-    manifest.write_text("path,label,key,group\n" + "".join(
-        f"{p},{l},{k},{g}\n" for p, l, k, g in zip(listed.paths, listed.labels, listed.keys, groups)))
+    manifest.write_text(
+        "path,label,key,group\n" + "".join(f"{p},{l},{k},{g}\n" for p, l, k, g in zip(listed.paths, listed.labels, listed.keys, groups))
+    )
     seen: list[ev.Observation] = []
     evaluation = _evaluate_analytic(manifest, methods=("clip", "lgca"), observe=seen.append)
     plain = _evaluate_analytic(analytic_root, methods=("clip", "lgca"))
@@ -497,11 +513,36 @@ def test_cli_with_random_weights_runs_end_to_end_and_reports_chance(tmp_path, ca
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\nastronaut\ncoffee\nrocket\nhorse\n")  # horse: no images, a distractor
     output = tmp_path / "results" / "photos.json"
-    code = main([
-        "eval", "--data", str(tmp_path / "photos"), "--labels", str(labels), "--model", TINY_MODEL,
-        "--pretrained", "random", "--device", "cpu", "--crops", "4", "--steps", "1", "--regions", "1",
-        "--runs", "2", "--batch-size", "5", "--output", str(output), "--no-progress", "--cache-dir", str(tmp_path / "cache"),
-    ])
+    code = main(
+        [
+            "eval",
+            "--data",
+            str(tmp_path / "photos"),
+            "--labels",
+            str(labels),
+            "--model",
+            TINY_MODEL,
+            "--pretrained",
+            "random",
+            "--device",
+            "cpu",
+            "--crops",
+            "4",
+            "--steps",
+            "1",
+            "--regions",
+            "1",
+            "--runs",
+            "2",
+            "--batch-size",
+            "5",
+            "--output",
+            str(output),
+            "--no-progress",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "have no images" in captured.err and "horse" in captured.err
@@ -532,22 +573,48 @@ def test_cli_sweep_prints_a_row_per_setting_and_reports_skipped_ones(tmp_path, c
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\nastronaut\ncoffee\nrocket\n")
     output = tmp_path / "sweep.json"
-    code = main([
-        "eval", "--data", str(tmp_path / "photos"), "--labels", str(labels), "--model", TINY_MODEL,
-        "--pretrained", "random", "--device", "cpu", "--methods", "wca,lgca", "--crops", "4", "--limit", "8",
-        "--sweep", "steps=1,2", "regions=1,6", "--output", str(output), "--no-progress", "--cache-dir", str(tmp_path / "cache"),
-    ])
+    code = main(
+        [
+            "eval",
+            "--data",
+            str(tmp_path / "photos"),
+            "--labels",
+            str(labels),
+            "--model",
+            TINY_MODEL,
+            "--pretrained",
+            "random",
+            "--device",
+            "cpu",
+            "--methods",
+            "wca,lgca",
+            "--crops",
+            "4",
+            "--limit",
+            "8",
+            "--sweep",
+            "steps=1,2",
+            "regions=1,6",
+            "--output",
+            str(output),
+            "--no-progress",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "sweep setting steps=1 regions=6 skipped" in captured.err and "6 regions" in captured.err
-    table = captured.out[captured.out.index("sweep, acc1"):].splitlines()
+    table = captured.out[captured.out.index("sweep, acc1") :].splitlines()
     assert table[1].split() == ["steps", "regions", "|", "wca", "lgca"]
     assert [row.split()[:2] for row in table[2:4]] == [["1", "1"], ["2", "1"]]
     document = json.loads(output.read_text())
     assert document["images"] == 8 and document["images_listed"] == 16
     assert [(r["setting"], r["method"]) for r in document["results"]] == [
-        ({"steps": 1, "regions": 1}, "wca"), ({"steps": 1, "regions": 1}, "lgca"),
-        ({"steps": 2, "regions": 1}, "wca"), ({"steps": 2, "regions": 1}, "lgca"),
+        ({"steps": 1, "regions": 1}, "wca"),
+        ({"steps": 1, "regions": 1}, "lgca"),
+        ({"steps": 2, "regions": 1}, "wca"),
+        ({"steps": 2, "regions": 1}, "lgca"),
     ]
     assert len(document["skipped_settings"]) == 2
 
@@ -597,11 +664,30 @@ def test_class_folders_and_manifests_on_s3_give_the_local_metrics(analytic_root,
     # and through the CLI, with the results written to the bucket
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(CLASSES) + "\n")
-    code = main([
-        "eval", "--data", f"{s3_bucket}/data", "--labels", str(labels), "--model", TINY_MODEL, "--pretrained", "random",
-        "--device", "cpu", "--methods", "clip", "--output", f"{s3_bucket}/results/analytic.json", "--no-progress",
-        "--cache-dir", str(tmp_path / "cache"), "--storage-option", f"endpoint_url={s3_server.endpoint_url}",
-    ])
+    code = main(
+        [
+            "eval",
+            "--data",
+            f"{s3_bucket}/data",
+            "--labels",
+            str(labels),
+            "--model",
+            TINY_MODEL,
+            "--pretrained",
+            "random",
+            "--device",
+            "cpu",
+            "--methods",
+            "clip",
+            "--output",
+            f"{s3_bucket}/results/analytic.json",
+            "--no-progress",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--storage-option",
+            f"endpoint_url={s3_server.endpoint_url}",
+        ]
+    )
     assert code == 0
     body = s3_server.client().get_object(Bucket=s3_bucket.removeprefix("s3://"), Key="results/analytic.json")["Body"].read()
     document = json.loads(body)

@@ -1,4 +1,4 @@
-"""Tests of pipeline.export: coordinate conversions, the four formats against their consumers, filters, errors, 100k rows."""
+"""Tests of pipeline.review.export: coordinate conversions, the four formats against their consumers, filters, errors, 100k rows."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline import cli
-from pipeline.export import (
+from pipeline.cli import main as cli
+from pipeline.review.export import (
     CSV_COLUMNS,
     FORMATS,
     CurationError,
@@ -58,38 +58,54 @@ LABEL_STUDIO_SCHEMA = {
                     "properties": {
                         "model_version": {"type": "string"},
                         "score": {"type": ["number", "null"]},
-                        "result": {"type": "array", "items": {"oneOf": [
-                            {
-                                "type": "object",
-                                "required": ["id", "type", "from_name", "to_name", "value"],
-                                "properties": {
-                                    "type": {"const": "choices"},
-                                    "from_name": {"type": "string"}, "to_name": {"type": "string"},
-                                    "value": {"type": "object", "required": ["choices"], "additionalProperties": False,
-                                              "properties": {"choices": {"type": "array", "items": {"type": "string"}, "minItems": 1}}},
-                                    "score": {"type": ["number", "null"]},
-                                },
-                            },
-                            {
-                                "type": "object",
-                                "required": ["id", "type", "from_name", "to_name", "value", "original_width", "original_height"],
-                                "properties": {
-                                    "type": {"const": "rectanglelabels"},
-                                    "from_name": {"type": "string"}, "to_name": {"type": "string"},
-                                    "original_width": {"type": "integer", "minimum": 1},
-                                    "original_height": {"type": "integer", "minimum": 1},
-                                    "image_rotation": {"type": "number"},
-                                    "score": {"type": ["number", "null"]},
-                                    "value": {
+                        "result": {
+                            "type": "array",
+                            "items": {
+                                "oneOf": [
+                                    {
                                         "type": "object",
-                                        "required": ["x", "y", "width", "height", "rectanglelabels"],
-                                        "properties": {"x": _PERCENT, "y": _PERCENT, "width": _PERCENT, "height": _PERCENT,
-                                                       "rotation": {"type": "number"},
-                                                       "rectanglelabels": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+                                        "required": ["id", "type", "from_name", "to_name", "value"],
+                                        "properties": {
+                                            "type": {"const": "choices"},
+                                            "from_name": {"type": "string"},
+                                            "to_name": {"type": "string"},
+                                            "value": {
+                                                "type": "object",
+                                                "required": ["choices"],
+                                                "additionalProperties": False,
+                                                "properties": {"choices": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+                                            },
+                                            "score": {"type": ["number", "null"]},
+                                        },
                                     },
-                                },
+                                    {
+                                        "type": "object",
+                                        "required": ["id", "type", "from_name", "to_name", "value", "original_width", "original_height"],
+                                        "properties": {
+                                            "type": {"const": "rectanglelabels"},
+                                            "from_name": {"type": "string"},
+                                            "to_name": {"type": "string"},
+                                            "original_width": {"type": "integer", "minimum": 1},
+                                            "original_height": {"type": "integer", "minimum": 1},
+                                            "image_rotation": {"type": "number"},
+                                            "score": {"type": ["number", "null"]},
+                                            "value": {
+                                                "type": "object",
+                                                "required": ["x", "y", "width", "height", "rectanglelabels"],
+                                                "properties": {
+                                                    "x": _PERCENT,
+                                                    "y": _PERCENT,
+                                                    "width": _PERCENT,
+                                                    "height": _PERCENT,
+                                                    "rotation": {"type": "number"},
+                                                    "rectanglelabels": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                                                },
+                                            },
+                                        },
+                                    },
+                                ]
                             },
-                        ]}},
+                        },
                     },
                 },
             },
@@ -323,16 +339,18 @@ FILTERS = [
 @pytest.mark.parametrize("chosen", FILTERS)
 def test_filters_apply_to_every_format(small_output, tmp_path, fmt, chosen):
     out = tmp_path / ("fo" if fmt == "fiftyone" else f"export.{'csv' if fmt == 'csv' else 'json'}")
-    row_filter = default_filter(fmt, chosen.get("min_score"), chosen.get("labels", ()), chosen.get("statuses", ()),
-                                chosen.get("max_score"))
+    row_filter = default_filter(fmt, chosen.get("min_score"), chosen.get("labels", ()), chosen.get("statuses", ()), chosen.get("max_score"))
     summary = export(open_output(str(small_output)), fmt, str(out), row_filter)
     rows = pq.read_table(small_output).to_pylist()
     statuses = chosen.get("statuses") or (("ok",) if fmt != "csv" else ("ok", "read_error", "decode_error", "score_error"))
-    wanted = [r["key"] for r in rows
-              if r["status"] in statuses
-              and (not chosen.get("labels") or r["label"] in chosen["labels"])
-              and (chosen.get("min_score") is None or (r["score"] is not None and r["score"] >= chosen["min_score"]))
-              and (chosen.get("max_score") is None or (r["score"] is not None and r["score"] <= chosen["max_score"]))]
+    wanted = [
+        r["key"]
+        for r in rows
+        if r["status"] in statuses
+        and (not chosen.get("labels") or r["label"] in chosen["labels"])
+        and (chosen.get("min_score") is None or (r["score"] is not None and r["score"] >= chosen["min_score"]))
+        and (chosen.get("max_score") is None or (r["score"] is not None and r["score"] <= chosen["max_score"]))
+    ]
     keys = _exported_keys(fmt, out)
     if fmt == "fiftyone":
         wanted = [fiftyone_uuid(k) for k in wanted]
@@ -344,8 +362,7 @@ def test_failed_rows_export_without_predictions(small_output, tmp_path):
     export(open_output(str(small_output)), "labelstudio", str(out), default_filter("labelstudio", statuses=("decode_error",)))
     tasks = json.loads(out.read_text())
     jsonschema.validate(tasks, LABEL_STUDIO_SCHEMA)
-    assert tasks and all(t["predictions"] == [] and t["data"]["status"] == "decode_error" and t["data"]["error_message"]
-                         for t in tasks)
+    assert tasks and all(t["predictions"] == [] and t["data"]["status"] == "decode_error" and t["data"]["error_message"] for t in tasks)
     coco_out = tmp_path / "failed-coco.json"
     export(open_output(str(small_output)), "coco", str(coco_out), default_filter("coco", statuses=("read_error",)))
     coco = json.loads(coco_out.read_text())
@@ -369,19 +386,23 @@ def test_path_prefixes_rewrite_image_urls(small_output, tmp_path):
     output = open_output(str(small_output))
     images_dir = str(Path(pq.read_table(small_output, columns=["path"]).column("path")[0].as_py()).parent)
     out = tmp_path / "tasks.json"
-    export(output, "labelstudio", str(out), default_filter("labelstudio"),
-           path_prefixes=[(images_dir + "/", "/data/local-files/?d=images/")])
+    export(
+        output, "labelstudio", str(out), default_filter("labelstudio"), path_prefixes=[(images_dir + "/", "/data/local-files/?d=images/")]
+    )
     assert all(t["data"]["image"].startswith("/data/local-files/?d=images/grey") for t in json.loads(out.read_text()))
 
 
 # ---------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("row_filter, message", [
-    (RowFilter(statuses=("okay",)), "status okay is not one of"),
-    (RowFilter(labels=("class99",)), "'class99' is not in this run's vocabulary"),
-    (RowFilter(min_score=float("nan")), "--min-score must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "row_filter, message",
+    [
+        (RowFilter(statuses=("okay",)), "status okay is not one of"),
+        (RowFilter(labels=("class99",)), "'class99' is not in this run's vocabulary"),
+        (RowFilter(min_score=float("nan")), "--min-score must be a finite number"),
+    ],
+)
 def test_bad_filters_name_the_fix(small_output, tmp_path, row_filter, message):
     with pytest.raises(CurationError, match=message):
         export(open_output(str(small_output)), "csv", str(tmp_path / "x.csv"), row_filter)
@@ -414,14 +435,18 @@ def test_corrupt_manifest_says_how_to_rewrite_it(tmp_path):
 
 def test_cli_export_writes_and_reports(small_output, tmp_path, capsys):
     out = tmp_path / "coco.json"
-    code = cli.main(["export", str(small_output), "--format", "coco", "--out", str(out), "--labels", "class01,class02",
-                     "--min-score", "0.5"])
+    code = cli.main(
+        ["export", str(small_output), "--format", "coco", "--out", str(out), "--labels", "class01,class02", "--min-score", "0.5"]
+    )
     assert code == 0
     line = capsys.readouterr().out
     images = json.loads(out.read_text())["images"]
     assert f"lgca export: {len(images)} rows" in line
     assert images and all(i["attributes"]["label"] in ("class01", "class02") and i["attributes"]["score"] >= 0.5 for i in images)
-    assert cli.main(["export", str(small_output), "--format", "csv", "--out", str(tmp_path / "y.csv"), "--path-prefix", "nope"]) == cli.EXIT_CONFIG
+    assert (
+        cli.main(["export", str(small_output), "--format", "csv", "--out", str(tmp_path / "y.csv"), "--path-prefix", "nope"])
+        == cli.EXIT_CONFIG
+    )
 
 
 def test_export_from_and_to_s3(s3_bucket, s3_server, tmp_path):
@@ -430,8 +455,7 @@ def test_export_from_and_to_s3(s3_bucket, s3_server, tmp_path):
     local = write_output(tmp_path / "out", synthetic_rows(120, sample_images(tmp_path / "images", 2)), rows_per_file=50)
     fs = s3fs.S3FileSystem(**s3_server.storage_options)
     fs.put(str(local) + "/", f"{s3_bucket[5:]}/run/", recursive=True)
-    options = [f"--storage-option=endpoint_url={s3_server.endpoint_url}", "--storage-option=key=testing",
-               "--storage-option=secret=testing"]
+    options = [f"--storage-option=endpoint_url={s3_server.endpoint_url}", "--storage-option=key=testing", "--storage-option=secret=testing"]
     assert cli.main(["export", f"{s3_bucket}/run", "--format", "csv", "--out", f"{s3_bucket}/exports/all.csv", *options]) == 0
     text = fs.cat_file(f"{s3_bucket[5:]}/exports/all.csv").decode()
     assert len(text.strip().splitlines()) == 121
@@ -441,8 +465,10 @@ def test_export_from_and_to_s3(s3_bucket, s3_server, tmp_path):
 def test_curation_modules_import_neither_torch_nor_ray():
     import subprocess
 
-    code = ("import sys, pipeline.export, pipeline.report, pipeline.curation_cli; "
-            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    code = (
+        "import sys, pipeline.review.export, pipeline.review.report, pipeline.cli.review; "
+        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -459,7 +485,9 @@ def test_export_100k_rows_in_bounded_time_and_memory(big_output, tmp_path):
         out = tmp_path / ("fo" if fmt == "fiftyone" else f"export.{fmt}")
         result = measure(["export", str(big_output), "--format", fmt, "--out", str(out)])
         growth = result["peak_rss_mb"] - baseline["peak_rss_mb"]
-        print(f"\nexport {fmt:12s} 100k rows: {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
-              f"(+{growth:.0f} MB over a bare import, {baseline['peak_rss_mb']:.0f} MB); {result['output'].strip()}")
+        print(
+            f"\nexport {fmt:12s} 100k rows: {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
+            f"(+{growth:.0f} MB over a bare import, {baseline['peak_rss_mb']:.0f} MB); {result['output'].strip()}"
+        )
         assert f"lgca export: {len(statuses) if fmt == 'csv' else ok} rows" in result["output"]
         assert result["seconds"] < 60 and growth < 1536

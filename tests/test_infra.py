@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import pipeline
-from pipeline.submit import ENTRYPOINT_SCRIPT, entrypoint, load_spec
+from pipeline.run.submit import ENTRYPOINT_SCRIPT, entrypoint, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -298,10 +298,11 @@ def test_rayjob_runs_the_submitted_command_on_its_spec() -> None:
     (mount,) = [m for c in head["containers"] for m in c.get("volumeMounts", []) if spec_path.startswith(m["mountPath"] + "/")]
     (volume,) = [v for v in head["volumes"] if v["name"] == mount["name"]]
     (config_map,) = [d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"]]
-    key = spec_path[len(mount["mountPath"]) + 1:]
+    key = spec_path[len(mount["mountPath"]) + 1 :]
     job_spec = yaml.safe_load(config_map["data"][key])
-    assert job_spec == yaml.safe_load((REPO / "jobs" / "specs" / "gpu-fleet.yaml").read_text()), \
+    assert job_spec == yaml.safe_load((REPO / "jobs" / "specs" / "gpu-fleet.yaml").read_text()), (
         "the RayJob's ConfigMap holds jobs/specs/gpu-fleet.yaml; update both together"
+    )
     config, _ = load_spec(REPO / "jobs" / "specs" / "gpu-fleet.yaml")
 
     # enough GPUs for the spec's scoring actors, requested and limited alike
@@ -356,4 +357,4 @@ def test_launcher_config_contents() -> None:
     for node in nodes.values():
         assert "Name" in node["node_config"]["IamInstanceProfile"] or "Arn" in node["node_config"]["IamInstanceProfile"]
     assert nodes[config["head_node_type"]]["resources"] == {"CPU": 0}
-    assert any("import ray, torch, pipeline.job" in command for command in config["setup_commands"])
+    assert any("import ray, torch, pipeline.run.job" in command for command in config["setup_commands"])

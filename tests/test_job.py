@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ExecutionConfig, JobConfig, ModelConfig, ScoringConfig, VocabularyConfig
-from pipeline.job import run
+from pipeline.run.job import run
 from pipeline.schema import OUTPUT_COLUMNS
 
 from .corpus import build_corpus
@@ -166,8 +166,9 @@ def test_manifest_input_carries_columns_through(tmp_path, ray_local):
     names = _photos(images, 4)
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(
-        pa.table({"path": [f"images/{n}" for n in names] + ["images/missing.jpg"], "shard": [1, 2, 3, 4, 5],
-                  "source": ["a", "b", "c", "d", "e"]}),
+        pa.table(
+            {"path": [f"images/{n}" for n in names] + ["images/missing.jpg"], "shard": [1, 2, 3, 4, 5], "source": ["a", "b", "c", "d", "e"]}
+        ),
         manifest,
     )
     run(_job([manifest], tmp_path / "out", _labels(tmp_path)))
@@ -206,10 +207,28 @@ def test_killed_driver_then_resume_gives_every_input_exactly_once(tmp_path):
     output = tmp_path / "out"
     with RayHead() as head:
         command = [
-            str(bin_dir / "lgca"), "run", str(images), "--labels", str(labels), "--output", str(output),
+            str(bin_dir / "lgca"),
+            "run",
+            str(images),
+            "--labels",
+            str(labels),
+            "--output",
+            str(output),
             # a real architecture, so that scoring takes long enough to be interrupted midway
-            "--model", "ViT-B-32", "--pretrained", "random", "--method", "clip",
-            "--batch-size", "2", "--decode-batch-size", "2", "--rows-per-file", "4", "--address", head.address,
+            "--model",
+            "ViT-B-32",
+            "--pretrained",
+            "random",
+            "--method",
+            "clip",
+            "--batch-size",
+            "2",
+            "--decode-batch-size",
+            "2",
+            "--rows-per-file",
+            "4",
+            "--address",
+            head.address,
         ]
         driver = subprocess.Popen(command, env=head.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 180
@@ -254,7 +273,10 @@ def test_configuration_errors_exit_2_in_seconds(tmp_path, args, message):
     started = time.time()
     result = subprocess.run(
         [str(bin_dir / "lgca"), "run", str(images), "--output", str(tmp_path / "out"), *args],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
@@ -271,9 +293,22 @@ def test_missing_input_and_output_inside_input_fail_fast(tmp_path):
         ([images], images / "out", "inside input"),
     ]:
         result = subprocess.run(
-            [str(bin_dir / "lgca"), "run", *map(str, inputs), "--labels", str(labels), "--output", str(output),
-             "--model", TINY_MODEL, "--pretrained", "random"],
-            capture_output=True, text=True, timeout=120,
+            [
+                str(bin_dir / "lgca"),
+                "run",
+                *map(str, inputs),
+                "--labels",
+                str(labels),
+                "--output",
+                str(output),
+                "--model",
+                TINY_MODEL,
+                "--pretrained",
+                "random",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from pipeline.config import ScoringConfig
-from pipeline.labeler import Labeler, content_key, to_pixels
-from pipeline.models import ModelError
-from pipeline.vocab import VocabularyError
+from pipeline.models.load import ModelError
+from pipeline.run.labeler import Labeler, content_key, to_pixels
+from pipeline.stages.vocab import VocabularyError
 
 from .tiny import CLASSES, DESCRIPTIONS, TINY_MODEL, random_images
 
@@ -310,7 +310,7 @@ def test_not_an_image_file(tmp_path, labeler):
 
 def _counting_loads(monkeypatch) -> list[int]:
     """Wrap every model Labeler.load creates so that each encode_text call records its batch size."""
-    import pipeline.labeler as labeler_module
+    import pipeline.run.labeler as labeler_module
 
     calls: list[int] = []
     real_load = labeler_module.load_model
@@ -344,7 +344,7 @@ def test_text_cache_is_read_on_the_second_load(tmp_path, monkeypatch, caplog):
 
     # a corrupt entry is ignored with a warning, recomputed and rewritten
     files[0].write_bytes(b"\x00garbage")
-    caplog.set_level(logging.WARNING, logger="pipeline.labeler")
+    caplog.set_level(logging.WARNING, logger="pipeline.run.labeler")
     third = _labeler(DESCRIPTIONS, cache_dir=tmp_path)
     assert sum(calls) > 0
     assert any("ignoring unreadable text-embedding cache" in r.getMessage() for r in caplog.records)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.config import ModelConfig, ScoringConfig
-from pipeline.models import (
+from pipeline.models.load import (
     RANDOM_WEIGHTS_WARNING,
     ModelError,
     WeightsSource,
@@ -165,10 +165,10 @@ def test_tag_offline_says_to_pass_a_file_or_uri(monkeypatch, tmp_path):
 
 
 def test_random_weights_warn_loudly(caplog):
-    caplog.set_level(logging.WARNING, logger="pipeline.models")
+    caplog.set_level(logging.WARNING, logger="pipeline.models.load")
     with pytest.warns(UserWarning, match="RANDOM weights, so its labels are MEANINGLESS"):
         model = load_model(ModelConfig(name=TINY_MODEL, pretrained="random", device="cpu", random_seed=4))
-    records = [r for r in caplog.records if r.name == "pipeline.models" and r.levelno == logging.WARNING]
+    records = [r for r in caplog.records if r.name == "pipeline.models.load" and r.levelno == logging.WARNING]
     assert [r.getMessage() for r in records] == [RANDOM_WEIGHTS_WARNING]
     assert model.identity == {"model": "lgca-tiny-vit", "pretrained": "random(seed=4)", "weights_sha256": ""}
 
@@ -379,7 +379,7 @@ def test_weights_from_s3_are_fetched_once_and_cached(tmp_path, s3_server, s3_buc
 
     # second load: the remote object is gone, the cached copy serves and is not fetched again
     client.delete_object(Bucket=bucket, Key="weights/ViT-tiny.safetensors")
-    caplog.set_level(logging.WARNING, logger="pipeline.models")
+    caplog.set_level(logging.WARNING, logger="pipeline.models.load")
     second = load_model(config, s3_server.storage_options)
     np.testing.assert_array_equal(_scores(second), reference_scores)
     assert any("using the cached copy" in r.getMessage() for r in caplog.records)

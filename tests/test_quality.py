@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import evaluate as ev
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.config import ModelConfig, ScoringConfig, VocabularyConfig
-from pipeline.labeler import text_vectors
-from pipeline.models import load_model
-from pipeline.regions import box_iou
-from pipeline.scenes import FASHION_MNIST_DIR
-from pipeline.score import ViewFormat
-from pipeline.vocab import load_vocabulary
+from pipeline.evaluation import evaluate as ev
+from pipeline.evaluation.scenes import FASHION_MNIST_DIR
+from pipeline.models.load import load_model
+from pipeline.models.text_vectors import text_vectors
+from pipeline.scoring.regions import box_iou
+from pipeline.scoring.score import ViewFormat
+from pipeline.stages.vocab import load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -67,11 +67,28 @@ def mid_scenes(tmp_path_factory) -> Path:
 
 def test_committed_weights_reach_full_frame_accuracy_through_the_cli(full_frame, tmp_path, capsys):
     out = tmp_path / "results.json"
-    code = main([
-        "eval", "--data", str(full_frame), "--labels", LABELS, "--templates", TEMPLATES,
-        "--model", MODEL, "--pretrained", WEIGHTS, "--device", "cpu",
-        "--methods", "clip,ensemble,descriptors", "--output", str(out), "--no-progress",
-    ])
+    code = main(
+        [
+            "eval",
+            "--data",
+            str(full_frame),
+            "--labels",
+            LABELS,
+            "--templates",
+            TEMPLATES,
+            "--model",
+            MODEL,
+            "--pretrained",
+            WEIGHTS,
+            "--device",
+            "cpu",
+            "--methods",
+            "clip,ensemble,descriptors",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     records = {r["method"]: r for r in json.loads(out.read_text())["results"]}
     assert records["descriptors"]["images"] == 300

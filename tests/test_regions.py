@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.regions import box_iou, grow_boxes, growth_to_target, image_seed, sample_crops, select_salient
+from pipeline.scoring.regions import box_iou, grow_boxes, growth_to_target, image_seed, sample_crops, select_salient
 
 SIZES = [(640, 480), (300, 900), (50, 50), (1000, 3)]
 
@@ -28,7 +28,7 @@ def test_image_seed_is_pinned():
 
 def test_image_seed_is_stable_across_processes():
     """Python's `hash` is salted per process; the seed must not be. A child with another PYTHONHASHSEED agrees."""
-    code = "from pipeline.regions import image_seed; print(image_seed(3, 'k/ey.jpg'))"
+    code = "from pipeline.scoring.regions import image_seed; print(image_seed(3, 'k/ey.jpg'))"
     child = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "12345", "PATH": ""}
     )
@@ -71,7 +71,7 @@ def test_sample_crops_ignore_global_random_state():
 
 def test_sample_crops_same_in_another_process():
     code = (
-        "import json; from pipeline.regions import sample_crops; "
+        "import json; from pipeline.scoring.regions import sample_crops; "
         "print(json.dumps(sample_crops('x/y.png', 321, 123, 3, (0.5, 0.9), 9).tolist()))"
     )
     child = subprocess.run(

@@ -32,7 +32,7 @@ from PIL import Image
 
 from pipeline.config import DecodeConfig, ExecutionConfig, ScoringConfig
 from pipeline.faults import FAULT_ENV, FAULT_POINTS
-from pipeline.job import _read_and_decode, run
+from pipeline.run.job import _read_and_decode, run
 from pipeline.schema import DECODE_ERROR, OK, READ_ERROR, STATUSES
 
 from .fault_proxy import FaultProxy, Rule
@@ -47,7 +47,7 @@ TAG = "LGCA_RELIABILITY_TAG"  # set in the environment of every process a test s
 # configuration errors must be reported within this many seconds, before any cluster work: the guard is against
 # hangs; a cold `lgca` process (torch and Ray imports, the address probe) took 20.6 to 24.4 s on a loaded 2-core CI machine
 FAST_FAIL_S = 40
-S3_READ_REQUESTS = 4 * 3  # read_bytes attempts x botocore attempts (pipeline.job.S3_READ_CONFIG)
+S3_READ_REQUESTS = 4 * 3  # read_bytes attempts x botocore attempts (pipeline.run.job.S3_READ_CONFIG)
 
 
 def _report(test: str, **figures: object) -> None:
@@ -114,7 +114,7 @@ def test_scoring_actor_killed_mid_job_every_input_exactly_once(tmp_path, ray_loc
     def job() -> None:
         try:
             outcome["summary"] = run(config)
-        except BaseException as error:  # noqa: BLE001 - reported by the test thread
+        except BaseException as error:
             outcome["error"] = error
 
     thread = threading.Thread(target=job, daemon=True)
@@ -147,9 +147,25 @@ def test_driver_killed_at_every_fault_point_then_resume_gives_every_input_once(t
     labels = _labels(tmp_path)
     output = tmp_path / "out"
     command = [
-        LGCA, "run", str(images), "--labels", str(labels), "--output", str(output), "--model", TINY_MODEL,
-        "--pretrained", "random", "--method", "clip", "--batch-size", "2", "--decode-batch-size", "2",
-        "--rows-per-file", "4",
+        LGCA,
+        "run",
+        str(images),
+        "--labels",
+        str(labels),
+        "--output",
+        str(output),
+        "--model",
+        TINY_MODEL,
+        "--pretrained",
+        "random",
+        "--method",
+        "clip",
+        "--batch-size",
+        "2",
+        "--decode-batch-size",
+        "2",
+        "--rows-per-file",
+        "4",
     ]
     assert FAULT_POINTS == ("listed", "scoring", "staged", "before_success")
     # staged before scoring: the staged file of the second run must be dropped by the third
@@ -161,11 +177,14 @@ def test_driver_killed_at_every_fault_point_then_resume_gives_every_input_once(t
             started = time.time()
             killed = subprocess.run(
                 command + ["--address", head.address] + (["--resume"] if index else []),
-                env=env, capture_output=True, text=True, timeout=180,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=180,
             )
             assert killed.returncode == -signal.SIGKILL, (point, killed.returncode, killed.stderr[-2000:])
             # the driver left nothing running: no process of its own, and Ray ended its job's actors
-            assert _wait_until(lambda: not _tagged_processes(tag), 10), point
+            assert _wait_until(lambda tag=tag: not _tagged_processes(tag), 10), point
             assert _wait_until(lambda: not _scoring_actors(head.processes()), 30), point
             parts = sorted(output.glob("part-*.parquet"))
             staged = list((output / "_staging").glob("*.parquet")) if (output / "_staging").exists() else []
@@ -179,19 +198,20 @@ def test_driver_killed_at_every_fault_point_then_resume_gives_every_input_once(t
             else:
                 assert (output / "_manifest.json").exists()
                 _assert_exactly_once(str(output), names)
-            _report("driver death", point=point, seconds=round(time.time() - started, 1), committed_files=len(parts),
-                    staged_files=len(staged))
+            _report(
+                "driver death", point=point, seconds=round(time.time() - started, 1), committed_files=len(parts), staged_files=len(staged)
+            )
 
-        resumed = subprocess.run(command + ["--address", head.address, "--resume"], env=head.env(),
-                                 capture_output=True, text=True, timeout=180)
+        resumed = subprocess.run(
+            command + ["--address", head.address, "--resume"], env=head.env(), capture_output=True, text=True, timeout=180
+        )
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     table = _assert_exactly_once(str(output), names)
     assert set(table.column("status").to_pylist()) == {OK}
     assert (output / "_SUCCESS").exists() and not (output / "_staging").exists()
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["counts"]["rows"] == len(names) == manifest["counts"]["inputs"]
-    _report("driver death", faults=len(order), inputs=len(names), rows=table.num_rows, lost=0,
-            attempts=len(manifest["attempts"]))
+    _report("driver death", faults=len(order), inputs=len(names), rows=table.num_rows, lost=0, attempts=len(manifest["attempts"]))
 
 
 # ---------------------------------------------------------------- 3. object store faults
@@ -214,8 +234,10 @@ def test_flaky_object_store_reads_and_writes_retry_and_every_row_is_ok(tmp_path,
     with FaultProxy(s3_server.endpoint_url, [reads, writes]) as proxy:
         options = {**s3_server.storage_options, "endpoint_url": proxy.url}
         output = f"{s3_bucket}/out"
-        config = replace(_job([f"{s3_bucket}/images"], output, _labels(tmp_path)),
-                         execution=ExecutionConfig(batch_size=4, decode_batch_size=4, rows_per_file=4))
+        config = replace(
+            _job([f"{s3_bucket}/images"], output, _labels(tmp_path)),
+            execution=ExecutionConfig(batch_size=4, decode_batch_size=4, rows_per_file=4),
+        )
         started = time.time()
         summary = run(config, options)
         seconds = time.time() - started
@@ -226,9 +248,18 @@ def test_flaky_object_store_reads_and_writes_retry_and_every_row_is_ok(tmp_path,
     fs = fsspec.filesystem("s3", **s3_server.storage_options)
     assert fs.exists(f"{output}/_SUCCESS") and not fs.exists(f"{output}/_staging")
     assert set(reads.injected) == set(faults) and writes.injected, (reads.injected, writes.injected)
-    _report("flaky store", requests=proxy.requests, faults=sum(proxy.injected.values()), by_fault=proxy.injected,
-            read_faults=sum(reads.injected.values()), write_faults=sum(writes.injected.values()), inputs=len(keys),
-            rows=table.num_rows, lost=0, seconds=round(seconds, 1))
+    _report(
+        "flaky store",
+        requests=proxy.requests,
+        faults=sum(proxy.injected.values()),
+        by_fault=proxy.injected,
+        read_faults=sum(reads.injected.values()),
+        write_faults=sum(writes.injected.values()),
+        inputs=len(keys),
+        rows=table.num_rows,
+        lost=0,
+        seconds=round(seconds, 1),
+    )
 
 
 def test_persistently_failing_reads_become_read_error_rows_after_bounded_retries(tmp_path, s3_server, s3_bucket, ray_local):
@@ -250,8 +281,14 @@ def test_persistently_failing_reads_become_read_error_rows_after_bounded_retries
     # bounded: each broken object was asked for exactly read_bytes attempts x botocore attempts times
     assert rule.seen == len(broken) * S3_READ_REQUESTS, rule.seen
     assert seconds < 60, seconds  # backoff per object is at most 4 x (1 + 2) s + 1.4 s
-    _report("persistent read failure", requests_per_object=rule.seen // len(broken), inputs=len(rows),
-            read_errors=len(broken), lost=0, seconds=round(seconds, 1))
+    _report(
+        "persistent read failure",
+        requests_per_object=rule.seen // len(broken),
+        inputs=len(rows),
+        read_errors=len(broken),
+        lost=0,
+        seconds=round(seconds, 1),
+    )
 
 
 # ---------------------------------------------------------------- 4. bad input at scale
@@ -261,8 +298,15 @@ def _seed_images() -> list[bytes]:
     image = Image.new("RGB", (24, 16))
     image.putdata([((x * 10) % 256, (y * 15) % 256, (x * y) % 256) for y in range(16) for x in range(24)])
     seeds = []
-    for image_format, options in [("JPEG", {"quality": 80}), ("PNG", {}), ("GIF", {}), ("WEBP", {}), ("BMP", {}),
-                                  ("TIFF", {}), ("JPEG", {"progressive": True})]:
+    for image_format, options in [
+        ("JPEG", {"quality": 80}),
+        ("PNG", {}),
+        ("GIF", {}),
+        ("WEBP", {}),
+        ("BMP", {}),
+        ("TIFF", {}),
+        ("JPEG", {"progressive": True}),
+    ]:
         buffer = io.BytesIO()
         image.save(buffer, image_format, **options)
         seeds.append(buffer.getvalue())
@@ -368,12 +412,29 @@ def _run_args(tmp_path: Path, *extra: str, inputs: list[str] | None = None, outp
     images = tmp_path / "images"
     if not images.exists():
         _photos(images, 2)
-    return [LGCA, "run", *(inputs or [str(images)]), "--labels", str(_labels(tmp_path)),
-            "--output", output or str(tmp_path / "out"), "--model", TINY_MODEL, "--pretrained", "random", *extra]
+    return [
+        LGCA,
+        "run",
+        *(inputs or [str(images)]),
+        "--labels",
+        str(_labels(tmp_path)),
+        "--output",
+        output or str(tmp_path / "out"),
+        "--model",
+        TINY_MODEL,
+        "--pretrained",
+        "random",
+        *extra,
+    ]
 
 
 def _case_malformed_yaml(tmp_path, request):
-    return [sys.executable, LABEL_IMAGES, "--spec", str(_spec(tmp_path, "inputs: [a, b\nmodel: {name: x")),], "is not valid YAML"
+    return [
+        sys.executable,
+        LABEL_IMAGES,
+        "--spec",
+        str(_spec(tmp_path, "inputs: [a, b\nmodel: {name: x")),
+    ], "is not valid YAML"
 
 
 def _case_wrong_type(tmp_path, request):
@@ -517,9 +578,17 @@ def test_credentials_never_reach_logs_manifest_or_parquet_metadata(tmp_path, s3_
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ENV_KEY, "AWS_SECRET_ACCESS_KEY": ENV_SECRET, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     command = _run_args(
-        tmp_path, "--storage-option", f"endpoint_url={s3_server.endpoint_url}", "--storage-option", f"key={FAKE_KEY}",
-        "--storage-option", f"secret={FAKE_SECRET}", "--storage-option", "client_kwargs.region_name=us-east-1",
-        inputs=[f"{s3_bucket}/images"], output=output,
+        tmp_path,
+        "--storage-option",
+        f"endpoint_url={s3_server.endpoint_url}",
+        "--storage-option",
+        f"key={FAKE_KEY}",
+        "--storage-option",
+        f"secret={FAKE_SECRET}",
+        "--storage-option",
+        "client_kwargs.region_name=us-east-1",
+        inputs=[f"{s3_bucket}/images"],
+        output=output,
     )
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)

@@ -1,4 +1,4 @@
-"""Tests of pipeline.report: statistics, the terminal summary, and the HTML report rendered in headless Chromium."""
+"""Tests of pipeline.review.report: statistics, the terminal summary, and the HTML report rendered in headless Chromium."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli
-from pipeline.export import CurationError, open_output
-from pipeline.report import LEVEL_COLOURS, collect_stats, format_summary, make_thumbnail, write_report
+from pipeline.cli import main as cli
+from pipeline.review.export import CurationError, open_output
+from pipeline.review.report import LEVEL_COLOURS, collect_stats, format_summary, make_thumbnail, write_report
 
 from .outputs import (  # noqa: F401 - fixtures are used by name
     SYNTHETIC_CLASSES,
@@ -40,7 +40,7 @@ def _parquet_counts(output_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def _rgb(hex_colour: str) -> tuple[int, int, int]:
-    return tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
 
 
 def _near(pixel, colour, tolerance: int = COLOUR_TOLERANCE) -> bool:
@@ -248,9 +248,11 @@ def big_report(big_output, tmp_path_factory) -> tuple[Path, dict, dict]:
 def test_report_100k_rows_in_bounded_time_and_memory(big_report):
     html, result, baseline = big_report
     growth = result["peak_rss_mb"] - baseline["peak_rss_mb"]
-    print(f"\nreport 100k rows: {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
-          f"(+{growth:.0f} MB over a bare import, {baseline['peak_rss_mb']:.0f} MB); HTML {html.stat().st_size / 1e6:.1f} MB; "
-          f"{result['output'].strip()}")
+    print(
+        f"\nreport 100k rows: {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
+        f"(+{growth:.0f} MB over a bare import, {baseline['peak_rss_mb']:.0f} MB); HTML {html.stat().st_size / 1e6:.1f} MB; "
+        f"{result['output'].strip()}"
+    )
     assert result["seconds"] < 60 and growth < 1536
     assert "lgca report: 100000 rows, 240 thumbnails in" in result["output"]  # 10 labels x 24, none failed
 
@@ -275,8 +277,10 @@ def test_report_100k_rows_pages_in_chromium(big_output, big_report, chromium):
                 pages, seen: seen.size, ms: performance.now() - t0,
                 placeholders: document.querySelectorAll('.placeholder').length};
     })()""")
-    print(f"\nChromium: loaded the 100k-row report in {loaded:.1f} s; paged through {shown['pages']} pages "
-          f"({shown['seen']} rows of '{first}') in {shown['ms']:.0f} ms")
+    print(
+        f"\nChromium: loaded the 100k-row report in {loaded:.1f} s; paged through {shown['pages']} pages "
+        f"({shown['seen']} rows of '{first}') in {shown['ms']:.0f} ms"
+    )
     assert int(shown["ok"]) == statuses["ok"] and int(shown["rows"]) == 100_000
     assert shown["seen"] == labels[first] and shown["pages"] == -(-labels[first] // 24)
     assert shown["placeholders"] > 0  # last page: beyond the thumbnailed rows
@@ -298,7 +302,7 @@ def test_report_cli_writes_one_file_and_a_thumbnail_folder(real_run, tmp_path, c
 
 
 def test_report_modules_import_neither_torch_nor_ray():
-    code = "import sys, pipeline.report; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    code = "import sys, pipeline.review.report; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
@@ -312,8 +316,7 @@ def test_report_reads_output_and_images_from_s3(s3_bucket, s3_server, tmp_path):
     remote_images = [f"{s3_bucket}/images/{Path(p).name}" for p in local_images]
     local = write_output(tmp_path / "out", synthetic_rows(40, remote_images, classes=SYNTHETIC_CLASSES[:2]), rows_per_file=16)
     fs.put(str(local) + "/", f"{s3_bucket[5:]}/run/", recursive=True)
-    options = [f"--storage-option=endpoint_url={s3_server.endpoint_url}", "--storage-option=key=testing",
-               "--storage-option=secret=testing"]
+    options = [f"--storage-option=endpoint_url={s3_server.endpoint_url}", "--storage-option=key=testing", "--storage-option=secret=testing"]
     out = tmp_path / "report.html"
     assert cli.main(["report", f"{s3_bucket}/run", "--out", str(out), "--thumbnails-per-label", "5", *options]) == 0
     data = json.loads(re.search(r'id="lgca-data">(.*?)</script>', out.read_text(), re.S).group(1))

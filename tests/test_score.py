@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import LGCA_GLOBAL_WEIGHT, SALIENCY_RULES, ScoringConfig
-from pipeline.regions import box_iou, sample_crops
-from pipeline.score import Scorer, class_vectors
+from pipeline.scoring.regions import box_iou, sample_crops
+from pipeline.scoring.score import Scorer, class_vectors
 
 from .analytic import COLOURS, PALETTE, VIEW, ColourEncoder, encode_colour_text, make_scene
 from .tiny import CLASSES, random_images, scorer_for, tiny_model
@@ -107,9 +107,13 @@ def test_methods_differ_from_each_other(model, images):
 
 @pytest.mark.parametrize(
     "config",
-    [ScoringConfig(method="wca", crops=8), ScoringConfig(method="wca", crops=8, global_weight=0.4),
-     ScoringConfig(method="lgca", **SMALL), ScoringConfig(method="lgca", global_weight=0.0, **SMALL),
-     ScoringConfig(method="lgca", global_weight=0.9, expand_weight=5.0, **SMALL)],
+    [
+        ScoringConfig(method="wca", crops=8),
+        ScoringConfig(method="wca", crops=8, global_weight=0.4),
+        ScoringConfig(method="lgca", **SMALL),
+        ScoringConfig(method="lgca", global_weight=0.0, **SMALL),
+        ScoringConfig(method="lgca", global_weight=0.9, expand_weight=5.0, **SMALL),
+    ],
     ids=lambda c: f"{c.method}-lambda{c.global_weight}-m{c.expand_weight}",
 )
 def test_global_share_equals_lambda(model, images, config):
@@ -147,7 +151,9 @@ def test_description_weights_follow_text_scale():
     flat = class_vectors("descriptors", ["red"], encode_colour_text, descriptions, (), "a {}", text_scale=-20.0)
     red_only = torch.nn.functional.normalize(encode_colour_text(["red"]), dim=-1)
     assert torch.allclose(sharp, red_only, atol=1e-4)
-    mean = torch.nn.functional.normalize(torch.nn.functional.normalize(encode_colour_text(list(descriptions["red"])), dim=-1).mean(0), dim=0)
+    mean = torch.nn.functional.normalize(
+        torch.nn.functional.normalize(encode_colour_text(list(descriptions["red"])), dim=-1).mean(0), dim=0
+    )
     assert torch.allclose(flat[0], mean, atol=1e-4)
 
 
@@ -260,8 +266,7 @@ def test_capped_regions_are_not_grown_into_copies_of_themselves(model, target):
     """Crops up to the whole shorter side with strong growth: a region at its cap (the shorter side, or the
     growth target) would grow into an identical box, so the step grows another region instead."""
     images = random_images(5, seed=3)
-    config = ScoringConfig(method="lgca", crops=12, crop_scale=(0.3, 1.0), regions=2, steps=3, growth=2.0,
-                           growth_target=target)
+    config = ScoringConfig(method="lgca", crops=12, crop_scale=(0.3, 1.0), regions=2, steps=3, growth=2.0, growth_target=target)
     for image, result in zip(images, scorer_for(model, config).score(images, [f"c{i}" for i in range(len(images))])):
         height, width = image.shape[-2:]
         grown = [box for box in result.boxes if box.level > 0]
@@ -273,6 +278,7 @@ def test_capped_regions_are_not_grown_into_copies_of_themselves(model, target):
 def _selections(boxes):
     """Output indices of the regions selected for expansion (the level-0 boxes and every grown box that was
     grown again), each with its lineage's root."""
+
     def root(index):
         while boxes[index].parent >= 0:
             index = boxes[index].parent
@@ -407,7 +413,10 @@ def test_salient_regions_find_the_object_on_synthetic_scenes():
         for box in result.boxes:
             if box.level > 0:
                 parent = result.boxes[box.parent]
-                assert box_iou(np.array([[box.x0, box.y0, box.x1, box.y1]]), np.array([[parent.x0, parent.y0, parent.x1, parent.y1]]))[0, 0] > 0
+                assert (
+                    box_iou(np.array([[box.x0, box.y0, box.x1, box.y1]]), np.array([[parent.x0, parent.y0, parent.x1, parent.y1]]))[0, 0]
+                    > 0
+                )
                 assert box.x0 <= parent.x0 + 1e-9 and box.x1 >= parent.x1 - 1e-9
                 assert box.y0 <= parent.y0 + 1e-9 and box.y1 >= parent.y1 - 1e-9
     assert hits / len(scenes) >= 0.9, f"the most salient crop held the object centre in only {hits}/{len(scenes)} scenes"

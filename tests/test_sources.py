@@ -1,4 +1,4 @@
-"""Tests of pipeline.sources: listing, manifests, reading and options, on local disk and on moto's S3."""
+"""Tests of pipeline.stages.sources: listing, manifests, reading and options, on local disk and on moto's S3."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import io
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import fsspec
 import pyarrow as pa
@@ -17,7 +18,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sources import (
+from pipeline.stages.sources import (
     InputSpec,
     SourceError,
     check_inputs,
@@ -503,5 +504,5 @@ def test_sources_imports_neither_torch_nor_ray() -> None:
     import subprocess
     import sys
 
-    code = "import sys, pipeline.sources; assert not {'torch', 'ray'} & set(sys.modules), sorted(sys.modules)"
+    code = "import sys, pipeline.stages.sources; assert not {'torch', 'ray'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

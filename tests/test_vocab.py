@@ -7,8 +7,8 @@ import json
 import pytest
 
 from pipeline.config import ConfigError, VocabularyConfig
-from pipeline.score import class_sentences
-from pipeline.vocab import Vocabulary, VocabularyError, load_vocabulary, parse_labels, parse_templates
+from pipeline.scoring.score import class_sentences
+from pipeline.stages.vocab import Vocabulary, VocabularyError, load_vocabulary, parse_labels, parse_templates
 
 
 def _load(tmp_path, name: str, content: str | bytes, **config) -> Vocabulary:
@@ -152,7 +152,7 @@ def test_bad_class_entries(tmp_path, name, content, message):
         ('{"a": 1}', "class 'cat': descriptions must be a list of strings, got dict"),
         ('["ok", 3]', "class 'cat' description 1: expected a non-empty string, got 3"),
         ('["ok", "  "]', "class 'cat' description 1: expected a non-empty string, got '  '"),
-        ('[null]', "class 'cat' description 0: expected a non-empty string, got None"),
+        ("[null]", "class 'cat' description 0: expected a non-empty string, got None"),
     ],
 )
 def test_bad_descriptions(tmp_path, descriptions, message):

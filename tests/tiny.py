@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, ScoringConfig
-from pipeline.models import LoadedModel, load_model
-from pipeline.score import Scorer, ViewFormat, class_vectors
+from pipeline.models.load import LoadedModel, load_model
+from pipeline.scoring.score import Scorer, ViewFormat, class_vectors
 
 TINY_MODEL = str(Path(__file__).parent / "fixtures" / "lgca-tiny-vit.json")
 CLASSES = ("cat", "dog", "coffee cup", "rocket", "astronaut")
@@ -34,9 +34,7 @@ def scorer_for(
     templates=("a photo of a {}.", "a picture of the {}."),
     encode_image=None,
 ) -> Scorer:
-    vectors = class_vectors(
-        config.method, classes, model.encode_text, descriptions, templates, "a photo of a {}.", config.text_scale
-    )
+    vectors = class_vectors(config.method, classes, model.encode_text, descriptions, templates, "a photo of a {}.", config.text_scale)
     return Scorer(
         encode_image=encode_image or model.encode_image,
         classes=classes,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import fsspec
 import yaml
 
-from .config import ConfigError, VocabularyConfig
+from pipeline.config import ConfigError, VocabularyConfig
 
 
 class VocabularyError(ConfigError):
@@ -82,9 +83,7 @@ def parse_labels(text: str, source: str) -> tuple[tuple[str, ...], dict[str, tup
         for name, sentences in data.items():
             descriptions[name.strip()] = _validated_descriptions(name, sentences, source)
         return classes, descriptions
-    raise VocabularyError(
-        f"{source}: expected a list of class names or a mapping {{class: [descriptions]}}, got {type(data).__name__}"
-    )
+    raise VocabularyError(f"{source}: expected a list of class names or a mapping {{class: [descriptions]}}, got {type(data).__name__}")
 
 
 def parse_templates(text: str, source: str) -> tuple[str, ...]:
@@ -101,8 +100,7 @@ def parse_templates(text: str, source: str) -> tuple[str, ...]:
             template.format("class")
         except (KeyError, IndexError, ValueError):  # another field such as {style}, or a stray brace
             raise VocabularyError(
-                f"{source} line {number}: template {template!r} has braces other than the one {{}}; "
-                "write literal braces as {{ }}"
+                f"{source} line {number}: template {template!r} has braces other than the one {{}}; write literal braces as {{{{ }}}}"
             ) from None
         templates.append(template)
     if not templates:

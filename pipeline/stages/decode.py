@@ -7,14 +7,14 @@ import math
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .config import DecodeConfig
+from pipeline.config import DecodeConfig
 
 # Formats we open. Others PIL knows are left out on purpose: EPS runs Ghostscript on load, TGA has no
 # signature (random bytes can pass as one), and the rest are scientific or legacy formats nobody labels.

@@ -19,7 +19,16 @@ import torch.nn.functional as F
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 CLASSES = (
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
 )  # Fashion-MNIST's ten labels, in label order
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -152,14 +161,17 @@ def paste(
     v = sy0 + (ys - ty0) / (ty1 - ty0) * (sy1 - sy0)  # (B, H, 1)
     grid = torch.stack([(u * 2 - 1).expand(batch, height, width), (v * 2 - 1).expand(batch, height, width)], dim=-1)
     inside = ((u >= sx0) & (u <= sx1) & (v >= sy0) & (v <= sy1)).float()[:, None]  # (B, 1, H, W)
-    sampled = F.grid_sample(torch.cat([colour * alpha, alpha], dim=1), grid, mode="bilinear",
-                            padding_mode="zeros", align_corners=False)
+    sampled = F.grid_sample(torch.cat([colour * alpha, alpha], dim=1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     premultiplied, opacity = sampled[:, :3] * inside, sampled[:, 3:] * inside
     return canvas * (1 - opacity) + premultiplied
 
 
 def _fragments(
-    canvas: torch.Tensor, objects: Objects, pool: np.ndarray, count: int, tile_side: torch.Tensor,
+    canvas: torch.Tensor,
+    objects: Objects,
+    pool: np.ndarray,
+    count: int,
+    tile_side: torch.Tensor,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Paste up to `count` fragments of random objects from `pool` onto each canvas, at random places.
@@ -225,8 +237,7 @@ def training_views(
     batch, render = len(indices), 2 * size
     side = (torch.rand((batch, 1), generator=generator) * (TRAIN_SCALE[1] - TRAIN_SCALE[0]) + TRAIN_SCALE[0]) * render
     count = int(torch.randint(0, 4, (1,), generator=generator))
-    canvas = _fragments(clutter(generator, batch, render, render), objects, np.arange(len(objects.labels)),
-                        count, side, generator)
+    canvas = _fragments(clutter(generator, batch, render, render), objects, np.arange(len(objects.labels)), count, side, generator)
     black = (torch.rand((batch, 1, 1, 1), generator=generator) < plain).float()
     canvas = canvas * (1 - black)
     colour, alpha = tinted(torch.from_numpy(objects.images[indices]), generator)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import ConfigError
-from .faults import fault_point
+from pipeline.config import ConfigError
+from pipeline.faults import fault_point
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
@@ -64,7 +65,7 @@ class OutputSink:
         mode: str,
         rows_per_file: int,
         schema: pa.Schema,
-    ) -> "OutputSink":
+    ) -> OutputSink:
         """Prepare `url` for writing.
 
         Args:
@@ -78,9 +79,7 @@ class OutputSink:
         existing = _part_files(fs, root)
         has_results = bool(existing) or fs.exists(f"{root}/{SUCCESS}") or fs.exists(f"{root}/{MANIFEST}")
         if has_results and mode == "new":
-            raise OutputError(
-                f"output {url} already holds results; pass --resume to finish it or --overwrite to start over"
-            )
+            raise OutputError(f"output {url} already holds results; pass --resume to finish it or --overwrite to start over")
         if mode == "overwrite" and fs.exists(root):
             for path in existing + [f"{root}/{SUCCESS}", f"{root}/{MANIFEST}", f"{root}/{STAGING}"]:
                 if fs.exists(path):

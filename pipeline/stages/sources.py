@@ -6,18 +6,19 @@ import os
 import posixpath
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
-from .config import ConfigError
-from .schema import OUTPUT_COLUMNS
+from pipeline.config import ConfigError
+from pipeline.schema import OUTPUT_COLUMNS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".csv.gz")
@@ -224,7 +225,7 @@ def read_bytes(path: str, storage_options: Mapping[str, Any], retries: int = 3, 
     while True:
         try:
             return fs.cat_file(fs_path)
-        except Exception as error:  # noqa: BLE001 - anything not transient is re-raised as is
+        except Exception as error:
             if attempt >= retries or not _is_transient(error):
                 raise
         time.sleep(backoff_s * 2**attempt)
@@ -369,9 +370,7 @@ def _read_manifest_table(spec: InputSpec, fs: fsspec.AbstractFileSystem, path: s
     except FileNotFoundError as error:
         raise SourceError(f"manifest {spec.uri} does not exist; check the path") from error
     except (pa.ArrowInvalid, EOFError, UnicodeDecodeError) as error:
-        raise SourceError(
-            f"manifest {spec.uri} could not be read ({error}); write it as Parquet or UTF-8 CSV with a header"
-        ) from error
+        raise SourceError(f"manifest {spec.uri} could not be read ({error}); write it as Parquet or UTF-8 CSV with a header") from error
 
 
 def _string_column(table: pa.Table, name: str, spec: InputSpec) -> pa.ChunkedArray:
@@ -407,9 +406,7 @@ def _list_manifest(spec: InputSpec, storage_options: Mapping[str, Any]) -> pa.Ta
         )
     reserved = [name for name in table.column_names if name in RESERVED_COLUMNS]
     if reserved:
-        raise SourceError(
-            f"manifest {spec.uri} has column(s) {', '.join(reserved)}, which the output already uses; rename them"
-        )
+        raise SourceError(f"manifest {spec.uri} has column(s) {', '.join(reserved)}, which the output already uses; rename them")
     if table.num_rows == 0:
         raise SourceError(f"manifest {spec.uri} has no rows; add images or drop the input")
     raw_paths = _string_column(table, "path", spec)
@@ -485,10 +482,8 @@ def _check_remote(spec: InputSpec, storage_options: Mapping[str, Any]) -> None:
         raise SourceError(f"input {spec.uri} does not exist; check the path") from error
     except PermissionError as error:
         raise SourceError(f"access to input {spec.uri} was denied ({error}); {fix_access}") from error
-    except Exception as error:  # noqa: BLE001 - any other failure to reach the store gets the same advice
-        raise SourceError(
-            f"could not reach the store of input {spec.uri} ({type(error).__name__}: {error}); {fix_access}"
-        ) from error
+    except Exception as error:
+        raise SourceError(f"could not reach the store of input {spec.uri} ({type(error).__name__}: {error}); {fix_access}") from error
     is_dir = info.get("type") == "directory"
     if spec.kind in ("file", "manifest") and is_dir:
         raise SourceError(f"input {spec.uri} is a folder, not a file; check the path")
@@ -497,7 +492,7 @@ def _check_remote(spec: InputSpec, storage_options: Mapping[str, Any]) -> None:
 def _bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:
     try:
         return bool(fs.exists(bucket))
-    except Exception:  # noqa: BLE001 - an error here just means we cannot tell; report the bucket
+    except Exception:
         return False
 
 

@@ -12,10 +12,11 @@ import re
 import textwrap
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,11 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from PIL import Image
 
-from .config import DecodeConfig
-from .decode import DecodeFailure, decode_image
-from .export import CurationError, OutputDir
-from .schema import OK, STATUSES
-from .sources import read_bytes
+from pipeline.config import DecodeConfig
+from pipeline.review.export import CurationError, OutputDir
+from pipeline.schema import OK, STATUSES
+from pipeline.stages.decode import DecodeFailure, decode_image
+from pipeline.stages.sources import read_bytes
 
 SCORE_BINS = 20  # confidence histogram bins over [0, 1]
 LEVEL_COLOURS = ("#ff1744", "#2979ff", "#00c853", "#ffab00", "#d500f9", "#00b8d4")  # box colour by level, cycling
@@ -173,8 +174,11 @@ def run_facts(output: OutputDir) -> list[tuple[str, str]]:
         ("code version", str(m.get("code_version"))),
         ("started", str(m.get("started_at"))),
         ("ended", str(m.get("ended_at"))),
-        ("attempts", f"{len(attempts)} ({sum(a.get('rows_written', 0) for a in attempts)} rows written, "
-                     f"{sum(a.get('seconds', 0) for a in attempts):.1f} s)"),
+        (
+            "attempts",
+            f"{len(attempts)} ({sum(a.get('rows_written', 0) for a in attempts)} rows written, "
+            f"{sum(a.get('seconds', 0) for a in attempts):.1f} s)",
+        ),
         ("inputs", ", ".join(m.get("inputs") or [])),
         ("model", f"{model.get('name')} / {model.get('pretrained')} ({model.get('source')})"),
         ("weights sha256", str(model.get("weights_sha256"))),
@@ -235,11 +239,15 @@ def format_summary(output: OutputDir, stats: OutputStats, max_labels: int = 30, 
     lines += [""]
     if stats.labels:
         peak = max(item.count for item in stats.labels)
-        label_rows = [(i.label, i.count, _percent(i.count, stats.ok), f"{i.mean_score:.3f}", _bar(i.count, peak, 30))
-                      for i in stats.labels[:max_labels]]
+        label_rows = [
+            (i.label, i.count, _percent(i.count, stats.ok), f"{i.mean_score:.3f}", _bar(i.count, peak, 30))
+            for i in stats.labels[:max_labels]
+        ]
         rest = stats.labels[max_labels:]
         if rest:
-            label_rows.append((f"({len(rest)} more labels)", sum(i.count for i in rest), _percent(sum(i.count for i in rest), stats.ok), "", ""))
+            label_rows.append(
+                (f"({len(rest)} more labels)", sum(i.count for i in rest), _percent(sum(i.count for i in rest), stats.ok), "", "")
+            )
         lines += _text_table(["label", "rows", "share", "mean score", ""], label_rows, "lrrrl")
     else:
         lines.append("no ok rows: no labels to show")
@@ -250,8 +258,14 @@ def format_summary(output: OutputDir, stats: OutputStats, max_labels: int = 30, 
         peak = max(stats.score_histogram) or 1
         width = 1.0 / SCORE_BINS
         filled = [i for i, n in enumerate(stats.score_histogram) if n]  # empty bins at either end are left out
-        hist_rows = [(f"{i * width:.2f}-{(i + 1) * width:.2f}", stats.score_histogram[i], _bar(stats.score_histogram[i], peak, 40))
-                     for i in range(filled[0], filled[-1] + 1)] if filled else []
+        hist_rows = (
+            [
+                (f"{i * width:.2f}-{(i + 1) * width:.2f}", stats.score_histogram[i], _bar(stats.score_histogram[i], peak, 40))
+                for i in range(filled[0], filled[-1] + 1)
+            ]
+            if filled
+            else []
+        )
         lines += _text_table(["score", "rows", ""], hist_rows, "lrl")
         lines += [""]
     levels = ", ".join(f"level {level}: {n}" for level, n in stats.boxes_by_level.items())
@@ -301,13 +315,13 @@ class ReportSummary:
 
     def line(self) -> str:
         failed = f", {self.thumbnail_failures} failed" if self.thumbnail_failures else ""
-        return (f"lgca report: {self.rows} rows, {self.thumbnails} thumbnails{failed} in {self.seconds:.1f} s -> {self.path} "
-                f"(+ {self.thumbnail_dir}/)")
+        return (
+            f"lgca report: {self.rows} rows, {self.thumbnails} thumbnails{failed} in {self.seconds:.1f} s -> {self.path} "
+            f"(+ {self.thumbnail_dir}/)"
+        )
 
 
-def gallery_groups(
-    output: OutputDir, classes: Sequence[str], max_rows: int = 200_000, min_per_label: int = 24
-) -> list[dict[str, Any]]:
+def gallery_groups(output: OutputDir, classes: Sequence[str], max_rows: int = 200_000, min_per_label: int = 24) -> list[dict[str, Any]]:
     """The ok rows per label, lowest confidence first, as compact columns for the report's JavaScript.
 
     Every ok row is embedded while there are at most `max_rows`; above that each label keeps its
@@ -338,15 +352,17 @@ def gallery_groups(
     for label, count in zip(runs.field("values").to_pylist(), runs.field("counts").to_pylist()):
         share = count if table.num_rows <= max_rows else max(min_per_label, max_rows * count // table.num_rows)
         part = table.slice(start, min(count, share))  # only these rows ever become Python objects
-        groups.append({
-            "label": index.get(label),
-            "count": count,
-            "keys": part.column("key").to_pylist(),
-            "scores": _rounded(part.column("score")),
-            "margins": _rounded(part.column("margin")),
-            "topk": [[index.get(c) for c in row or ()] for row in part.column("topk_labels").to_pylist()],
-            "topkScores": [[_round3(v) for v in row or ()] for row in part.column("topk_scores").to_pylist()],
-        })
+        groups.append(
+            {
+                "label": index.get(label),
+                "count": count,
+                "keys": part.column("key").to_pylist(),
+                "scores": _rounded(part.column("score")),
+                "margins": _rounded(part.column("margin")),
+                "topk": [[index.get(c) for c in row or ()] for row in part.column("topk_labels").to_pylist()],
+                "topkScores": [[_round3(v) for v in row or ()] for row in part.column("topk_scores").to_pylist()],
+            }
+        )
         start += count
     groups.sort(key=lambda g: (-g["count"], classes[g["label"]]))
     return groups
@@ -365,13 +381,13 @@ def _round3(value: float | None) -> float | None:
 
 def thumbnail_name(key: str, path: str) -> str:
     """File name of a row's thumbnail: stable for the same key and path, safe in any file system."""
-    return hashlib.sha1(f"{key}\0{path}".encode("utf-8")).hexdigest()[:16] + ".jpg"
+    return hashlib.sha1(f"{key}\0{path}".encode()).hexdigest()[:16] + ".jpg"
 
 
 def make_thumbnail(data: bytes, size: int, max_pixels: int | None = None) -> tuple[bytes, int, int]:
     """JPEG bytes of an upright thumbnail whose longer side is at most `size`, and its width and height.
 
-    Decoding goes through `pipeline.decode` (EXIF orientation, decompression-bomb limit, transparency
+    Decoding goes through `pipeline.stages.decode` (EXIF orientation, decompression-bomb limit, transparency
     over grey), so a thumbnail is the same upright picture the boxes were computed on.
 
     Args:
@@ -419,7 +435,11 @@ def _write_thumbnails(
 def _box_entry(box: Mapping[str, Any]) -> list[Any]:
     # [x0, y0, x1, y1, level, parent, label, score, saliency], compact for the embedded JSON
     return [round(float(box[k]), 4) for k in ("x0", "y0", "x1", "y1")] + [
-        box.get("level"), box.get("parent"), box.get("label"), _round3(box.get("score")), _round3(box.get("saliency"))
+        box.get("level"),
+        box.get("parent"),
+        box.get("label"),
+        _round3(box.get("score")),
+        _round3(box.get("saliency")),
     ]
 
 
@@ -473,8 +493,7 @@ def write_report(
     if "://" in str(out):
         raise CurationError(f"--out {out} must be a local file: the report is opened from disk with its thumbnails folder")
     if thumbnails_per_label < 0 or page_size < 1 or thumbnail_size < 16 or max_gallery_rows < 1:
-        raise CurationError("need --thumbnails-per-label >= 0, --page-size >= 1, --thumbnail-size >= 16 "
-                            "and --max-gallery-rows >= 1")
+        raise CurationError("need --thumbnails-per-label >= 0, --page-size >= 1, --thumbnail-size >= 16 and --max-gallery-rows >= 1")
     path = Path(out).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     thumbnail_dir = path.parent / f"{path.stem}_thumbnails"
@@ -506,24 +525,31 @@ def write_report(
     staged.write_text(document, encoding="utf-8")
     staged.replace(path)
     failures = sum(1 for t in thumbs.values() if "error" in t)
-    return ReportSummary(str(path), str(thumbnail_dir), stats.rows, len(thumbs) - failures, failures,
-                         time.monotonic() - started)
+    return ReportSummary(str(path), str(thumbnail_dir), stats.rows, len(thumbs) - failures, failures, time.monotonic() - started)
 
 
 def _html_document(output: OutputDir, stats: OutputStats, data: Mapping[str, Any]) -> str:
     e = html.escape
     facts = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in run_facts(output))
-    banner = "" if output.complete else (
-        '<p class="warn">This output is incomplete (no _SUCCESS): a run is still going or stopped early. '
-        "Finish it with <code>lgca run ... --resume</code>.</p>")
-    mismatch = "".join(f'<p class="warn">_manifest.json disagrees with the Parquet files: {e(m)}</p>'
-                       for m in stats.manifest_mismatch)
+    banner = (
+        ""
+        if output.complete
+        else (
+            '<p class="warn">This output is incomplete (no _SUCCESS): a run is still going or stopped early. '
+            "Finish it with <code>lgca run ... --resume</code>.</p>"
+        )
+    )
+    mismatch = "".join(f'<p class="warn">_manifest.json disagrees with the Parquet files: {e(m)}</p>' for m in stats.manifest_mismatch)
     status_rows = "\n".join(
         f'<tr class="status-{e(s)}"><td>{e(s)}</td><td class="num" id="count-{e(s)}">{n}</td>'
-        f'<td class="num">{_percent(n, stats.rows)}</td></tr>' for s, n in stats.status_counts.items())
-    status_table = (f'<table class="grid"><thead><tr><th>status</th><th>rows</th><th>share</th></tr></thead>'
-                    f'<tbody>{status_rows}<tr class="total"><td>total</td><td class="num" id="count-rows">{stats.rows}</td>'
-                    f'<td class="num">{"100.0%" if stats.rows else "-"}</td></tr></tbody></table>')
+        f'<td class="num">{_percent(n, stats.rows)}</td></tr>'
+        for s, n in stats.status_counts.items()
+    )
+    status_table = (
+        f'<table class="grid"><thead><tr><th>status</th><th>rows</th><th>share</th></tr></thead>'
+        f'<tbody>{status_rows}<tr class="total"><td>total</td><td class="num" id="count-rows">{stats.rows}</td>'
+        f'<td class="num">{"100.0%" if stats.rows else "-"}</td></tr></tbody></table>'
+    )
     levels = ", ".join(f"level {level}: {n}" for level, n in stats.boxes_by_level.items())
     return _PAGE.format(
         title=e(f"lgca report: {output.url}"),
@@ -554,23 +580,30 @@ def _label_table(stats: OutputStats) -> str:
         f'<td class="num" data-label-count="{e(i.label)}">{i.count}</td><td class="num">{_percent(i.count, stats.ok)}</td>'
         f'<td class="num">{i.mean_score:.3f}</td>'
         f'<td class="barcell"><div class="bar" style="width:{100.0 * i.count / peak:.1f}%"></div></td></tr>'
-        for i in stats.labels)
-    return (f'<div class="scroll"><table class="grid labels"><thead><tr><th>label</th><th>rows</th><th>share of ok</th>'
-            f'<th>mean score</th><th></th></tr></thead><tbody>{rows}</tbody></table></div>')
+        for i in stats.labels
+    )
+    return (
+        f'<div class="scroll"><table class="grid labels"><thead><tr><th>label</th><th>rows</th><th>share of ok</th>'
+        f"<th>mean score</th><th></th></tr></thead><tbody>{rows}</tbody></table></div>"
+    )
 
 
 def _score_histogram_svg(stats: OutputStats) -> str:
     width, height, pad = 640, 180, 28
     peak = max(stats.score_histogram) or 1
     bar = (width - 2 * pad) / SCORE_BINS
-    parts = [f'<svg id="score-histogram" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="confidence histogram">']
+    parts = [
+        f'<svg id="score-histogram" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="confidence histogram">'
+    ]
     for i, n in enumerate(stats.score_histogram):
         h = (height - 2 * pad) * n / peak
         x, y = pad + i * bar, height - pad - h
         low, high = i / SCORE_BINS, (i + 1) / SCORE_BINS
-        parts.append(f'<rect x="{x + 1:.1f}" y="{y:.1f}" width="{bar - 2:.1f}" height="{h:.1f}" class="hbar" data-count="{n}">'
-                     f"<title>{low:.2f}-{high:.2f}: {n} rows</title></rect>")
+        parts.append(
+            f'<rect x="{x + 1:.1f}" y="{y:.1f}" width="{bar - 2:.1f}" height="{h:.1f}" class="hbar" data-count="{n}">'
+            f"<title>{low:.2f}-{high:.2f}: {n} rows</title></rect>"
+        )
     parts.append(f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" class="axis"/>')
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         x = pad + tick * (width - 2 * pad)
@@ -587,11 +620,13 @@ def _error_section(stats: OutputStats) -> str:
     parts = []
     for status, n in failed.items():
         kept = stats.error_examples.get(status, [])
-        rows = "\n".join(f"<tr><td class=\"key\">{e(k)}</td><td>{e(m)}</td></tr>" for k, m in kept)
-        parts.append(f'<h3>{e(status)}: <span id="errors-{e(status)}">{n}</span> rows'
-                     f'{f" (first {len(kept)} shown)" if len(kept) < n else ""}</h3>'
-                     f'<table class="grid errors"><thead><tr><th>key</th><th>error_message</th></tr></thead>'
-                     f"<tbody>{rows}</tbody></table>")
+        rows = "\n".join(f'<tr><td class="key">{e(k)}</td><td>{e(m)}</td></tr>' for k, m in kept)
+        parts.append(
+            f'<h3>{e(status)}: <span id="errors-{e(status)}">{n}</span> rows'
+            f"{f' (first {len(kept)} shown)' if len(kept) < n else ''}</h3>"
+            f'<table class="grid errors"><thead><tr><th>key</th><th>error_message</th></tr></thead>'
+            f"<tbody>{rows}</tbody></table>"
+        )
     return "\n".join(parts)
 
 
@@ -599,8 +634,10 @@ def _legend(max_level: int) -> str:
     items = []
     for level in range(max(max_level, 1) + 1):
         name = "selected local crop" if level == 0 else f"grown {level}x"
-        items.append(f'<span class="legend-item"><span class="swatch" style="border-color:{LEVEL_COLOURS[level % len(LEVEL_COLOURS)]}">'
-                     f"</span>level {level}: {name}</span>")
+        items.append(
+            f'<span class="legend-item"><span class="swatch" style="border-color:{LEVEL_COLOURS[level % len(LEVEL_COLOURS)]}">'
+            f"</span>level {level}: {name}</span>"
+        )
     return "".join(items)
 
 

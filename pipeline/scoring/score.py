@@ -7,16 +7,16 @@ The definitions are those of docs/METHOD.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from .config import ScoringConfig
-from .regions import grow_boxes, growth_to_target, sample_crops, select_salient
+from pipeline.config import ScoringConfig
+from pipeline.scoring.regions import grow_boxes, growth_to_target, sample_crops, select_salient
 
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) normalised pixels -> (B, D)
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]  # n strings -> (n, D)
@@ -386,10 +386,7 @@ class Scorer:
         if len(owners) == 0:
             return torch.empty((0, self.vectors.shape[1]), device=self.device)
         step = self.config.micro_batch
-        chunks = [
-            self._encode(self._crop_views(pixels, owners[i : i + step], boxes[i : i + step]))
-            for i in range(0, len(owners), step)
-        ]
+        chunks = [self._encode(self._crop_views(pixels, owners[i : i + step], boxes[i : i + step])) for i in range(0, len(owners), step)]
         return torch.cat(chunks)
 
     # ---- regions
@@ -456,9 +453,7 @@ class Scorer:
                 eligible = ~expanded[b] & growable[b]
                 if eligible.sum() < cfg.regions:  # too few can still grow: repeat capped ones rather than fail
                     eligible = ~expanded[b]
-                picks[b] = select_salient(
-                    saliency_np[b], boxes[b], eligible, cfg.regions, cfg.overlap_iou, picked[b], parents[b]
-                )
+                picks[b] = select_salient(saliency_np[b], boxes[b], eligible, cfg.regions, cfg.overlap_iou, picked[b], parents[b])
                 selected[b].extend(int(i) for i in picks[b] if levels[b, i] == 0)
                 picked[b].extend(int(i) for i in picks[b])
             pool_size = boxes.shape[1]
@@ -556,9 +551,7 @@ class Scorer:
             )
         return out
 
-    def _result(
-        self, key: str, similarity: torch.Tensor, boxes: list[SalientBox], view_shares: tuple[float, float, float]
-    ) -> ImageScore:
+    def _result(self, key: str, similarity: torch.Tensor, boxes: list[SalientBox], view_shares: tuple[float, float, float]) -> ImageScore:
         probabilities = torch.softmax(self.logit_scale * similarity.float(), dim=-1).cpu().numpy()
         ranked = np.argsort(-probabilities, kind="stable")
         order = ranked[: self.config.topk]

@@ -9,23 +9,24 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__
-from .config import ConfigError, DecodeConfig, JobConfig, ModelConfig, ScoringConfig
-from .decode import DecodeFailure, DeferredJpeg, decode_image, defer_jpeg, short_side_for
-from .faults import fault_point
-from .schema import DECODE_ERROR, OK, READ_ERROR, SCORE_ERROR, STATUSES, empty_prediction, output_schema
-from .sink import OutputError, OutputSink, not_yet_done
-from .sources import Listing, check_inputs, filesystem_for, list_inputs, parse_input, read_bytes
-from .vocab import Vocabulary, load_vocabulary
+from pipeline import __version__
+from pipeline.config import ConfigError, DecodeConfig, JobConfig, ModelConfig, ScoringConfig
+from pipeline.faults import fault_point
+from pipeline.schema import DECODE_ERROR, OK, READ_ERROR, SCORE_ERROR, STATUSES, empty_prediction, output_schema
+from pipeline.stages.decode import DecodeFailure, DeferredJpeg, decode_image, defer_jpeg, short_side_for
+from pipeline.stages.sink import OutputError, OutputSink, not_yet_done
+from pipeline.stages.sources import Listing, check_inputs, filesystem_for, list_inputs, parse_input, read_bytes
+from pipeline.stages.vocab import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
     Raises:
         ConfigError: with a message naming the fix (bad labels, model, inputs or output).
     """
-    from .models import check_model, model_image_size  # torch: kept out of the decode workers' imports
+    from pipeline.models.load import check_model, model_image_size  # torch: kept out of the decode workers' imports
 
     vocabulary = load_vocabulary(config.vocabulary, storage_options)
     check_model(config.model)
@@ -239,8 +240,9 @@ def _jpegs_on_device(decode_device: str, model_device: str) -> bool:
     """
     on_cuda = model_device.startswith("cuda")
     if decode_device == "gpu" and not on_cuda:
-        raise ConfigError("--decode gpu decodes on the scoring GPU, but this cluster has no GPU for the scoring actors; "
-                          "use --decode auto or cpu")
+        raise ConfigError(
+            "--decode gpu decodes on the scoring GPU, but this cluster has no GPU for the scoring actors; use --decode auto or cpu"
+        )
     return on_cuda and decode_device in ("gpu", "auto")
 
 
@@ -274,8 +276,14 @@ def _read_and_decode(batch: pa.Table, decode: DecodeConfig, storage_options: dic
             elif isinstance(result, DeferredJpeg):
                 row.update(status=OK, width=result.width, height=result.height, jpeg=content, orientation=result.orientation)
             else:
-                row.update(status=OK, width=result.width, height=result.height, pixels=result.pixels.tobytes(),
-                           pixel_height=result.pixels.shape[0], pixel_width=result.pixels.shape[1])
+                row.update(
+                    status=OK,
+                    width=result.width,
+                    height=result.height,
+                    pixels=result.pixels.tobytes(),
+                    pixel_height=result.pixels.shape[0],
+                    pixel_width=result.pixels.shape[1],
+                )
         for name, value in row.items():
             columns[name].append(value)
     types = {"status": pa.string(), "error_message": pa.string(), "pixels": pa.large_binary(), "jpeg": pa.large_binary()}
@@ -308,9 +316,9 @@ class ScoringActor:
     ) -> None:
         import torch
 
-        from .labeler import text_vectors
-        from .models import default_cache_dir, load_model
-        from .score import Scorer, ViewFormat
+        from pipeline.models.load import default_cache_dir, load_model
+        from pipeline.models.text_vectors import text_vectors
+        from pipeline.scoring.score import Scorer, ViewFormat
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
@@ -350,7 +358,7 @@ class ScoringActor:
         """uint8 (3, H, W) tensors by row index, and decode failures (of deferred JPEGs) by row index."""
         import torch
 
-        from .device_decode import decode_jpegs
+        from pipeline.stages.device_decode import decode_jpegs
 
         columns = {name: batch.column(name) for name in TRANSIENT_COLUMNS}
         images: dict[int, Any] = {}
@@ -377,8 +385,7 @@ class ScoringActor:
                 result = torch.from_numpy(result.pixels).permute(2, 0, 1).contiguous()
             images[i] = result
         if rejected:
-            log.warning("%d of %d JPEGs failed to decode on %s and were retried on the CPU", rejected, len(deferred),
-                        self.model.device)
+            log.warning("%d of %d JPEGs failed to decode on %s and were retried on the CPU", rejected, len(deferred), self.model.device)
         return images, failures
 
     def _score_rows(self, batch: pa.Table, images: dict[int, Any]) -> dict[int, dict[str, Any] | str]:
@@ -491,7 +498,7 @@ def _manifest(job: PreparedJob, summary: RunSummary, started_at: str, total_rows
 
 
 def _model_record(job: PreparedJob) -> dict[str, Any]:
-    from .models import architecture_name, file_sha256, parse_weights_source
+    from pipeline.models.load import architecture_name, file_sha256, parse_weights_source
 
     model = job.config.model
     architecture = architecture_name(model.name)
@@ -509,8 +516,9 @@ def _refuse_output_inside_inputs(config: JobConfig) -> None:
     for text in config.inputs:
         root = _normalised(text)
         if output == root or output.startswith(root.rstrip("/") + "/"):
-            raise OutputError(f"output {config.output} lies inside input {text}; the job would read its own output. "
-                              "Choose an --output outside the inputs")
+            raise OutputError(
+                f"output {config.output} lies inside input {text}; the job would read its own output. Choose an --output outside the inputs"
+            )
 
 
 def _check_address(address: str | None) -> None:

@@ -8,12 +8,12 @@ on the CPU. A file the device decoder rejects comes back as its exception, for t
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .decode import jpeg_reduction
+from pipeline.stages.decode import jpeg_reduction
 
 CHUNK = 32  # files per decoder call: full-resolution frames wait for reduction, so a call holds at most this many
 

@@ -1,4 +1,4 @@
-"""The `lgca eval` subcommand: argparse wiring, the results table and the results JSON of `pipeline.evaluate`."""
+"""The `lgca eval` subcommand: argparse wiring, the results table and the results JSON of `pipeline.evaluation.evaluate`."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ import dataclasses
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from .config import METHODS, ConfigError, ExecutionConfig, ModelConfig
+from pipeline.cli.args import (
+    add_model_arguments,
+    add_scoring_arguments,
+    add_storage_arguments,
+    add_vocabulary_arguments,
+    model_config,
+    scoring_config,
+    vocabulary_config,
+)
+from pipeline.config import METHODS, ConfigError, ExecutionConfig, ModelConfig
 
 if TYPE_CHECKING:  # evaluate imports torch: loaded only when `lgca eval` runs
-    from .evaluate import Evaluation, LabelledImages, Setting
-    from .vocab import Vocabulary
+    from pipeline.evaluation.evaluate import Evaluation, LabelledImages, Setting
+    from pipeline.stages.vocab import Vocabulary
 
 EVAL_EPILOG = """\
 examples:
@@ -43,7 +53,6 @@ def add_eval_command(subparsers: Any) -> None:
         subparsers: the object returned by `ArgumentParser.add_subparsers`.
     """
     # cli imports this module to register it, so its argument groups are imported here, when called
-    from .cli import add_model_arguments, add_scoring_arguments, add_storage_arguments, add_vocabulary_arguments
 
     parser = subparsers.add_parser(
         "eval",
@@ -53,19 +62,39 @@ def add_eval_command(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--data", required=True, help="class-per-folder tree (DATA/<class>/<image>) or a .parquet/.csv manifest with path and label columns; local or s3://")
-    group.add_argument("--methods", type=_comma_list, default=None,
-                       help=f"comma-separated methods to compare (default: {','.join(METHODS)}); --method M is the same as --methods M")
-    group.add_argument("--runs", type=int, default=1, help="R, seeds per crop method (wca, lgca): mean and std over seed, seed+1, ... (default: %(default)s)")
+    group.add_argument(
+        "--data",
+        required=True,
+        help="class-per-folder tree (DATA/<class>/<image>) or a .parquet/.csv manifest with path and label columns; local or s3://",
+    )
+    group.add_argument(
+        "--methods",
+        type=_comma_list,
+        default=None,
+        help=f"comma-separated methods to compare (default: {','.join(METHODS)}); --method M is the same as --methods M",
+    )
+    group.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="R, seeds per crop method (wca, lgca): mean and std over seed, seed+1, ... (default: %(default)s)",
+    )
     group.add_argument("--output", default=None, help="write the results as JSON to this file (local or s3://)")
     group.add_argument("--dataset", default=None, help="dataset name in the results (default: the last part of --data)")
     group.add_argument("--limit", type=int, default=None, help="evaluate at most N images, taken round-robin over the classes")
     group.add_argument("--batch-size", type=int, default=ExecutionConfig.batch_size, help="images per scoring call (default: %(default)s)")
     group.add_argument("--workers", type=int, default=8, help="threads reading and decoding images (default: %(default)s)")
-    group.add_argument("--sweep", nargs="+", default=None, metavar="FIELD=V1,V2",
-                       help="evaluate every combination of these scoring parameter values, e.g. steps=1,2,3 regions=1,2,4 "
-                       "saliency=class,global (crop_scale values as ALPHA:BETA); other parameters come from the options")
-    group.add_argument("--confusions", type=int, default=10, help="most confused (true, predicted) pairs shown per method (default: %(default)s)")
+    group.add_argument(
+        "--sweep",
+        nargs="+",
+        default=None,
+        metavar="FIELD=V1,V2",
+        help="evaluate every combination of these scoring parameter values, e.g. steps=1,2,3 regions=1,2,4 "
+        "saliency=class,global (crop_scale values as ALPHA:BETA); other parameters come from the options",
+    )
+    group.add_argument(
+        "--confusions", type=int, default=10, help="most confused (true, predicted) pairs shown per method (default: %(default)s)"
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_storage_arguments(group)
     add_vocabulary_arguments(parser)
@@ -80,12 +109,12 @@ def _comma_list(text: str) -> list[str]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from . import evaluate as ev
+    import pipeline.evaluation.evaluate as ev
 
     plan = _plan(args)  # everything checkable without a model, checked first
-    from .labeler import text_vectors
-    from .models import default_cache_dir, load_model
-    from .score import ViewFormat
+    from pipeline.models.load import default_cache_dir, load_model
+    from pipeline.models.text_vectors import text_vectors
+    from pipeline.scoring.score import ViewFormat
 
     loaded = load_model(plan.model, plan.storage_options)
     cache_dir = default_cache_dir(plan.model)
@@ -150,10 +179,9 @@ class _Plan:
 
 def _plan(args: argparse.Namespace) -> _Plan:
     """Validate options, sweep, data and vocabulary; print the warnings. Raises ConfigError subclasses."""
-    from . import evaluate as ev
-    from .cli import model_config, scoring_config, vocabulary_config
-    from .sources import storage_options_from
-    from .vocab import load_vocabulary
+    import pipeline.evaluation.evaluate as ev
+    from pipeline.stages.sources import storage_options_from
+    from pipeline.stages.vocab import load_vocabulary
 
     methods = _requested_methods(args, ev)
     for name in ("runs", "batch_size", "workers", "limit"):
@@ -330,7 +358,7 @@ def _prepare_output(output: str) -> None:
 
 
 def _write_json(output: str, document: Mapping[str, Any], storage_options: Mapping[str, Any]) -> None:
-    from .sources import filesystem_for
+    from pipeline.stages.sources import filesystem_for
 
     fs, path = filesystem_for(output, storage_options)
     with fs.open(path, "w") as handle:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from .export import FORMATS, PREDICTION_FORMATS, CurationError, default_filter, export, open_output
-from .schema import STATUSES
+from pipeline.config import ConfigError
+from pipeline.review.formats import FORMATS, PREDICTION_FORMATS
+from pipeline.schema import STATUSES
 
 REPORT_EPILOG = """\
 examples:
@@ -40,7 +42,7 @@ formats (see docs/CURATION.md):
   csv          one line per row: key, path, status, label, score, margin, topk (JSON), error_message,
                width, height, boxes (JSON), method, model, pretrained, then pass-through columns
 
---status defaults to ok for {', '.join(PREDICTION_FORMATS)} (failed rows have no predictions) and to
+--status defaults to ok for {", ".join(PREDICTION_FORMATS)} (failed rows have no predictions) and to
 every status for csv.
 """
 
@@ -58,8 +60,13 @@ def add_curation_commands(subparsers: Any) -> None:
 
 def _add_storage(parser: argparse.ArgumentParser) -> None:
     # The same flag as `lgca run`; defined here so this module does not import cli (which imports it).
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec/s3fs option, repeatable (e.g. endpoint_url=http://minio:9000)")
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec/s3fs option, repeatable (e.g. endpoint_url=http://minio:9000)",
+    )
 
 
 def _add_report(subparsers: Any) -> None:
@@ -73,15 +80,28 @@ def _add_report(subparsers: Any) -> None:
     )
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="output directory of lgca run, local or s3://")
     parser.add_argument("--out", default="report.html", metavar="FILE", help="HTML file to write, local (default: %(default)s)")
-    parser.add_argument("--thumbnails-per-label", type=int, metavar="N", default=24,
-                        help="thumbnails per label, for its lowest-confidence rows; 0 for none (default: %(default)s)")
+    parser.add_argument(
+        "--thumbnails-per-label",
+        type=int,
+        metavar="N",
+        default=24,
+        help="thumbnails per label, for its lowest-confidence rows; 0 for none (default: %(default)s)",
+    )
     parser.add_argument("--page-size", type=int, metavar="N", default=24, help="gallery cards per page (default: %(default)s)")
-    parser.add_argument("--thumbnail-size", type=int, metavar="N", default=256, help="longer side of a thumbnail in pixels (default: %(default)s)")
-    parser.add_argument("--error-examples", type=int, metavar="N", default=20, help="examples shown per error status (default: %(default)s)")
+    parser.add_argument(
+        "--thumbnail-size", type=int, metavar="N", default=256, help="longer side of a thumbnail in pixels (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--error-examples", type=int, metavar="N", default=20, help="examples shown per error status (default: %(default)s)"
+    )
     parser.add_argument("--workers", type=int, metavar="N", default=8, help="threads reading images for thumbnails (default: %(default)s)")
-    parser.add_argument("--max-gallery-rows", type=int, metavar="N", default=200_000,
-                        help="ok rows embedded in the gallery; above it each label keeps its lowest-confidence share "
-                        "(default: %(default)s)")
+    parser.add_argument(
+        "--max-gallery-rows",
+        type=int,
+        metavar="N",
+        default=200_000,
+        help="ok rows embedded in the gallery; above it each label keeps its lowest-confidence share (default: %(default)s)",
+    )
     _add_storage(parser)
     parser.set_defaults(handler=_report)
 
@@ -112,34 +132,51 @@ def _add_export(subparsers: Any) -> None:
     parser.add_argument("--format", required=True, choices=FORMATS, help="export format")
     parser.add_argument("--out", required=True, metavar="FILE", help="file to write (a directory for fiftyone), local or s3://")
     parser.add_argument("--min-score", type=float, default=None, metavar="X", help="keep rows whose image-level score is >= X")
-    parser.add_argument("--max-score", type=float, default=None, metavar="X", help="keep rows whose image-level score is <= X (review the unsure ones)")
+    parser.add_argument(
+        "--max-score", type=float, default=None, metavar="X", help="keep rows whose image-level score is <= X (review the unsure ones)"
+    )
     parser.add_argument("--labels", default="", metavar="A,B", help="keep rows labelled with one of these, comma-separated (e.g. cat,dog)")
-    parser.add_argument("--status", default="", metavar="S,...", help=f"keep rows with one of these statuses, comma-separated ({', '.join(STATUSES)})")
-    parser.add_argument("--path-prefix", action="append", default=[], metavar="OLD=NEW",
-                        help="rewrite image paths starting with OLD to start with NEW, repeatable "
-                        "(e.g. /data/photos/=/data/local-files/?d=photos/ for Label Studio local storage)")
+    parser.add_argument(
+        "--status", default="", metavar="S,...", help=f"keep rows with one of these statuses, comma-separated ({', '.join(STATUSES)})"
+    )
+    parser.add_argument(
+        "--path-prefix",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="rewrite image paths starting with OLD to start with NEW, repeatable "
+        "(e.g. /data/photos/=/data/local-files/?d=photos/ for Label Studio local storage)",
+    )
     _add_storage(parser)
     parser.set_defaults(handler=_export)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
-    from .sources import storage_options_from
+    from pipeline.review.export import open_output
+    from pipeline.review.report import write_report
+    from pipeline.stages.sources import storage_options_from
 
     options = storage_options_from(args.storage_option)
     output = open_output(args.output_dir, options)
     summary = write_report(
-        output, args.out, thumbnails_per_label=args.thumbnails_per_label, page_size=args.page_size,
-        thumbnail_size=args.thumbnail_size, error_examples=args.error_examples, storage_options=options,
-        workers=args.workers, max_gallery_rows=args.max_gallery_rows,
+        output,
+        args.out,
+        thumbnails_per_label=args.thumbnails_per_label,
+        page_size=args.page_size,
+        thumbnail_size=args.thumbnail_size,
+        error_examples=args.error_examples,
+        storage_options=options,
+        workers=args.workers,
+        max_gallery_rows=args.max_gallery_rows,
     )
     print(summary.line(), flush=True)
     return 0
 
 
 def _summary(args: argparse.Namespace) -> int:
-    from .report import collect_stats, format_summary
-    from .sources import storage_options_from
+    from pipeline.review.export import open_output
+    from pipeline.review.report import collect_stats, format_summary
+    from pipeline.stages.sources import storage_options_from
 
     output = open_output(args.output_dir, storage_options_from(args.storage_option))
     stats = collect_stats(output, error_examples=args.error_examples)
@@ -148,7 +185,8 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .sources import storage_options_from
+    from pipeline.review.export import default_filter, export, open_output
+    from pipeline.stages.sources import storage_options_from
 
     options = storage_options_from(args.storage_option)
     output = open_output(args.output_dir, options)
@@ -167,6 +205,6 @@ def _prefixes(pairs: Sequence[str]) -> list[tuple[str, str]]:
     for pair in pairs:
         old, sep, new = pair.partition("=")
         if not sep or not old:
-            raise CurationError(f"--path-prefix {pair!r} is not OLD=NEW; write e.g. /data/photos/=/data/local-files/?d=photos/")
+            raise ConfigError(f"--path-prefix {pair!r} is not OLD=NEW; write e.g. /data/photos/=/data/local-files/?d=photos/")
         prefixes.append((old, new))
     return prefixes

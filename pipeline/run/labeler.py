@@ -4,72 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import tempfile
-from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .config import ModelConfig, ScoringConfig, VocabularyConfig
-from .models import LoadedModel, default_cache_dir, load_model
-from .score import ImageScore, Scorer, ViewFormat, class_vectors
-from .vocab import Vocabulary, load_vocabulary
+from pipeline.config import ModelConfig, ScoringConfig, VocabularyConfig
+from pipeline.models.load import LoadedModel, default_cache_dir, load_model
+from pipeline.models.text_vectors import text_vectors
+from pipeline.scoring.score import ImageScore, Scorer, ViewFormat
+from pipeline.stages.vocab import Vocabulary, load_vocabulary
 
-log = logging.getLogger(__name__)
-
-ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
-
-
-def default_templates() -> tuple[str, ...]:
-    """open_clip's OpenAI ImageNet prompt templates, as format strings with `{}`."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
-
-
-def text_vectors(
-    model: LoadedModel,
-    vocabulary: Vocabulary,
-    scoring: ScoringConfig,
-    cache_dir: Path | None = None,
-) -> torch.Tensor:
-    """Class vectors (C, D) on the CPU for `scoring.method`, cached on disk by model, vocabulary and method.
-
-    Each scoring actor of a job computes them with its own model; the cache makes that once per node.
-    """
-    templates = vocabulary.templates if vocabulary.templates is not None else default_templates()
-    key_material = json.dumps(
-        {
-            "model": model.identity,
-            "vocabulary": vocabulary.digest(),
-            "templates": list(templates),
-            "method": scoring.method,
-            "text_scale": scoring.text_scale,
-        },
-        sort_keys=True,
-    )
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = cache_dir / "text" / f"{hashlib.sha256(key_material.encode()).hexdigest()}.safetensors"
-        cached = _read_cached_vectors(cache_file, len(vocabulary.classes))
-        if cached is not None:
-            return cached
-    vectors = class_vectors(
-        scoring.method,
-        vocabulary.classes,
-        model.encode_text,
-        vocabulary.descriptions,
-        templates,
-        vocabulary.prompt,
-        scoring.text_scale,
-    ).cpu()
-    if cache_file is not None:
-        _write_cached_vectors(cache_file, vectors)
-    return vectors
+ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 
 def to_pixels(image: ImageLike) -> torch.Tensor:
@@ -142,7 +91,7 @@ class Labeler:
         templates: Sequence[str] | None = None,
         cache_dir: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
-    ) -> "Labeler":
+    ) -> Labeler:
         """Load a labeler.
 
         Args:
@@ -172,9 +121,7 @@ class Labeler:
         batch_size: int = 32,
     ) -> list[ImageScore]:
         """Score images; `keys` fix each image's crops (default: a hash of its pixels, or its path)."""
-        if isinstance(images, (Image.Image, str, os.PathLike)) or (
-            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3
-        ):
+        if isinstance(images, (Image.Image, str, os.PathLike)) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3):
             raise TypeError(f"label() takes a sequence of images, got a single {type(images).__name__}; wrap it in a list")
         pixels = [to_pixels(image) for image in images]
         if keys is not None and len(keys) != len(pixels):
@@ -192,7 +139,7 @@ def _vocabulary_from(
     templates: Sequence[str] | None,
     storage_options: Mapping[str, Any] | None,
 ) -> Vocabulary:
-    from .vocab import parse_labels
+    from pipeline.stages.vocab import parse_labels
 
     if isinstance(labels, (str, os.PathLike)):
         vocabulary = load_vocabulary(VocabularyConfig(labels=str(labels)), storage_options)
@@ -203,29 +150,3 @@ def _vocabulary_from(
     if templates is not None:
         vocabulary = Vocabulary(vocabulary.classes, vocabulary.descriptions, tuple(templates), vocabulary.prompt)
     return vocabulary
-
-
-def _read_cached_vectors(path: Path, classes: int) -> torch.Tensor | None:
-    if not path.is_file():
-        return None
-    from safetensors.torch import load_file
-
-    try:
-        vectors = load_file(str(path))["vectors"]
-    except Exception as error:  # a corrupt cache entry is recomputed, not trusted
-        log.warning("ignoring unreadable text-embedding cache %s: %s", path, error)
-        return None
-    return vectors if vectors.shape[0] == classes else None
-
-
-def _write_cached_vectors(path: Path, vectors: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
-        os.close(handle)
-        save_file({"vectors": vectors.contiguous()}, temporary)
-        os.replace(temporary, path)
-    except OSError as error:  # a read-only cache only costs a recomputation
-        log.warning("cannot write text-embedding cache %s: %s", path, error)

@@ -9,15 +9,16 @@ import os
 import pickle
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, ModelConfig
+from pipeline.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 

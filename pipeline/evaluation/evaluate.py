@@ -15,9 +15,10 @@ import os
 import posixpath
 import sys
 from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -27,11 +28,11 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from .config import CROP_METHODS, CROP_LAYOUTS, METHODS, SALIENCY_RULES, ConfigError, DecodeConfig, ScoringConfig
-from .decode import DecodedImage, decode_image, short_side_for
-from .schema import DECODE_ERROR, READ_ERROR
-from .score import ImageEncoder, ImageScore, Scorer, ViewFormat, ViewSet
-from .sources import check_inputs, filesystem_for, list_inputs, parse_input, read_bytes
+from pipeline.config import CROP_LAYOUTS, CROP_METHODS, METHODS, SALIENCY_RULES, ConfigError, DecodeConfig, ScoringConfig
+from pipeline.schema import DECODE_ERROR, READ_ERROR
+from pipeline.scoring.score import ImageEncoder, ImageScore, Scorer, ViewFormat, ViewSet
+from pipeline.stages.decode import DecodedImage, decode_image, short_side_for
+from pipeline.stages.sources import check_inputs, filesystem_for, list_inputs, parse_input, read_bytes
 
 TOP_K = 5  # acc5 is top-k accuracy with k = min(TOP_K, classes), as in CLIP_benchmark
 NAMES_SHOWN = 20  # class names or keys listed in one message
@@ -46,8 +47,20 @@ METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
     "descriptors": ("text_scale",),
     "wca": ("text_scale", "crops", "crop_scale", "crop_layout", "image_scale", "global_weight", "seed"),
     "lgca": (
-        "text_scale", "crops", "crop_scale", "crop_layout", "image_scale", "global_weight", "expand_weight", "seed",
-        "saliency", "steps", "regions", "growth", "growth_target", "overlap_iou",
+        "text_scale",
+        "crops",
+        "crop_scale",
+        "crop_layout",
+        "image_scale",
+        "global_weight",
+        "expand_weight",
+        "seed",
+        "saliency",
+        "steps",
+        "regions",
+        "growth",
+        "growth_target",
+        "overlap_iou",
     ),
 }
 _CHOICES = {"saliency": SALIENCY_RULES, "crop_layout": CROP_LAYOUTS}
@@ -203,10 +216,7 @@ def unused_classes_warning(check: ClassCheck) -> str | None:
     """The warning line for vocabulary classes without images, or None."""
     if not check.unused:
         return None
-    return (
-        f"{len(check.unused)} vocabulary class(es) have no images; they still compete as distractors: "
-        f"{_shown(check.unused)}"
-    )
+    return f"{len(check.unused)} vocabulary class(es) have no images; they still compete as distractors: {_shown(check.unused)}"
 
 
 def _shown(names: Sequence[str]) -> str:
@@ -318,9 +328,7 @@ def mean_per_class_recall(predictions: np.ndarray, targets: np.ndarray) -> float
     return float(np.mean(recalls))
 
 
-def confused_pairs(
-    predictions: np.ndarray, targets: np.ndarray, classes: Sequence[str], top: int = 10
-) -> list[tuple[str, str, int]]:
+def confused_pairs(predictions: np.ndarray, targets: np.ndarray, classes: Sequence[str], top: int = 10) -> list[tuple[str, str, int]]:
     """The most frequent (true, predicted) class pairs among wrong predictions, with their counts.
 
     Ordered by count, then by true and predicted class name.
@@ -391,9 +399,7 @@ def parse_sweep(items: Sequence[str], methods: Sequence[str]) -> dict[str, tuple
     return grid
 
 
-def sweep_settings(
-    base: ScoringConfig, grid: Mapping[str, Sequence[Any]]
-) -> tuple[list[Setting], list[tuple[dict[str, Any], str]]]:
+def sweep_settings(base: ScoringConfig, grid: Mapping[str, Sequence[Any]]) -> tuple[list[Setting], list[tuple[dict[str, Any], str]]]:
     """The cartesian product of `grid` over `base`, split into valid settings and skipped ones with the reason.
 
     A combination ScoringConfig rejects (e.g. more regions than crops) is skipped, not an error.
@@ -664,8 +670,15 @@ def evaluate(
     seeds = [_seeds(config, runs if crop_methods else 1) for config in configs]
     scorers = [
         [
-            Scorer(counter, classes, vectors(embed_as, config), model.logit_scale, model.view,
-                   dataclasses.replace(config, seed=seed), model.device)
+            Scorer(
+                counter,
+                classes,
+                vectors(embed_as, config),
+                model.logit_scale,
+                model.view,
+                dataclasses.replace(config, seed=seed),
+                model.device,
+            )
             for seed in setting_seeds
         ]
         for config, setting_seeds in zip(configs, seeds)
@@ -694,8 +707,13 @@ def evaluate(
             setting,
             {
                 method: _method_result(
-                    method, setting_seeds if method in CROP_METHODS else setting_seeds[:1], tally[method],
-                    scored_targets, scored_groups, classes, confusions,
+                    method,
+                    setting_seeds if method in CROP_METHODS else setting_seeds[:1],
+                    tally[method],
+                    scored_targets,
+                    scored_groups,
+                    classes,
+                    confusions,
                 )
                 for method in methods
             },
@@ -886,8 +904,7 @@ def result_records(evaluation: Evaluation, identity: Mapping[str, Any]) -> list[
                 record["scoring"]["global_weight"] = scoring.global_weight_for(method)  # the λ used, not "default"
             if setting_result.setting.changes:
                 record["setting"] = {
-                    name: (list(value) if isinstance(value, tuple) else value)
-                    for name, value in setting_result.setting.changes.items()
+                    name: (list(value) if isinstance(value, tuple) else value) for name, value in setting_result.setting.changes.items()
                 }
             record["confusions"] = [{"true": t, "predicted": p, "count": n} for t, p, n in result.confusions]
             if result.group_acc1:

@@ -11,30 +11,44 @@ import posixpath
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.dataset as ds
 from fsspec.implementations.local import LocalFileSystem
 
-from .config import ConfigError
-from .schema import OK, OUTPUT_COLUMNS, STATUSES, output_schema
-from .sink import MANIFEST, PART_PATTERN, SUCCESS
-from .sources import filesystem_for
+from pipeline.config import ConfigError
+from pipeline.review.formats import FORMATS, PREDICTION_FORMATS
+from pipeline.schema import OK, OUTPUT_COLUMNS, STATUSES, output_schema
+from pipeline.stages.sink import MANIFEST, PART_PATTERN, SUCCESS
+from pipeline.stages.sources import filesystem_for
 
-FORMATS = ("labelstudio", "coco", "fiftyone", "csv")
 # Formats that carry predictions: by default they take ok rows only, since failed rows have no label,
 # no boxes and usually no size. CSV takes every row unless --status says otherwise.
-PREDICTION_FORMATS = ("labelstudio", "coco", "fiftyone")
 LS_IMAGE = "image"  # Label Studio object tag name: <Image name="image" value="$image"/>
 LS_CHOICES = "label"  # <Choices name="label" toName="image">, the image-level label
 LS_BOXES = "box"  # <RectangleLabels name="box" toName="image">, the salient boxes
 FIFTYONE_FILES = ("data.json", "labels.json", "classifications.json")
-CSV_COLUMNS = ("key", "path", "status", "label", "score", "margin", "topk", "error_message", "width", "height",
-               "boxes", "method", "model", "pretrained")
+CSV_COLUMNS = (
+    "key",
+    "path",
+    "status",
+    "label",
+    "score",
+    "margin",
+    "topk",
+    "error_message",
+    "width",
+    "height",
+    "boxes",
+    "method",
+    "model",
+    "pretrained",
+)
 BATCH_ROWS = 8192  # rows per Arrow batch while streaming a directory: bounded memory, few Python round trips
 _PIXEL_DECIMALS = 3  # COCO pixel coordinates: a thousandth of a pixel is below any use
 _PERCENT_DECIMALS = 5  # Label Studio percent coordinates; 1e-5 % of a 100k-pixel side is 0.01 px
@@ -182,8 +196,7 @@ def open_output(url: str, storage_options: Mapping[str, Any] | None = None) -> O
         files = tuple(_part_files(fs, root))
         complete = fs.exists(f"{root}/{SUCCESS}")
     except OSError as error:  # PermissionError included: wrong credentials, endpoint or bucket
-        raise CurationError(f"cannot read output {url}: {error}; check the path and --storage-option "
-                            "(endpoint_url, key, secret)") from None
+        raise CurationError(f"cannot read output {url}: {error}; check the path and --storage-option (endpoint_url, key, secret)") from None
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
@@ -219,8 +232,7 @@ class RowFilter:
             missing = [label for label in self.labels if label not in classes]
             if missing:
                 shown = ", ".join(classes[:20]) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else "")
-                raise CurationError(f"label {', '.join(repr(m) for m in missing)} is not in this run's vocabulary "
-                                    f"({shown}); fix --labels")
+                raise CurationError(f"label {', '.join(repr(m) for m in missing)} is not in this run's vocabulary ({shown}); fix --labels")
         for name, value in (("--min-score", self.min_score), ("--max-score", self.max_score)):
             if value is not None and not math.isfinite(value):
                 raise CurationError(f"{name} must be a finite number, got {value}")
@@ -294,14 +306,16 @@ def labelstudio_task(row: Mapping[str, Any], passthrough: Sequence[str] = ()) ->
     if row.get("label") is None:
         return task
     score = _number(row.get("score"), _SCORE_DECIMALS)
-    result: list[dict[str, Any]] = [{
-        "id": "label",
-        "type": "choices",
-        "from_name": LS_CHOICES,
-        "to_name": LS_IMAGE,
-        "value": {"choices": [row["label"]]},
-        "score": score,
-    }]
+    result: list[dict[str, Any]] = [
+        {
+            "id": "label",
+            "type": "choices",
+            "from_name": LS_CHOICES,
+            "to_name": LS_IMAGE,
+            "value": {"choices": [row["label"]]},
+            "score": score,
+        }
+    ]
     width, height = row.get("width"), row.get("height")
     for index, box in enumerate(row.get("boxes") or ()):
         x, y, w, h = (_number(v, _PERCENT_DECIMALS) for v in xyxy_to_percent(_corners(box)))
@@ -360,8 +374,7 @@ def coco_image(row: Mapping[str, Any], image_id: int, categories: Mapping[str, i
     }
     for name in passthrough:
         attributes.setdefault(name, _jsonable(row.get(name)))
-    return {"id": image_id, "file_name": row["path"], "width": row.get("width"), "height": row.get("height"),
-            "attributes": attributes}
+    return {"id": image_id, "file_name": row["path"], "width": row.get("width"), "height": row.get("height"), "attributes": attributes}
 
 
 def coco_annotations(row: Mapping[str, Any], image_id: int, first_id: int, categories: Mapping[str, int]) -> list[dict[str, Any]]:
@@ -379,20 +392,22 @@ def coco_annotations(row: Mapping[str, Any], image_id: int, first_id: int, categ
     for index, box in enumerate(boxes):
         x, y, w, h = (_number(v, _PIXEL_DECIMALS) for v in xyxy_to_coco(_corners(box), width, height))
         parent = box.get("parent")
-        annotations.append({
-            "id": first_id + index,
-            "image_id": image_id,
-            "category_id": categories[box["label"]],
-            "bbox": [x, y, w, h],
-            "area": _number(w * h, _PIXEL_DECIMALS),
-            "iscrowd": 0,
-            "score": _number(box.get("score"), _SCORE_DECIMALS),
-            "attributes": {
-                "level": box.get("level"),
-                "parent_id": first_id + parent if parent is not None and 0 <= parent < len(boxes) else None,
-                "saliency": _number(box.get("saliency"), _SCORE_DECIMALS),
-            },
-        })
+        annotations.append(
+            {
+                "id": first_id + index,
+                "image_id": image_id,
+                "category_id": categories[box["label"]],
+                "bbox": [x, y, w, h],
+                "area": _number(w * h, _PIXEL_DECIMALS),
+                "iscrowd": 0,
+                "score": _number(box.get("score"), _SCORE_DECIMALS),
+                "attributes": {
+                    "level": box.get("level"),
+                    "parent_id": first_id + parent if parent is not None and 0 <= parent < len(boxes) else None,
+                    "saliency": _number(box.get("saliency"), _SCORE_DECIMALS),
+                },
+            }
+        )
     return annotations
 
 
@@ -403,8 +418,11 @@ def fiftyone_detections(row: Mapping[str, Any]) -> list[dict[str, Any]]:
             "label": box["label"],
             "bounding_box": [_number(v, _RELATIVE_DECIMALS) for v in xyxy_to_relative_xywh(_corners(box))],
             "confidence": _number(box.get("score"), _SCORE_DECIMALS),
-            "attributes": {"level": box.get("level"), "parent": box.get("parent"),
-                           "saliency": _number(box.get("saliency"), _SCORE_DECIMALS)},
+            "attributes": {
+                "level": box.get("level"),
+                "parent": box.get("parent"),
+                "saliency": _number(box.get("saliency"), _SCORE_DECIMALS),
+            },
         }
         for box in row.get("boxes") or ()
     ]
@@ -414,22 +432,35 @@ def fiftyone_classification(row: Mapping[str, Any]) -> dict[str, Any] | None:
     """A row's label in FiftyOneImageClassificationDataset form, or None (unlabeled) for a failed row."""
     if row.get("label") is None:
         return None
-    return {"label": row["label"], "confidence": _number(row.get("score"), _SCORE_DECIMALS),
-            "attributes": {"margin": _number(row.get("margin"), _SCORE_DECIMALS)}}
+    return {
+        "label": row["label"],
+        "confidence": _number(row.get("score"), _SCORE_DECIMALS),
+        "attributes": {"margin": _number(row.get("margin"), _SCORE_DECIMALS)},
+    }
 
 
 def csv_record(row: Mapping[str, Any], passthrough: Sequence[str] = ()) -> list[Any]:
     """One CSV line's values, in CSV_COLUMNS order then `passthrough`; lists become JSON text."""
     topk = None
     if row.get("topk_labels") is not None:
-        topk = json.dumps([{"label": label, "score": _number(score, _SCORE_DECIMALS)}
-                           for label, score in zip(row["topk_labels"], row.get("topk_scores") or ())])
+        topk = json.dumps(
+            [
+                {"label": label, "score": _number(score, _SCORE_DECIMALS)}
+                for label, score in zip(row["topk_labels"], row.get("topk_scores") or ())
+            ]
+        )
     boxes = None
     if row.get("boxes") is not None:
-        boxes = json.dumps([{k: (_number(v, _RELATIVE_DECIMALS) if isinstance(v, float) else v) for k, v in box.items()}
-                            for box in row["boxes"]])
-    values = {**row, "topk": topk, "boxes": boxes,
-              "score": _number(row.get("score"), _SCORE_DECIMALS), "margin": _number(row.get("margin"), _SCORE_DECIMALS)}
+        boxes = json.dumps(
+            [{k: (_number(v, _RELATIVE_DECIMALS) if isinstance(v, float) else v) for k, v in box.items()} for box in row["boxes"]]
+        )
+    values = {
+        **row,
+        "topk": topk,
+        "boxes": boxes,
+        "score": _number(row.get("score"), _SCORE_DECIMALS),
+        "margin": _number(row.get("margin"), _SCORE_DECIMALS),
+    }
     return [_csv_cell(values.get(name)) for name in CSV_COLUMNS] + [_csv_cell(row.get(name)) for name in passthrough]
 
 
@@ -521,8 +552,9 @@ class _Counter:
             yield row
 
 
-def _rows(output: OutputDir, columns: Sequence[str], expression: ds.Expression | None,
-          path_prefixes: Sequence[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+def _rows(
+    output: OutputDir, columns: Sequence[str], expression: ds.Expression | None, path_prefixes: Sequence[tuple[str, str]]
+) -> Iterator[dict[str, Any]]:
     for batch in output.batches(columns, expression):
         for row in batch.to_pylist():
             if path_prefixes:
@@ -534,7 +566,7 @@ def rewrite_path(path: str, path_prefixes: Sequence[tuple[str, str]]) -> str:
     """`path` with the first matching (old, new) prefix replaced; unchanged when none matches."""
     for old, new in path_prefixes:
         if path.startswith(old):
-            return new + path[len(old):]
+            return new + path[len(old) :]
     return path
 
 
@@ -575,8 +607,7 @@ def _write_coco(handle: IO[str], rows: Iterable[dict[str, Any]], output: OutputD
         spool.seek(0)
         shutil.copyfileobj(spool, handle)
         handle.write('\n],\n"categories": ')
-        handle.write(json.dumps([{"id": i, "name": name, "supercategory": ""} for name, i in categories.items()],
-                                ensure_ascii=False))
+        handle.write(json.dumps([{"id": i, "name": name, "supercategory": ""} for name, i in categories.items()], ensure_ascii=False))
         handle.write("}\n")
 
 
@@ -592,8 +623,11 @@ def _write_fiftyone(fs: fsspec.AbstractFileSystem, directory: str, rows: Iterabl
     sharing one data.json manifest (uuid -> image path), so both import against the same samples."""
     fs.makedirs(directory, exist_ok=True)
     paths = {name: f"{directory}/{name}" for name in FIFTYONE_FILES}
-    with _atomic_text(fs, paths["data.json"]) as data, _atomic_text(fs, paths["labels.json"]) as labels, \
-            _atomic_text(fs, paths["classifications.json"]) as classes:
+    with (
+        _atomic_text(fs, paths["data.json"]) as data,
+        _atomic_text(fs, paths["labels.json"]) as labels,
+        _atomic_text(fs, paths["classifications.json"]) as classes,
+    ):
         data.write("{")
         labels.write('{"labels": {')
         classes.write('{"labels": {')

@@ -1,0 +1,196 @@
+"""Argument groups shared by the `lgca` commands, and the configuration each group builds."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.config import (
+    CROP_LAYOUTS,
+    LGCA_GLOBAL_WEIGHT,
+    METHODS,
+    PRECISIONS,
+    SALIENCY_RULES,
+    DecodeConfig,
+    ExecutionConfig,
+    JobConfig,
+    ModelConfig,
+    ScoringConfig,
+    VocabularyConfig,
+)
+
+EXIT_CONFIG = 2  # bad configuration or input: nothing ran
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model", default=ModelConfig.name, help="open_clip architecture, or an open_clip model-config JSON (default: %(default)s)"
+    )
+    group.add_argument(
+        "--pretrained",
+        default=ModelConfig.pretrained,
+        help="weights: an open_clip tag (downloads where internet exists), a local .safetensors/.pt file, an fsspec "
+        "URI such as s3://bucket/w.safetensors (fetched once into the cache), or 'random' (meaningless labels; "
+        "tests and speed only) (default: %(default)s)",
+    )
+    group.add_argument("--device", default=ModelConfig.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    group.add_argument("--precision", default=ModelConfig.precision, choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    group.add_argument(
+        "--cache-dir", default=None, help="weights and text-embedding cache (default: ~/.cache/lgca-label or $LGCA_CACHE_DIR)"
+    )
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the image encoder with torch.compile: start-up takes longer (tens of seconds per actor), "
+        "encoding may run faster; measure with jobs/bench_scorer.py --compile",
+    )
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ScoringConfig()
+    group = parser.add_argument_group("scoring (see docs/METHOD.md)")
+    group.add_argument("--method", default=d.method, choices=METHODS, help="scoring method (default: %(default)s)")
+    group.add_argument("--crops", type=int, default=d.crops, help="N, local crops per image (default: %(default)s)")
+    group.add_argument(
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        default=d.crop_scale,
+        metavar=("ALPHA", "BETA"),
+        help="crop side as a fraction of the shorter image side, drawn from [ALPHA, BETA] (default: 0.5 0.9)",
+    )
+    group.add_argument(
+        "--crop-layout",
+        default=d.crop_layout,
+        choices=CROP_LAYOUTS,
+        help="random crops, or a sqrt(N) x sqrt(N) grid (default: %(default)s)",
+    )
+    group.add_argument(
+        "--saliency",
+        default=d.saliency,
+        choices=SALIENCY_RULES,
+        help="region saliency: class, its best class similarity; global, its similarity to the whole image; margin, "
+        "top-1 minus top-2 of its class probabilities; agreement, its similarity to the image's leading class "
+        "from the crops and global view (default: %(default)s)",
+    )
+    group.add_argument("--steps", type=int, default=d.steps, help="T, expansion steps (default: %(default)s)")
+    group.add_argument("--regions", type=int, default=d.regions, help="K, regions grown per step (default: %(default)s)")
+    group.add_argument(
+        "--growth",
+        type=float,
+        default=d.growth,
+        help="gamma, growth of a selected region's side per step; grown boxes stay square, capped at the shorter side (default: %(default)s)",
+    )
+    group.add_argument(
+        "--growth-target",
+        type=float,
+        default=d.growth_target,
+        metavar="FRACTION",
+        help="instead of --growth, grow each region geometrically to this fraction of the shorter side at the last step, in (0, 1]",
+    )
+    group.add_argument(
+        "--image-scale", type=float, default=d.image_scale, help="region-weight temperature, exp(scale) (default: %(default)s)"
+    )
+    group.add_argument(
+        "--text-scale", type=float, default=d.text_scale, help="description-weight temperature, exp(scale) (default: %(default)s)"
+    )
+    group.add_argument(
+        "--expand-weight",
+        type=float,
+        default=d.expand_weight,
+        help="extra weight of grown boxes among the regions; 0 drops them (default: %(default)s)",
+    )
+    group.add_argument(
+        "--global-weight",
+        type=float,
+        default=d.global_weight,
+        metavar="LAMBDA",
+        help=f"share of the score given to the global view, in [0, 1] (default: {LGCA_GLOBAL_WEIGHT} for lgca, 0 for wca as WCA's code)",
+    )
+    group.add_argument("--seed", type=int, default=d.seed, help="crop sampling seed, combined with each image key (default: %(default)s)")
+    group.add_argument("--topk", type=int, default=d.topk, help="labels kept per image (default: %(default)s)")
+    group.add_argument("--micro-batch", type=int, default=d.micro_batch, help="views per encoder call (default: %(default)s)")
+
+
+def add_vocabulary_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    group = parser.add_argument_group("vocabulary")
+    group.add_argument(
+        "--labels",
+        required=required,
+        help="labels: .txt (one class per line), .json/.yaml list, or a descriptors "
+        "JSON {class: [sentences]} (CuPL/DCLIP format); local or s3://",
+    )
+    group.add_argument(
+        "--templates",
+        default=None,
+        help="prompt templates file, one per line with {} for the class (default: open_clip's OpenAI ImageNet set)",
+    )
+    group.add_argument("--prompt", default=VocabularyConfig.prompt, help="label prompt p_c (default: %(default)r)")
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec/s3fs option, repeatable (e.g. endpoint_url=http://minio:9000); never recorded in outputs",
+    )
+
+
+def scoring_config(args: argparse.Namespace) -> ScoringConfig:
+    return ScoringConfig(
+        method=args.method,
+        crops=args.crops,
+        crop_scale=tuple(args.crop_scale),
+        crop_layout=args.crop_layout,
+        saliency=args.saliency,
+        steps=args.steps,
+        regions=args.regions,
+        growth=args.growth,
+        growth_target=args.growth_target,
+        image_scale=args.image_scale,
+        text_scale=args.text_scale,
+        expand_weight=args.expand_weight,
+        global_weight=args.global_weight,
+        seed=args.seed,
+        topk=args.topk,
+        micro_batch=args.micro_batch,
+    )
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(
+        name=args.model,
+        pretrained=args.pretrained,
+        device=args.device,
+        precision=args.precision,
+        cache_dir=args.cache_dir,
+        compile=args.compile,
+    )
+
+
+def vocabulary_config(args: argparse.Namespace) -> VocabularyConfig:
+    return VocabularyConfig(labels=args.labels, templates=args.templates, prompt=args.prompt)
+
+
+def job_config(args: argparse.Namespace) -> JobConfig:
+    return JobConfig(
+        inputs=tuple(args.inputs),
+        output=args.output,
+        vocabulary=vocabulary_config(args),
+        model=model_config(args),
+        scoring=scoring_config(args),
+        decode=DecodeConfig(max_pixels=args.max_pixels, timeout_s=args.decode_timeout, device=args.decode),
+        execution=ExecutionConfig(
+            address=args.address,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            num_gpus=args.num_gpus,
+            num_cpus_per_actor=args.num_cpus_per_actor,
+            decode_batch_size=args.decode_batch_size,
+            rows_per_file=args.rows_per_file,
+        ),
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )

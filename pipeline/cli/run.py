@@ -1,0 +1,87 @@
+"""`lgca run`: label images into Parquet on a local embedded Ray or a cluster given by --address."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pipeline.cli import args
+from pipeline.config import DECODE_DEVICES, DecodeConfig, ExecutionConfig
+
+RUN_EPILOG = """\
+examples:
+  lgca run photos/ --labels labels.txt --output out/ --pretrained /weights/ViT-B-32.safetensors
+  lgca run s3://bucket/images/ --labels s3://bucket/labels.json --output s3://bucket/labels-out/ \\
+      --pretrained s3://bucket/weights/ViT-B-32.safetensors --num-gpus 1 --concurrency 4
+  lgca run manifest.parquet --labels labels.txt --output out/ --resume
+  lgca run examples/images --labels examples/labels.txt --output out/ --pretrained random --crops 8
+
+INPUT is a directory (recursive), a glob, an s3:// prefix, one image, or a manifest (.parquet/.csv
+with a `path` column; its other columns are copied to the output). Credentials come from the usual
+AWS variables or files, or --storage-option key=value; they are never written to the output.
+
+Exit status: 0 when every input has a row (failed images included, with their status), 2 when the
+configuration is unusable (nothing ran), 1 on an unexpected failure (rerun with --resume).
+"""
+
+
+def add_run_command(subparsers: Any) -> None:
+    """Register `lgca run` on the `lgca` subcommand parsers."""
+    parser = subparsers.add_parser(
+        "run",
+        help="label images into Parquet (local Ray, or --address for a cluster)",
+        description="Label every image under INPUT... and write one Parquet row per image to --output.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="directory, glob, s3:// prefix, image file, or manifest")
+    parser.add_argument("--output", required=True, help="output directory, local or s3://")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="label only inputs without a committed row in --output")
+    mode.add_argument("--overwrite", action="store_true", help="delete existing results in --output first")
+    args.add_vocabulary_arguments(parser)
+    args.add_model_arguments(parser)
+    args.add_scoring_arguments(parser)
+    e, dec = ExecutionConfig(), DecodeConfig()
+    group = parser.add_argument_group("execution")
+    group.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto, ray://head:10001); default: start a local one")
+    group.add_argument("--batch-size", type=int, default=e.batch_size, help="images per scoring call (default: %(default)s)")
+    group.add_argument("--concurrency", type=int, default=None, help="scoring actors (default: one per GPU, else 1)")
+    group.add_argument(
+        "--num-gpus", type=float, default=None, help="GPUs per actor, fractional allowed (default: 1 if the cluster has GPUs, else 0)"
+    )
+    group.add_argument(
+        "--num-cpus-per-actor", type=float, default=e.num_cpus_per_actor, help="CPUs reserved per scoring actor (default: %(default)s)"
+    )
+    group.add_argument(
+        "--decode-batch-size", type=int, default=e.decode_batch_size, help="images per read-and-decode call (default: %(default)s)"
+    )
+    group.add_argument("--rows-per-file", type=int, default=e.rows_per_file, help="rows per output Parquet file (default: %(default)s)")
+    group.add_argument(
+        "--max-pixels",
+        type=int,
+        default=dec.max_pixels,
+        help="refuse images declaring more pixels (decompression bombs) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--decode-timeout", type=float, default=dec.timeout_s, help="seconds allowed to decode one image on the CPU (default: %(default)s)"
+    )
+    group.add_argument(
+        "--decode",
+        default=dec.device,
+        choices=DECODE_DEVICES,
+        help="where JPEGs are decoded: cpu workers; gpu, by nvJPEG on the scoring GPU in batches (other formats, "
+        "and JPEGs nvJPEG rejects, still decode on the CPU); auto, gpu when scoring runs on CUDA (default: %(default)s)",
+    )
+    args.add_storage_arguments(group)
+    parser.set_defaults(handler=_run)
+
+
+def _run(namespace: argparse.Namespace) -> int:
+    from pipeline.run.job import run
+    from pipeline.stages.sources import storage_options_from
+
+    config = args.job_config(namespace)
+    summary = run(config, storage_options_from(namespace.storage_option))
+    print(summary.line(), flush=True)
+    return 0

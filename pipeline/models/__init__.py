@@ -1,0 +1,1 @@
+"""Models: a model spec (tag, file, URI) to encoders and the model's own preprocessing; cached class vectors."""

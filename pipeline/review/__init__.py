@@ -1,0 +1,1 @@
+"""Reviewing an output directory: statistics and summaries, the HTML report, curation exports."""
