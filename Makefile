@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup example test bench clean
+.PHONY: setup example test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ example: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Lint, format, the package boundaries of ../shared/STYLE.md (import contracts in pyproject.toml), types.
+lint: setup
+	$(BIN)/ruff check pipeline jobs tests
+	$(BIN)/ruff format --check pipeline jobs tests
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: setup
 	bash jobs/bench_cpu.sh bench-out

@@ -38,7 +38,8 @@ from benchlib import measure, megabytes, ray_workers_root, synthetic_jpegs, venv
 from pipeline.config import DecodeConfig, ModelConfig, ScoringConfig, VocabularyConfig  # noqa: E402
 from pipeline.models.load import load_model  # noqa: E402
 from pipeline.models.text_vectors import text_vectors  # noqa: E402
-from pipeline.scoring.score import Scorer, ViewFormat  # noqa: E402
+from pipeline.scoring.scorer import Scorer  # noqa: E402
+from pipeline.scoring.views import ViewFormat  # noqa: E402
 from pipeline.stages.decode import decode_image, short_side_for  # noqa: E402
 from pipeline.stages.vocab import load_vocabulary  # noqa: E402
 

@@ -5,7 +5,7 @@
     .venv/bin/python jobs/bench_quality.py --sweep global_weight=0,0.25,0.5 saliency=class,global
 
 Renders (once) labelled Fashion-MNIST test-split scenes with `jobs/make_scenes.py`, scores them with
-`clip`, `ensemble`, `descriptors`, `wca` and `lgca` through `pipeline.evaluation.evaluate` (each view encoded once for
+`clip`, `ensemble`, `descriptors`, `wca` and `lgca` through `pipeline.evaluation.runner` (each view encoded once for
 all methods), and prints per setting:
 - acc1 per method and object scale (`full-frame` is the plain test image);
 - for `lgca`, the IoU of the most salient output box (and of the best one) with the object's true box;
@@ -34,11 +34,14 @@ sys.path.insert(0, str(ROOT / "jobs"))
 from make_scenes import FULL_FRAME, read_truth, write_scenes  # noqa: E402
 
 from pipeline.config import METHODS, ModelConfig, ScoringConfig, VocabularyConfig  # noqa: E402
-from pipeline.evaluation import evaluate as ev  # noqa: E402
+from pipeline.evaluation.labelled import list_labelled  # noqa: E402
+from pipeline.evaluation.records import result_records  # noqa: E402
+from pipeline.evaluation.runner import ImageModel, Observation, check_methods, embedding_method, evaluate  # noqa: E402
+from pipeline.evaluation.sweep import Setting, describe_changes, parse_sweep, sweep_settings  # noqa: E402
 from pipeline.models.load import load_model  # noqa: E402
 from pipeline.models.text_vectors import text_vectors  # noqa: E402
 from pipeline.scoring.regions import box_iou  # noqa: E402
-from pipeline.scoring.score import ViewFormat  # noqa: E402
+from pipeline.scoring.views import ViewFormat  # noqa: E402
 from pipeline.stages.vocab import load_vocabulary  # noqa: E402
 
 FASHION = ROOT / "examples" / "fashion"
@@ -70,20 +73,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rendering scenes into {scenes} ...", flush=True)
         write_scenes(scenes, args.per_class)
     truth = read_truth(manifest)
-    methods = ev.check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
+    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     base = _base_config(methods, args.set)
-    settings = ev.sweep_settings(base, ev.parse_sweep(args.sweep, methods))[0] if args.sweep else [ev.Setting({}, base)]
+    settings = sweep_settings(base, parse_sweep(args.sweep, methods))[0] if args.sweep else [Setting({}, base)]
 
     model = load_model(ModelConfig(name=args.model, pretrained=args.pretrained, device="cpu"))
     vocabulary = load_vocabulary(VocabularyConfig(labels=args.labels, templates=args.templates))
-    images = ev.list_labelled(str(manifest), {})
+    images = list_labelled(str(manifest), {})
     collector = _Collector(truth, len(settings), methods)
     started = time.monotonic()
-    evaluation = ev.evaluate(
+    evaluation = evaluate(
         images,
         vocabulary.classes,
         lambda method, scoring: text_vectors(model, vocabulary, dataclasses.replace(scoring, method=method)),
-        ev.ImageModel(model.encode_image, model.logit_scale, ViewFormat(model.image_size, model.mean, model.std), model.device),
+        ImageModel(model.encode_image, model.logit_scale, ViewFormat(model.image_size, model.mean, model.std), model.device),
         methods,
         settings,
         runs=args.runs,
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         observe=collector,
     )
     seconds = time.monotonic() - started
-    records = ev.result_records(evaluation, {"dataset": scenes.name, "model": args.model, "pretrained": args.pretrained})
+    records = result_records(evaluation, {"dataset": scenes.name, "model": args.model, "pretrained": args.pretrained})
     report = [_setting_report(i, setting, records, collector) for i, setting in enumerate(settings)]
     print(
         f"{evaluation.scored} images, {len(settings)} setting(s), {evaluation.encoder_rows} views encoded in {seconds:.0f} s "
@@ -112,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 def _base_config(methods: tuple[str, ...], items: list[str]) -> ScoringConfig:
     values = {}
     for item in items:
-        grid = ev.parse_sweep([item], methods)
+        grid = parse_sweep([item], methods)
         ((name, choices),) = grid.items()
         if len(choices) != 1:
             raise SystemExit(f"--set {item}: give one value")
         values[name] = choices[0]
-    return ScoringConfig(method=ev.embedding_method(methods), **values)
+    return ScoringConfig(method=embedding_method(methods), **values)
 
 
 def _scale(group: str) -> float | None:
@@ -135,7 +138,7 @@ class _Collector:
         self.best_iou: dict[tuple, list] = defaultdict(list)
         self.cosines: list[list[np.ndarray]] = [[] for _ in range(settings)]
 
-    def __call__(self, seen: ev.Observation) -> None:
+    def __call__(self, seen: Observation) -> None:
         groups = [self.truth[key][0] for key in seen.keys]
         for key, group, score in zip(seen.keys, groups, seen.scores):
             self.shares[(seen.setting, seen.method, group)].append(score.view_shares)
@@ -152,7 +155,7 @@ class _Collector:
                 self.cosines[seen.setting].append(cos.ravel())
 
 
-def _setting_report(index: int, setting: ev.Setting, records: list[dict], seen: _Collector) -> dict:
+def _setting_report(index: int, setting: Setting, records: list[dict], seen: _Collector) -> dict:
     changes = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in setting.changes.items()}, sort_keys=True)
     mine = [r for r in records if json.dumps(r.get("setting", {}), sort_keys=True) == changes]
     groups = list(mine[0]["groups"]) if mine else []
@@ -195,7 +198,7 @@ def _setting_report(index: int, setting: ev.Setting, records: list[dict], seen: 
 
 def _print_setting(entry: dict, methods: tuple[str, ...]) -> None:
     if entry["setting"]:
-        print(f"\n== setting {ev.describe_changes(entry['setting'])}")
+        print(f"\n== setting {describe_changes(entry['setting'])}")
     groups = list(next(iter(entry["accuracy"].values())))
     print(f"{'acc1 %':<12}" + "".join(f"{g:>13}" for g in groups))
     for method in methods:
@@ -235,7 +238,7 @@ def _print_sweep(report: list[dict]) -> None:
         ]
         iou = f"{np.mean(small_boxes):.2f}" if small_boxes else "-"
         print(
-            f"{ev.describe_changes(entry['setting'] or {}):<48}{100 * s['scenes']:>12.1f}{100 * (s['small'] or 0):>11.1f}"
+            f"{describe_changes(entry['setting'] or {}):<48}{100 * s['scenes']:>12.1f}{100 * (s['small'] or 0):>11.1f}"
             f"{100 * (s['full_frame'] or 0):>10.1f}{100 * (w.get('small') or 0):>10.1f}{iou:>12}"
         )
 

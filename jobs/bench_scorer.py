@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import ModelConfig, ScoringConfig
 from pipeline.models.load import load_model
 from pipeline.models.text_vectors import text_vectors
-from pipeline.scoring.score import Scorer, ViewFormat
+from pipeline.scoring.scorer import Scorer
+from pipeline.scoring.views import ViewFormat
 from pipeline.stages.vocab import Vocabulary
 
 CLASSES = ("cat", "dog", "car", "bird", "boat", "plane", "horse", "truck", "ship", "frog")

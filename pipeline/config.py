@@ -309,7 +309,7 @@ def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[Job
     if isinstance(inputs, str):
         inputs = [inputs]
     _require(
-        isinstance(inputs, list) and inputs and all(isinstance(i, str) for i in inputs),
+        isinstance(inputs, list) and bool(inputs) and all(isinstance(i, str) for i in inputs),
         f"{where}: `inputs` must be a non-empty list of paths or URIs",
     )
     output = spec.get("output")
@@ -324,6 +324,7 @@ def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[Job
         f"{where}: `storage_options` must not hold secrets ({', '.join(secrets)}); "
         "give credentials through AWS environment variables, files or service accounts",
     )
+    assert isinstance(inputs, list) and isinstance(output, str)  # checked above; tells the type checker
     job = JobConfig(
         inputs=tuple(inputs),
         output=output,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.scoring.score import ViewFormat
+from pipeline.scoring.views import ViewFormat
 
 PALETTE = {
     "red": (220, 40, 40),

@@ -16,8 +16,22 @@ from PIL import Image
 
 from pipeline.cli.main import main
 from pipeline.config import METHODS, ScoringConfig
-from pipeline.evaluation import evaluate as ev
-from pipeline.scoring.score import Scorer, class_vectors
+from pipeline.evaluation.errors import EvaluationError
+from pipeline.evaluation.labelled import (
+    ClassCheck,
+    LabelledImages,
+    check_classes,
+    limit_images,
+    list_labelled,
+    require_scorable,
+    unused_classes_warning,
+)
+from pipeline.evaluation.metrics import confused_pairs, mean_and_std, mean_per_class_recall, topk_accuracy, topk_hits
+from pipeline.evaluation.records import result_records
+from pipeline.evaluation.runner import Evaluation, ImageModel, Observation, embedding_key, evaluate
+from pipeline.evaluation.sweep import Setting, parse_sweep, sweep_settings
+from pipeline.scoring.scorer import Scorer
+from pipeline.scoring.text import class_vectors
 
 from .analytic import PALETTE, VIEW, ColourEncoder, encode_colour_text, make_scene
 from .tiny import TINY_MODEL
@@ -37,21 +51,21 @@ def test_topk_hits_and_accuracy_by_hand():
         ]
     )
     targets = np.array([0, 1, 3, 3])
-    assert ev.topk_hits(probabilities, targets, 1).tolist() == [True, False, False, False]
-    assert ev.topk_hits(probabilities, targets, 2).tolist() == [True, False, False, True]
-    assert ev.topk_accuracy(probabilities, targets, 1) == 0.25
-    assert ev.topk_accuracy(probabilities, targets, 2) == 0.5
-    assert ev.topk_accuracy(probabilities, targets, 3) == 0.75
-    assert ev.topk_accuracy(probabilities, targets, 4) == 1.0
-    assert np.isnan(ev.topk_accuracy(np.zeros((0, 4)), np.zeros(0, dtype=int), 1))
+    assert topk_hits(probabilities, targets, 1).tolist() == [True, False, False, False]
+    assert topk_hits(probabilities, targets, 2).tolist() == [True, False, False, True]
+    assert topk_accuracy(probabilities, targets, 1) == 0.25
+    assert topk_accuracy(probabilities, targets, 2) == 0.5
+    assert topk_accuracy(probabilities, targets, 3) == 0.75
+    assert topk_accuracy(probabilities, targets, 4) == 1.0
+    assert np.isnan(topk_accuracy(np.zeros((0, 4)), np.zeros(0, dtype=int), 1))
 
 
 def test_mean_per_class_recall_by_hand():
     targets = np.array([0, 0, 0, 1, 1, 2])
     predictions = np.array([0, 3, 0, 1, 2, 2])
     # class 0: 2/3, class 1: 1/2, class 2: 1/1; class 3 has no images and does not count
-    assert ev.mean_per_class_recall(predictions, targets) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
-    assert ev.mean_per_class_recall(targets, targets) == 1.0
+    assert mean_per_class_recall(predictions, targets) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    assert mean_per_class_recall(targets, targets) == 1.0
     # it differs from accuracy (4/6) when classes are unbalanced
     assert np.mean(predictions == targets) == pytest.approx(4 / 6)
 
@@ -60,27 +74,27 @@ def test_confused_pairs_by_hand():
     classes = ["cat", "dog", "fox"]
     targets = np.array([0, 0, 0, 1, 1, 2, 2, 2])
     predictions = np.array([1, 1, 0, 0, 1, 0, 1, 0])
-    assert ev.confused_pairs(predictions, targets, classes) == [
+    assert confused_pairs(predictions, targets, classes) == [
         ("cat", "dog", 2),
         ("fox", "cat", 2),
         ("dog", "cat", 1),
         ("fox", "dog", 1),
     ]
-    assert ev.confused_pairs(predictions, targets, classes, top=1) == [("cat", "dog", 2)]
-    assert ev.confused_pairs(targets, targets, classes) == []
+    assert confused_pairs(predictions, targets, classes, top=1) == [("cat", "dog", 2)]
+    assert confused_pairs(targets, targets, classes) == []
 
 
 def test_mean_and_std_over_runs():
-    mean, std = ev.mean_and_std([0.5, 0.7])
+    mean, std = mean_and_std([0.5, 0.7])
     assert mean == pytest.approx(0.6) and std == pytest.approx(0.1)  # population std, as numpy's default
-    assert ev.mean_and_std([0.25]) == (0.25, 0.0)
+    assert mean_and_std([0.25]) == (0.25, 0.0)
 
 
 # ---------------------------------------------------------------- sweeps
 
 
 def test_parse_sweep_types_values_by_field():
-    grid = ev.parse_sweep(["steps=1,2,3", "saliency=class,global", "growth=1.2,1.6", "crop-scale=0.3:0.6,0.5:0.9"], METHODS)
+    grid = parse_sweep(["steps=1,2,3", "saliency=class,global", "growth=1.2,1.6", "crop-scale=0.3:0.6,0.5:0.9"], METHODS)
     assert grid == {
         "steps": (1, 2, 3),
         "saliency": ("class", "global"),
@@ -106,13 +120,13 @@ def test_parse_sweep_types_values_by_field():
     ],
 )
 def test_parse_sweep_names_the_bad_item(items, methods, named):
-    with pytest.raises(ev.EvaluationError, match=named):
-        ev.parse_sweep(items, methods)
+    with pytest.raises(EvaluationError, match=named):
+        parse_sweep(items, methods)
 
 
 def test_sweep_settings_skip_invalid_combinations():
     base = ScoringConfig(method="lgca", crops=4)
-    settings, skipped = ev.sweep_settings(base, {"crops": (2, 8), "regions": (1, 4)})
+    settings, skipped = sweep_settings(base, {"crops": (2, 8), "regions": (1, 4)})
     assert [s.changes for s in settings] == [
         {"crops": 2, "regions": 1},
         {"crops": 8, "regions": 1},
@@ -121,8 +135,8 @@ def test_sweep_settings_skip_invalid_combinations():
     assert settings[2].scoring == dataclasses.replace(base, crops=8, regions=4)
     assert [changes for changes, _ in skipped] == [{"crops": 2, "regions": 4}]
     assert "4 regions" in skipped[0][1] and "2 crops" in skipped[0][1]
-    with pytest.raises(ev.EvaluationError, match="no setting of the sweep is valid; e.g. regions=8"):
-        ev.sweep_settings(base, {"regions": (8, 9)})
+    with pytest.raises(EvaluationError, match="no setting of the sweep is valid; e.g. regions=8"):
+        sweep_settings(base, {"regions": (8, 9)})
 
 
 # ---------------------------------------------------------------- labelled data
@@ -138,7 +152,7 @@ def test_class_folders_and_manifests_list_the_same_labelled_images(tmp_path):
     for key in ("cat/a.png", "cat/sub/b.png", "dog/c.png"):
         _png(tmp_path / "tree" / key, tile)
     (tmp_path / "tree" / "dog" / "notes.txt").write_text("not an image")
-    tree = ev.list_labelled(str(tmp_path / "tree"), {})
+    tree = list_labelled(str(tmp_path / "tree"), {})
     assert tree.keys == ("cat/a.png", "cat/sub/b.png", "dog/c.png")
     assert tree.labels == ("cat", "cat", "dog") and tree.classes == ("cat", "dog")
     assert tree.skipped_count == 1
@@ -147,7 +161,7 @@ def test_class_folders_and_manifests_list_the_same_labelled_images(tmp_path):
     pq.write_table(pa.table(rows), tmp_path / "m.parquet")
     (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(f"{p},{l}" for p, l in zip(rows["path"], rows["label"])) + "\n")
     for manifest in ("m.parquet", "m.csv"):
-        listed = ev.list_labelled(str(tmp_path / manifest), {})
+        listed = list_labelled(str(tmp_path / manifest), {})
         assert sorted(zip(listed.paths, listed.labels)) == [
             (str(tmp_path / "tree" / "cat" / "a.png"), "cat"),
             (str(tmp_path / "tree" / "dog" / "c.png"), "dog"),
@@ -156,34 +170,34 @@ def test_class_folders_and_manifests_list_the_same_labelled_images(tmp_path):
 
 def test_bad_labelled_data_is_named(tmp_path):
     _png(tmp_path / "flat" / "loose.png", np.zeros((4, 4, 3), np.uint8))
-    with pytest.raises(ev.EvaluationError, match="outside class folders.*loose.png"):
-        ev.list_labelled(str(tmp_path / "flat"), {})
+    with pytest.raises(EvaluationError, match="outside class folders.*loose.png"):
+        list_labelled(str(tmp_path / "flat"), {})
     pq.write_table(pa.table({"path": ["a.png"]}), tmp_path / "nolabel.parquet")
-    with pytest.raises(ev.EvaluationError, match="lacks column.*label"):
-        ev.list_labelled(str(tmp_path / "nolabel.parquet"), {})
+    with pytest.raises(EvaluationError, match="lacks column.*label"):
+        list_labelled(str(tmp_path / "nolabel.parquet"), {})
     pq.write_table(pa.table({"path": ["a.png"], "label": [3]}), tmp_path / "index.parquet")
-    with pytest.raises(ev.EvaluationError, match="class names as text"):
-        ev.list_labelled(str(tmp_path / "index.parquet"), {})
+    with pytest.raises(EvaluationError, match="class names as text"):
+        list_labelled(str(tmp_path / "index.parquet"), {})
 
 
 def test_limit_takes_images_round_robin_over_classes():
-    images = ev.LabelledImages(
+    images = LabelledImages(
         keys=tuple(f"{c}/{i}" for c in "abc" for i in range(3)),
         paths=tuple(f"/p/{c}/{i}" for c in "abc" for i in range(3)),
         labels=tuple(c for c in "abc" for _ in range(3)),
     )
-    limited = ev.limit_images(images, 4)
+    limited = limit_images(images, 4)
     assert limited.keys == ("a/0", "a/1", "b/0", "c/0")
-    assert ev.limit_images(images, None) is images
+    assert limit_images(images, None) is images
 
 
 def test_class_check_names_both_kinds_of_mismatch():
-    check = ev.check_classes(["cat", "dgo", "fish"], ["cat", "dog", "bird"])
-    assert check == ev.ClassCheck(absent=("dgo", "fish"), unused=("dog", "bird"))
-    with pytest.raises(ev.EvaluationError, match=r"dgo, fish.*'dgo' -> 'dog'"):
-        ev.require_scorable(check, ["cat", "dog", "bird"])
-    assert "dog, bird" in ev.unused_classes_warning(check) and "distractors" in ev.unused_classes_warning(check)
-    ev.require_scorable(ev.check_classes(["cat"], ["cat", "dog"]), ["cat", "dog"])
+    check = check_classes(["cat", "dgo", "fish"], ["cat", "dog", "bird"])
+    assert check == ClassCheck(absent=("dgo", "fish"), unused=("dog", "bird"))
+    with pytest.raises(EvaluationError, match=r"dgo, fish.*'dgo' -> 'dog'"):
+        require_scorable(check, ["cat", "dog", "bird"])
+    assert "dog, bird" in unused_classes_warning(check) and "distractors" in unused_classes_warning(check)
+    require_scorable(check_classes(["cat"], ["cat", "dog"]), ["cat", "dog"])
 
 
 # ---------------------------------------------------------------- exact accuracies on analytic scenes
@@ -240,21 +254,21 @@ def _analytic_data(root: Path) -> dict[str, str]:
     _png(root / "blue" / "panorama.png", _stripes(240, 80, [(blue, 88), (red, 64), (blue, 88)]))
     _png(root / "orange" / "stripes.png", _stripes(64, 64, [(red, 28), (yellow, 24), (GREY, 12)]))
     _png(root / "yellow" / "hidden.png", _stripes(64, 64, [(red, 26), (green, 16), (blue, 12), (GREY, 10)]))
-    return {key: key.split("/")[0] for key in ev.list_labelled(str(root), {}).keys}
+    return {key: key.split("/")[0] for key in list_labelled(str(root), {}).keys}
 
 
 def _analytic_vectors(method: str, scoring: ScoringConfig) -> torch.Tensor:
     return class_vectors(method, CLASSES, encode_colour_text, DESCRIPTIONS, TEMPLATES, "a photo of a {}.", scoring.text_scale)
 
 
-def _evaluate_analytic(root: Path, methods=METHODS, scoring=ANALYTIC, runs=1, encoder=None, **kwargs) -> ev.Evaluation:
-    return ev.evaluate(
-        ev.list_labelled(str(root), kwargs.get("storage_options", {})),
+def _evaluate_analytic(root: Path, methods=METHODS, scoring=ANALYTIC, runs=1, encoder=None, **kwargs) -> Evaluation:
+    return evaluate(
+        list_labelled(str(root), kwargs.get("storage_options", {})),
         CLASSES,
         _analytic_vectors,
-        ev.ImageModel(encoder or ColourEncoder(), logit_scale=20.0, view=VIEW),
+        ImageModel(encoder or ColourEncoder(), logit_scale=20.0, view=VIEW),
         methods,
-        [ev.Setting({}, scoring)],
+        [Setting({}, scoring)],
         runs=runs,
         batch_size=3,  # batches straddle classes
         **kwargs,
@@ -287,7 +301,7 @@ def test_metrics_are_exact_on_analytic_scenes(analytic_root):
       ranks last of the six classes: wrong even in the top 5.
     """
     evaluation = _evaluate_analytic(analytic_root)
-    truth = {key: key.split("/")[0] for key in ev.list_labelled(str(analytic_root), {}).keys}
+    truth = {key: key.split("/")[0] for key in list_labelled(str(analytic_root), {}).keys}
     assert len(truth) == 8 and evaluation.scored == 8 and evaluation.failures == ()
     scenes = {f"{c}/scene.png": c for c in ("red", "green", "blue", "yellow")}
     predicted = {
@@ -324,7 +338,7 @@ def test_metrics_are_exact_on_analytic_scenes(analytic_root):
         "wca": (6 / 8, 7 / 8, (1 / 2 + 1 + 1 + 1 / 2 + 1) / 5),
         "lgca": (7 / 8, 7 / 8, (1 + 1 + 1 + 1 / 2 + 1) / 5),
     }
-    records = {r["method"]: r for r in ev.result_records(evaluation, {"dataset": "analytic", "model": "colour", "pretrained": "none"})}
+    records = {r["method"]: r for r in result_records(evaluation, {"dataset": "analytic", "model": "colour", "pretrained": "none"})}
     for method, (acc1, acc5, recall) in expected.items():
         record = records[method]
         assert (record["acc1"], record["acc5"]) == (acc1, acc5)
@@ -342,7 +356,7 @@ def test_metrics_are_exact_on_analytic_scenes(analytic_root):
 
 
 def test_a_manifest_gives_the_same_metrics_as_class_folders(analytic_root, tmp_path):
-    listed = ev.list_labelled(str(analytic_root), {})
+    listed = list_labelled(str(analytic_root), {})
     manifest = tmp_path / "analytic.csv"
     manifest.write_text("path,label\n" + "".join(f"{p},{l}\n" for p, l in zip(listed.paths, listed.labels)))
     from_folders = _evaluate_analytic(analytic_root, methods=("clip", "lgca"))
@@ -384,7 +398,7 @@ def test_all_methods_cost_no_more_encoder_passes_than_lgca_alone(analytic_root, 
 
 def test_runs_report_mean_and_std_over_seeds(analytic_root):
     evaluation = _evaluate_analytic(analytic_root, methods=("clip", "wca", "lgca"), scoring=RANDOM_CROPS, runs=3)
-    records = {r["method"]: r for r in ev.result_records(evaluation, {"dataset": "analytic"})}
+    records = {r["method"]: r for r in result_records(evaluation, {"dataset": "analytic"})}
     for method in ("wca", "lgca"):
         record = records[method]
         assert record["runs"] == 3 and record["seeds"] == [0, 1, 2]
@@ -418,14 +432,14 @@ def test_embed_with_a_given_global_embedding_matches_a_fresh_one(analytic_root):
 
 def test_a_sweep_evaluates_each_setting_on_one_pass_over_the_data(analytic_root):
     base = dataclasses.replace(RANDOM_CROPS, regions=1)
-    settings, skipped = ev.sweep_settings(base, ev.parse_sweep(["steps=1,2", "regions=1,9"], METHODS))  # 6 crops
+    settings, skipped = sweep_settings(base, parse_sweep(["steps=1,2", "regions=1,9"], METHODS))  # 6 crops
     assert [s.changes for s in settings] == [{"steps": 1, "regions": 1}, {"steps": 2, "regions": 1}] and len(skipped) == 2
     encoder = ColourEncoder()
-    evaluation = ev.evaluate(
-        ev.list_labelled(str(analytic_root), {}),
+    evaluation = evaluate(
+        list_labelled(str(analytic_root), {}),
         CLASSES,
         _analytic_vectors,
-        ev.ImageModel(encoder, 20.0, VIEW),
+        ImageModel(encoder, 20.0, VIEW),
         ("wca", "lgca"),
         settings,
     )
@@ -438,13 +452,13 @@ def test_a_sweep_evaluates_each_setting_on_one_pass_over_the_data(analytic_root)
 
 def test_settings_that_differ_only_in_combining_weights_share_their_views(analytic_root):
     """global_weight, expand_weight and image_scale combine views without changing them: encoded once for all."""
-    settings, _ = ev.sweep_settings(RANDOM_CROPS, ev.parse_sweep(["global_weight=0,0.5,1", "expand_weight=1,3"], METHODS))
+    settings, _ = sweep_settings(RANDOM_CROPS, parse_sweep(["global_weight=0,0.5,1", "expand_weight=1,3"], METHODS))
     encoder = ColourEncoder()
-    evaluation = ev.evaluate(
-        ev.list_labelled(str(analytic_root), {}),
+    evaluation = evaluate(
+        list_labelled(str(analytic_root), {}),
         CLASSES,
         _analytic_vectors,
-        ev.ImageModel(encoder, 20.0, VIEW),
+        ImageModel(encoder, 20.0, VIEW),
         ("wca", "lgca"),
         settings,
     )
@@ -454,19 +468,19 @@ def test_settings_that_differ_only_in_combining_weights_share_their_views(analyt
         assert setting_result.methods == alone.results[0].methods
     # agreement saliency selects regions by the global-and-crops score: a new lambda needs new views
     agreement = dataclasses.replace(RANDOM_CROPS, saliency="agreement")
-    assert ev.embedding_key(dataclasses.replace(agreement, global_weight=0.5)) != ev.embedding_key(agreement)
-    assert ev.embedding_key(dataclasses.replace(agreement, expand_weight=3.0)) == ev.embedding_key(agreement)
-    assert ev.embedding_key(dataclasses.replace(RANDOM_CROPS, steps=3)) != ev.embedding_key(RANDOM_CROPS)
+    assert embedding_key(dataclasses.replace(agreement, global_weight=0.5)) != embedding_key(agreement)
+    assert embedding_key(dataclasses.replace(agreement, expand_weight=3.0)) == embedding_key(agreement)
+    assert embedding_key(dataclasses.replace(RANDOM_CROPS, steps=3)) != embedding_key(RANDOM_CROPS)
 
 
 def test_manifest_groups_split_the_accuracy_and_observers_see_every_score(analytic_root, tmp_path):
-    listed = ev.list_labelled(str(analytic_root), {})
+    listed = list_labelled(str(analytic_root), {})
     manifest = tmp_path / "grouped.csv"
     groups = ["panoramas" if "panorama" in key else "squares" for key in listed.keys]
     manifest.write_text(
         "path,label,key,group\n" + "".join(f"{p},{l},{k},{g}\n" for p, l, k, g in zip(listed.paths, listed.labels, listed.keys, groups))
     )
-    seen: list[ev.Observation] = []
+    seen: list[Observation] = []
     evaluation = _evaluate_analytic(manifest, methods=("clip", "lgca"), observe=seen.append)
     plain = _evaluate_analytic(analytic_root, methods=("clip", "lgca"))
     for method in ("clip", "lgca"):
@@ -477,7 +491,7 @@ def test_manifest_groups_split_the_accuracy_and_observers_see_every_score(analyt
         # the overall accuracy is the image-weighted mean of the groups'
         counts = {name: groups.count(name) for name in per_group}
         assert sum(per_group[g] * counts[g] for g in counts) / len(groups) == pytest.approx(result.acc1[0])
-    record = next(r for r in ev.result_records(evaluation, {}) if r["method"] == "lgca")
+    record = next(r for r in result_records(evaluation, {}) if r["method"] == "lgca")
     assert set(record["groups"]) == {"panoramas", "squares"}
     assert sorted(k for o in seen if o.method == "lgca" for k in o.keys) == sorted(listed.keys)
     shares = [score.view_shares for o in seen if o.method == "lgca" for score in o.scores]
@@ -650,14 +664,14 @@ def test_cli_names_data_classes_missing_from_the_vocabulary_before_loading_a_mod
 
 
 def test_class_folders_and_manifests_on_s3_give_the_local_metrics(analytic_root, tmp_path, s3_server, s3_bucket):
-    listed = ev.list_labelled(str(analytic_root), {})
+    listed = list_labelled(str(analytic_root), {})
     (tmp_path / "manifest.csv").write_text("path,label\n" + "".join(f"data/{k},{l}\n" for k, l in zip(listed.keys, listed.labels)))
     s3_server.upload_tree(analytic_root, f"{s3_bucket}/data")
     s3_server.upload_tree(tmp_path, f"{s3_bucket}")
     options = s3_server.storage_options
     local = _evaluate_analytic(analytic_root, methods=("descriptors", "wca"))
     for data in (f"{s3_bucket}/data", f"{s3_bucket}/manifest.csv"):
-        remote_images = ev.list_labelled(data, options)
+        remote_images = list_labelled(data, options)
         assert remote_images.labels == listed.labels and all(p.startswith(f"{s3_bucket}/data/") for p in remote_images.paths)
         remote = _evaluate_analytic(data, methods=("descriptors", "wca"), storage_options=options)
         assert remote.results[0].methods == local.results[0].methods

@@ -1,4 +1,4 @@
-"""Tests of pipeline.review.export: coordinate conversions, the four formats against their consumers, filters, errors, 100k rows."""
+"""Tests of lgca export (review.export, the format modules, coordinates, output_dir): conversions, each format against its consumer, filters, 100k rows."""
 
 from __future__ import annotations
 
@@ -16,23 +16,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.cli import main as cli
-from pipeline.review.export import (
-    CSV_COLUMNS,
-    FORMATS,
-    CurationError,
-    RowFilter,
+from pipeline.review.coordinates import (
     coco_to_xyxy,
-    default_filter,
-    export,
-    fiftyone_uuid,
-    open_output,
     percent_to_xyxy,
     relative_xywh_to_xyxy,
-    rewrite_path,
     xyxy_to_coco,
     xyxy_to_percent,
     xyxy_to_relative_xywh,
 )
+from pipeline.review.csv_export import CSV_COLUMNS
+from pipeline.review.export import export, rewrite_path
+from pipeline.review.fiftyone import fiftyone_uuid
+from pipeline.review.formats import FORMATS
+from pipeline.review.output_dir import CurationError, RowFilter, default_filter, open_output
 
 from .outputs import CLASSES, SYNTHETIC_CLASSES, big_output, measure, real_run, sample_images, synthetic_rows, write_output  # noqa: F401
 

@@ -17,12 +17,14 @@ import pytest
 
 from pipeline.cli.main import main
 from pipeline.config import ModelConfig, ScoringConfig, VocabularyConfig
-from pipeline.evaluation import evaluate as ev
+from pipeline.evaluation.labelled import list_labelled
+from pipeline.evaluation.runner import ImageModel, Observation, evaluate
 from pipeline.evaluation.scenes import FASHION_MNIST_DIR
+from pipeline.evaluation.sweep import Setting
 from pipeline.models.load import load_model
 from pipeline.models.text_vectors import text_vectors
 from pipeline.scoring.regions import box_iou
-from pipeline.scoring.score import ViewFormat
+from pipeline.scoring.views import ViewFormat
 from pipeline.stages.vocab import load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +105,7 @@ def test_wca_and_lgca_beat_clip_where_crops_cut_the_object_and_boxes_find_it(mid
     top_iou: list[float] = []  # IoU of the most salient output box with the object's box
     crop_iou: list[float] = []  # mean IoU of the image's local crops with it: where chance placement lands
 
-    def observe(seen: ev.Observation) -> None:
+    def observe(seen: Observation) -> None:
         if seen.method == "lgca":
             for b, (key, score) in enumerate(zip(seen.keys, seen.scores)):
                 top = max(score.boxes, key=lambda box: box.saliency)
@@ -112,13 +114,13 @@ def test_wca_and_lgca_beat_clip_where_crops_cut_the_object_and_boxes_find_it(mid
 
     model = load_model(ModelConfig(name=MODEL, pretrained=WEIGHTS, device="cpu"))
     vocabulary = load_vocabulary(VocabularyConfig(labels=LABELS, templates=TEMPLATES))
-    evaluation = ev.evaluate(
-        ev.list_labelled(str(mid_scenes), {}),
+    evaluation = evaluate(
+        list_labelled(str(mid_scenes), {}),
         vocabulary.classes,
         lambda method, scoring: text_vectors(model, vocabulary, ScoringConfig(method=method, text_scale=scoring.text_scale)),
-        ev.ImageModel(model.encode_image, model.logit_scale, ViewFormat(model.image_size, model.mean, model.std)),
+        ImageModel(model.encode_image, model.logit_scale, ViewFormat(model.image_size, model.mean, model.std)),
         ("clip", "wca", "lgca"),
-        [ev.Setting({}, ScoringConfig(method="lgca"))],
+        [Setting({}, ScoringConfig(method="lgca"))],
         observe=observe,
     )
     acc = {method: result.acc1[0] for method, result in evaluation.results[0].methods.items()}

@@ -1,4 +1,4 @@
-"""Tests of pipeline.review.report: statistics, the terminal summary, and the HTML report rendered in headless Chromium."""
+"""Tests of review.stats, summary, thumbnails and report: statistics, the terminal summary, and the HTML report rendered in headless Chromium."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main as cli
-from pipeline.review.export import CurationError, open_output
-from pipeline.review.report import LEVEL_COLOURS, collect_stats, format_summary, make_thumbnail, write_report
+from pipeline.review.output_dir import CurationError, open_output
+from pipeline.review.report import LEVEL_COLOURS, write_report
+from pipeline.review.stats import collect_stats
+from pipeline.review.summary import format_summary
+from pipeline.review.thumbnails import make_thumbnail
 
 from .outputs import (  # noqa: F401 - fixtures are used by name
     SYNTHETIC_CLASSES,
@@ -302,7 +305,7 @@ def test_report_cli_writes_one_file_and_a_thumbnail_folder(real_run, tmp_path, c
 
 
 def test_report_modules_import_neither_torch_nor_ray():
-    code = "import sys, pipeline.review.report; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    code = "import sys, pipeline.review.report, pipeline.review.summary; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 

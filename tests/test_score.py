@@ -10,7 +10,8 @@ import torch
 
 from pipeline.config import LGCA_GLOBAL_WEIGHT, SALIENCY_RULES, ScoringConfig
 from pipeline.scoring.regions import box_iou, sample_crops
-from pipeline.scoring.score import Scorer, class_vectors
+from pipeline.scoring.scorer import Scorer
+from pipeline.scoring.text import class_vectors
 
 from .analytic import COLOURS, PALETTE, VIEW, ColourEncoder, encode_colour_text, make_scene
 from .tiny import CLASSES, random_images, scorer_for, tiny_model

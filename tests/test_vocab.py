@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.config import ConfigError, VocabularyConfig
-from pipeline.scoring.score import class_sentences
+from pipeline.scoring.text import class_sentences
 from pipeline.stages.vocab import Vocabulary, VocabularyError, load_vocabulary, parse_labels, parse_templates
 
 

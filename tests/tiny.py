@@ -9,7 +9,9 @@ import torch
 
 from pipeline.config import ModelConfig, ScoringConfig
 from pipeline.models.load import LoadedModel, load_model
-from pipeline.scoring.score import Scorer, ViewFormat, class_vectors
+from pipeline.scoring.scorer import Scorer
+from pipeline.scoring.text import class_vectors
+from pipeline.scoring.views import ViewFormat
 
 TINY_MODEL = str(Path(__file__).parent / "fixtures" / "lgca-tiny-vit.json")
 CLASSES = ("cat", "dog", "coffee cup", "rocket", "astronaut")

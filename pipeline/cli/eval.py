@@ -1,4 +1,4 @@
-"""The `lgca eval` subcommand: argparse wiring, the results table and the results JSON of `pipeline.evaluation.evaluate`."""
+"""The `lgca eval` subcommand: argparse wiring, checks before the model loads, and the results JSON of `pipeline.evaluation`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from pipeline.cli.args import (
@@ -21,8 +21,9 @@ from pipeline.cli.args import (
 )
 from pipeline.config import METHODS, ConfigError, ExecutionConfig, ModelConfig
 
-if TYPE_CHECKING:  # evaluate imports torch: loaded only when `lgca eval` runs
-    from pipeline.evaluation.evaluate import Evaluation, LabelledImages, Setting
+if TYPE_CHECKING:  # the evaluation imports torch, pyarrow and fsspec: loaded only when `lgca eval` runs
+    from pipeline.evaluation.labelled import LabelledImages
+    from pipeline.evaluation.sweep import Setting
     from pipeline.stages.vocab import Vocabulary
 
 EVAL_EPILOG = """\
@@ -109,20 +110,22 @@ def _comma_list(text: str) -> list[str]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import pipeline.evaluation.evaluate as ev
-
     plan = _plan(args)  # everything checkable without a model, checked first
+    from pipeline.evaluation.records import TASK, result_records
+    from pipeline.evaluation.runner import ImageModel, evaluate
+    from pipeline.evaluation.tables import format_report
     from pipeline.models.load import default_cache_dir, load_model
     from pipeline.models.text_vectors import text_vectors
-    from pipeline.scoring.score import ViewFormat
+    from pipeline.scoring.views import ViewFormat
 
     loaded = load_model(plan.model, plan.storage_options)
     cache_dir = default_cache_dir(plan.model)
-    evaluation = ev.evaluate(
+    view = ViewFormat(loaded.image_size, loaded.mean, loaded.std)
+    evaluation = evaluate(
         plan.images,
         plan.vocabulary.classes,
         lambda method, scoring: text_vectors(loaded, plan.vocabulary, dataclasses.replace(scoring, method=method), cache_dir),
-        ev.ImageModel(loaded.encode_image, loaded.logit_scale, ViewFormat(loaded.image_size, loaded.mean, loaded.std), loaded.device),
+        ImageModel(loaded.encode_image, loaded.logit_scale, view, loaded.device),
         plan.methods,
         plan.settings,
         runs=args.runs,
@@ -137,13 +140,13 @@ def _eval(args: argparse.Namespace) -> int:
         "model": loaded.identity["model"],
         "pretrained": loaded.identity["pretrained"],
     }
-    records = ev.result_records(evaluation, identity)
+    records = result_records(evaluation, identity)
     random_weights = loaded.identity["pretrained"].startswith("random")
     print(format_report(evaluation, records, identity, plan.listed, random_weights, sweep=bool(args.sweep)), flush=True)
     if args.output:
         document = {
             **identity,
-            "task": ev.TASK,
+            "task": TASK,
             "data": args.data,
             "labels": args.labels,
             "images": len(plan.images),
@@ -179,36 +182,39 @@ class _Plan:
 
 def _plan(args: argparse.Namespace) -> _Plan:
     """Validate options, sweep, data and vocabulary; print the warnings. Raises ConfigError subclasses."""
-    import pipeline.evaluation.evaluate as ev
+    from pipeline.evaluation.errors import EvaluationError
+    from pipeline.evaluation.labelled import check_classes, limit_images, list_labelled, require_scorable, unused_classes_warning
+    from pipeline.evaluation.runner import embedding_method
+    from pipeline.evaluation.sweep import Setting, describe_changes, parse_sweep, sweep_settings
     from pipeline.stages.sources import storage_options_from
     from pipeline.stages.vocab import load_vocabulary
 
-    methods = _requested_methods(args, ev)
+    methods = _requested_methods(args)
     for name in ("runs", "batch_size", "workers", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ev.EvaluationError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise EvaluationError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.confusions < 0:
-        raise ev.EvaluationError(f"--confusions must be >= 0, got {args.confusions}")
+        raise EvaluationError(f"--confusions must be >= 0, got {args.confusions}")
     options = storage_options_from(args.storage_option)
     if args.output:
         _prepare_output(args.output)
     model = model_config(args)
-    base = scoring_config(argparse.Namespace(**{**vars(args), "method": ev.embedding_method(methods)}))
+    base = scoring_config(argparse.Namespace(**{**vars(args), "method": embedding_method(methods)}))
     skipped: list[tuple[dict[str, Any], str]] = []
     if args.sweep:
-        settings, skipped = ev.sweep_settings(base, ev.parse_sweep(args.sweep, methods))
+        settings, skipped = sweep_settings(base, parse_sweep(args.sweep, methods))
     else:
-        settings = [ev.Setting({}, base)]
+        settings = [Setting({}, base)]
 
-    images = ev.list_labelled(args.data, options)
+    images = list_labelled(args.data, options)
     vocabulary = load_vocabulary(vocabulary_config(args), options)
-    check = ev.check_classes(images.classes, vocabulary.classes)
-    ev.require_scorable(check, vocabulary.classes)
-    warnings = [ev.unused_classes_warning(check)]
+    check = check_classes(images.classes, vocabulary.classes)
+    require_scorable(check, vocabulary.classes)
+    warnings = [unused_classes_warning(check)]
     if images.skipped_count:
         warnings.append(f"{images.skipped_count} non-image file(s) under {args.data} were skipped (e.g. {', '.join(images.skipped[:3])})")
-    warnings.extend(f"sweep setting {ev.describe_changes(changes)} skipped: {reason}" for changes, reason in skipped)
+    warnings.extend(f"sweep setting {describe_changes(changes)} skipped: {reason}" for changes, reason in skipped)
     if args.runs > 1 and any(s.scoring.crop_layout == "grid" for s in settings):
         warnings.append(f"the grid layout has no randomness: grid settings run once, not {args.runs} times")
     for line in filter(None, warnings):
@@ -217,7 +223,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
         methods=methods,
         settings=settings,
         skipped=skipped,
-        images=ev.limit_images(images, args.limit),
+        images=limit_images(images, args.limit),
         listed=len(images),
         unused=check.unused,
         vocabulary=vocabulary,
@@ -226,12 +232,15 @@ def _plan(args: argparse.Namespace) -> _Plan:
     )
 
 
-def _requested_methods(args: argparse.Namespace, ev: Any) -> tuple[str, ...]:
+def _requested_methods(args: argparse.Namespace) -> tuple[str, ...]:
+    from pipeline.evaluation.errors import EvaluationError
+    from pipeline.evaluation.runner import check_methods
+
     if args.method is not None and args.methods is not None:
-        raise ev.EvaluationError("give --methods or --method, not both")
+        raise EvaluationError("give --methods or --method, not both")
     if args.methods is not None:
-        return ev.check_methods(args.methods)
-    return ev.check_methods([args.method] if args.method is not None else list(METHODS))
+        return check_methods(args.methods)
+    return check_methods([args.method] if args.method is not None else list(METHODS))
 
 
 def _dataset_name(data: str) -> str:
@@ -240,102 +249,6 @@ def _dataset_name(data: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def format_report(
-    evaluation: Evaluation,
-    records: Sequence[Mapping[str, Any]],
-    identity: Mapping[str, Any],
-    listed: int,
-    random_weights: bool,
-    sweep: bool,
-) -> str:
-    """The terminal report: header, a table of acc1/acc5/mean per-class recall (percent), confusions, failures."""
-    classes = len(evaluation.classes)
-    lines = [
-        f"dataset {identity['dataset']}: {evaluation.scored} images scored"
-        + (f" ({len(evaluation.failures)} failed)" if evaluation.failures else "")
-        + (f" of {listed} listed" if listed != evaluation.scored + len(evaluation.failures) else "")
-        + f", {classes} classes; model {identity['model']} / {identity['pretrained']}",
-        f"chance level: acc1 {100 / classes:.2f}%, acc5 (top-{evaluation.k}) {100 * evaluation.k / classes:.2f}%; "
-        f"{evaluation.encoder_rows} views encoded",
-    ]
-    if random_weights:
-        lines.append("RANDOM weights: these accuracies measure nothing but the harness (expect chance level)")
-    if sweep:
-        lines.extend(_sweep_table(records))
-    else:
-        lines.extend(_method_table(records))
-        lines.extend(_group_table(records))
-        lines.extend(_confusion_lines(records))
-    if evaluation.failures:
-        lines.append(f"{len(evaluation.failures)} image(s) could not be read or decoded and are left out of the metrics:")
-        lines.extend(f"  {f.key}: {f.status}: {f.error_message}" for f in evaluation.failures[:10])
-    return "\n".join(lines)
-
-
-def _metric(record: Mapping[str, Any], name: str) -> str:
-    text = f"{100 * record[name]:.2f}"
-    if f"{name}_std" in record:
-        text += f" ± {100 * record[name + '_std']:.2f}"
-    return text
-
-
-def _method_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    header = f"{'method':<12} {'acc1 %':>15} {'acc5 %':>15} {'mean/class %':>15} {'runs':>5}"
-    rows = [
-        f"{r['method']:<12} {_metric(r, 'acc1'):>15} {_metric(r, 'acc5'):>15} {_metric(r, 'mean_per_class_recall'):>15} {r['runs']:>5}"
-        for r in records
-    ]
-    return [header, *rows]
-
-
-def _group_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """acc1 % of each method (rows) in each group of the data (columns), when the data has groups."""
-    groups = list(records[0].get("groups", {})) if records else []
-    if not groups:
-        return []
-    width = max(8, *(len(name) for name in groups))
-    lines = ["acc1 % per group:", f"{'method':<12} " + " ".join(f"{name:>{width}}" for name in groups)]
-    for r in records:
-        cells = []
-        for name in groups:
-            group = r["groups"][name]
-            text = f"{100 * group['acc1']:.1f}" + (f"±{100 * group['acc1_std']:.1f}" if "acc1_std" in group else "")
-            cells.append(f"{text:>{width}}")
-        lines.append(f"{r['method']:<12} " + " ".join(cells))
-    return lines
-
-
-def _confusion_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    shown = [r for r in records if r["confusions"]]
-    if not shown:
-        return []
-    lines = ["most confused (true -> predicted: count; first run):"]
-    for r in shown:
-        pairs = ", ".join(f"{c['true']} -> {c['predicted']}: {c['count']}" for c in r["confusions"])
-        lines.append(f"  {r['method']:<12} {pairs}")
-    return lines
-
-
-def _sweep_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    fields = list(records[0].get("setting", {})) if records else []
-    rows: dict[str, dict[str, str]] = {}
-    for r in records:
-        key = json.dumps(r.get("setting", {}), sort_keys=True)
-        rows.setdefault(key, {name: _written(r["setting"][name]) for name in fields})[r["method"]] = _metric(r, "acc1")
-    widths = {name: max(len(name), *(len(row[name]) for row in rows.values())) for name in fields}
-    cell = max([15, *(len(m) for m in methods)])
-    lines = ["sweep, acc1 % per setting (mean ± std over runs for wca and lgca):"]
-    lines.append("  ".join(f"{name:<{widths[name]}}" for name in fields) + " | " + " ".join(f"{m:>{cell}}" for m in methods))
-    for row in rows.values():
-        lines.append("  ".join(f"{row[name]:<{widths[name]}}" for name in fields) + " | " + " ".join(f"{row[m]:>{cell}}" for m in methods))
-    return lines
-
-
-def _written(value: Any) -> str:
-    return ":".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
 
 
 def _jsonable(changes: Mapping[str, Any]) -> dict[str, Any]:

@@ -152,7 +152,7 @@ def _add_export(subparsers: Any) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipeline.review.export import open_output
+    from pipeline.review.output_dir import open_output
     from pipeline.review.report import write_report
     from pipeline.stages.sources import storage_options_from
 
@@ -174,8 +174,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    from pipeline.review.export import open_output
-    from pipeline.review.report import collect_stats, format_summary
+    from pipeline.review.output_dir import open_output
+    from pipeline.review.stats import collect_stats
+    from pipeline.review.summary import format_summary
     from pipeline.stages.sources import storage_options_from
 
     output = open_output(args.output_dir, storage_options_from(args.storage_option))
@@ -185,7 +186,8 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.review.export import default_filter, export, open_output
+    from pipeline.review.export import export
+    from pipeline.review.output_dir import default_filter, open_output
     from pipeline.stages.sources import storage_options_from
 
     options = storage_options_from(args.storage_option)

@@ -297,7 +297,8 @@ def render_scenes(
     scenes = []
     for scale_index, scale in enumerate(scales):
         generator = torch.Generator().manual_seed(seed * 1000 + scale_index)
-        picks, labels = [], []
+        picks: list[int] = []  # object indices
+        labels: list[int] = []
         for label in range(len(CLASSES)):
             members = np.nonzero(objects.labels == label)[0]
             if len(members) < per_class:
@@ -329,12 +330,18 @@ def render_scenes(
                     key=f"{scale_name}/{name}/{i % per_class:04d}.jpg",
                     label=name,
                     scale=float(scale),
-                    box=tuple(float(v) for v in np.clip(tight[i] / norm, 0, 1)),
-                    tile_box=tuple(float(v) for v in np.clip(tile_boxes[i] / norm, 0, 1)),
+                    box=_xyxy(np.clip(tight[i] / norm, 0, 1)),
+                    tile_box=_xyxy(np.clip(tile_boxes[i] / norm, 0, 1)),
                     pixels=np.ascontiguousarray(pixels[i]),
                 )
             )
     return scenes
+
+
+def _xyxy(box: np.ndarray) -> tuple[float, float, float, float]:
+    """A (4,) box as the (x0, y0, x1, y1) floats of a Scene."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return x0, y0, x1, y1
 
 
 __all__ = [

@@ -118,6 +118,7 @@ def read_state_dict(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     Raises:
         ModelError: the file is not a weights file, or a pickle asks for anything beyond plain tensors.
     """
+    state: Any  # a checkpoint is any object until checked below
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -202,7 +203,7 @@ class LoadedModel:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Any,  # an open_clip CLIP model: encode_image, encode_text, visual, logit_scale
         tokenizer: Any,
         device: torch.device,
         autocast_dtype: torch.dtype | None,
@@ -224,8 +225,8 @@ class LoadedModel:
         preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
         size = preprocess.get("size", getattr(model.visual, "image_size", 224))
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.mean = tuple(float(v) for v in preprocess.get("mean", (0.48145466, 0.4578275, 0.40821073)))
-        self.std = tuple(float(v) for v in preprocess.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        self.mean = _channels(preprocess.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        self.std = _channels(preprocess.get("std", (0.26862954, 0.26130258, 0.27577711)))
         self.logit_scale = float(model.logit_scale.detach().exp().item())
 
     def _autocast(self) -> Any:
@@ -245,6 +246,11 @@ class LoadedModel:
         with torch.inference_mode(), self._autocast():
             features = self.model.encode_text(tokens)
         return F.normalize(features.float(), dim=-1)
+
+
+def _channels(values: Sequence[float]) -> tuple[float, float, float]:
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue
 
 
 def check_model(config: ModelConfig) -> WeightsSource:
@@ -318,7 +324,7 @@ def _create_from_tag(open_clip: Any, architecture: str, tag: str, cache_dir: Pat
         ) from None
 
 
-def _load_weights(model: torch.nn.Module, path: Path, architecture: str) -> None:
+def _load_weights(model: Any, path: Path, architecture: str) -> None:
     state = read_state_dict(path)
     if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)

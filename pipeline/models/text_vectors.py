@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import ScoringConfig
 from pipeline.models.load import LoadedModel
-from pipeline.scoring.score import class_vectors
+from pipeline.scoring.text import class_vectors
 from pipeline.stages.vocab import Vocabulary
 
 log = logging.getLogger(__name__)

@@ -318,7 +318,8 @@ class ScoringActor:
 
         from pipeline.models.load import default_cache_dir, load_model
         from pipeline.models.text_vectors import text_vectors
-        from pipeline.scoring.score import Scorer, ViewFormat
+        from pipeline.scoring.scorer import Scorer
+        from pipeline.scoring.views import ViewFormat
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)

@@ -15,7 +15,9 @@ from PIL import Image, ImageOps
 from pipeline.config import ModelConfig, ScoringConfig, VocabularyConfig
 from pipeline.models.load import LoadedModel, default_cache_dir, load_model
 from pipeline.models.text_vectors import text_vectors
-from pipeline.scoring.score import ImageScore, Scorer, ViewFormat
+from pipeline.scoring.combine import ImageScore
+from pipeline.scoring.scorer import Scorer
+from pipeline.scoring.views import ViewFormat
 from pipeline.stages.vocab import Vocabulary, load_vocabulary
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike

@@ -189,7 +189,9 @@ def select_salient(
 def _ancestors(index: int, parents: np.ndarray | None) -> set[int]:
     """Pool indices of a region's parent, grandparent, ... up to its root."""
     found: set[int] = set()
-    parent = int(parents[index]) if parents is not None else -1
+    if parents is None:
+        return found
+    parent = int(parents[index])
     while parent >= 0:
         found.add(parent)
         parent = int(parents[parent])

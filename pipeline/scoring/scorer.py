@@ -1,0 +1,206 @@
+"""The Scorer: the methods clip, ensemble, descriptors, wca and lgca on an injected image encoder, one batch a call.
+
+It encodes a batch's views (global view, local crops, grown regions) into a ViewSet and combines them with a
+method's class vectors. Pure torch and numpy: no Ray, no I/O, no open_clip. The definitions are those of
+docs/METHOD.md.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ScoringConfig
+from pipeline.scoring.combine import ImageScore, SalientBox, image_score, region_weights, salient_boxes, view_score, view_shares
+from pipeline.scoring.expansion import expand_regions
+from pipeline.scoring.regions import sample_crops
+from pipeline.scoring.views import ImageEncoder, ViewCutter, ViewFormat, ViewSet, encode_views
+
+
+class Scorer:
+    """Scores batches of decoded images against fixed class vectors with one method.
+
+    Heavy state (class vectors on the device) is set up once; `score` takes one batch per call.
+    """
+
+    def __init__(
+        self,
+        encode_image: ImageEncoder,
+        classes: Sequence[str],
+        vectors: torch.Tensor,
+        logit_scale: float,
+        view: ViewFormat,
+        config: ScoringConfig,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """
+        Args:
+            encode_image: maps (B, 3, S, S) normalised views to (B, D) embeddings (normalised here anyway).
+            classes: class names, in the order of `vectors`.
+            vectors: class vectors T_c (C, D) for `config.method`, from `class_vectors`.
+            logit_scale: the model's temperature, applied before the class softmax.
+            view: the encoder's input size and normalisation.
+            config: method and parameters.
+            device: where views are cut and the class vectors live.
+        """
+        if vectors.shape[0] != len(classes):
+            raise ValueError(f"{vectors.shape[0]} class vectors for {len(classes)} classes")
+        self.encode_image = encode_image
+        self.classes = list(classes)
+        self.device = torch.device(device)
+        self.vectors = F.normalize(vectors.float(), dim=-1).to(self.device)
+        self.logit_scale = float(logit_scale)
+        self.view = view
+        self.config = config
+        self._cutter = ViewCutter(view, self.device)
+
+    def score(
+        self,
+        images: Sequence[torch.Tensor],
+        keys: Sequence[str],
+        sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[ImageScore]:
+        """Score a batch of images.
+
+        Args:
+            images: uint8 tensors (3, H, W), RGB, upright; possibly decoded at reduced scale.
+            keys: one stable key per image; with the seed it fixes the image's crops.
+            sizes: (width, height) of each upright original; crops are laid out in it so that they do
+                not depend on the decode scale. Default: each tensor's own size.
+
+        Returns:
+            One ImageScore per image, in order.
+        """
+        if not images:
+            return []
+        return self.combine(self.embed(images, keys, sizes))
+
+    def embed(
+        self,
+        images: Sequence[torch.Tensor],
+        keys: Sequence[str],
+        sizes: Sequence[tuple[int, int]] | None = None,
+        global_emb: torch.Tensor | None = None,
+    ) -> ViewSet:
+        """Encode every view the configured method needs.
+
+        Global view for all methods; local crops for wca and lgca; for lgca, the regions grown over
+        `steps` steps, selected by saliency under this scorer's class vectors.
+
+        Args:
+            images, keys, sizes: as in `score`.
+            global_emb: (B, D), the `global_emb` of an earlier ViewSet of the same images (e.g. under another
+                seed: the global view does not depend on it), used as is instead of encoding the global views again.
+
+        Returns:
+            The ViewSet of the batch.
+
+        Raises:
+            ValueError: `keys` or `global_emb` do not match `images`, or an image is not uint8 (3, H, W).
+        """
+        if len(images) != len(keys):
+            raise ValueError(f"{len(images)} images but {len(keys)} keys")
+        if global_emb is not None and global_emb.shape[0] != len(images):
+            raise ValueError(f"{global_emb.shape[0]} global embeddings for {len(images)} images")
+        sizes = list(sizes) if sizes is not None else [(int(im.shape[-1]), int(im.shape[-2])) for im in images]
+        with torch.inference_mode():
+            pixels = self._cutter.upload(images)
+            if global_emb is None:
+                global_emb = encode_views(self.encode_image, self._cutter.global_views(pixels), self.config.micro_batch)  # (B, D)
+            return self._embed_regions(pixels, list(keys), sizes, global_emb.to(self.device))
+
+    def combine(self, views: ViewSet, vectors: torch.Tensor | None = None, method: str | None = None) -> list[ImageScore]:
+        """Scores from encoded views.
+
+        Args:
+            views: from `embed`.
+            vectors: class vectors (C, D) of `method`; default this scorer's own.
+            method: clip, ensemble or descriptors use the global view; wca the global view and local
+                crops; lgca all views. Default: the configured method. A method needs the views it uses.
+
+        Returns:
+            One ImageScore per image; salient boxes for lgca only. wca and lgca weigh the global view
+            with `config.global_weight_for(method)`.
+
+        Raises:
+            ValueError: lgca on views embedded without grown regions.
+        """
+        method = method or self.config.method
+        vectors = self.vectors if vectors is None else F.normalize(vectors.float(), dim=-1).to(self.device)
+        with torch.inference_mode():
+            if method not in ("wca", "lgca"):
+                sims = views.global_emb @ vectors.T  # (B, C)
+                return [self._result(key, row, [], (1.0, 0.0, 0.0)) for key, row in zip(views.keys, sims)]
+            pool = views.region_emb.shape[1] if method == "lgca" else views.crops
+            if method == "lgca" and self.config.grown_views and pool == views.crops:
+                raise ValueError("these views hold no grown regions; embed them with an lgca scorer")
+            global_weight = self.config.global_weight_for(method)
+            return self._combine_regions(views, vectors, pool, global_weight, with_boxes=method == "lgca")
+
+    # ---- embedding
+
+    def _embed_regions(
+        self,
+        pixels: Sequence[torch.Tensor],
+        keys: list[str],
+        sizes: list[tuple[int, int]],
+        global_emb: torch.Tensor,
+    ) -> ViewSet:
+        """Encode the local crops, then expand them (`expand_regions`) into the batch's ViewSet."""
+        cfg = self.config
+        batch, dim = len(keys), global_emb.shape[1]
+        crops = cfg.crops if cfg.uses_crops else 0
+        boxes = np.stack(
+            [sample_crops(k, w, h, crops, cfg.crop_scale, cfg.seed, cfg.crop_layout) for k, (w, h) in zip(keys, sizes)]
+        ).reshape(batch, crops, 4)
+        encode = functools.partial(self._encode_boxes, pixels)
+        embeddings = encode(np.repeat(np.arange(batch), crops), boxes.reshape(-1, 4))
+        embeddings = embeddings.view(batch, crops, dim)  # (B, N, D)
+        pool = expand_regions(boxes, embeddings, global_emb, sizes, self.vectors, self.logit_scale, cfg, encode)
+        return ViewSet(keys, global_emb, pool.embeddings, pool.boxes, pool.levels, pool.parents, pool.saliency, pool.selected, crops)
+
+    def _encode_boxes(self, pixels: Sequence[torch.Tensor], owners: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+        """Cut and embed boxes a micro-batch at a time, so at most one micro-batch of views is in memory."""
+        if len(owners) == 0:
+            return torch.empty((0, self.vectors.shape[1]), device=self.device)
+        step = self.config.micro_batch
+        chunks = [
+            encode_views(self.encode_image, self._cutter.crop_views(pixels, owners[i : i + step], boxes[i : i + step]), step)
+            for i in range(0, len(owners), step)
+        ]
+        return torch.cat(chunks)
+
+    # ---- combining
+
+    def _combine_regions(
+        self, views: ViewSet, vectors: torch.Tensor, pool: int, global_weight: float, with_boxes: bool
+    ) -> list[ImageScore]:
+        """S(x, c) from the global view and the first `pool` regions (`view_score`)."""
+        cfg = self.config
+        batch = len(views.keys)
+        regions = views.region_emb[:, :pool]
+        levels = views.levels[:, :pool]
+        grown = torch.from_numpy(levels > 0).to(self.device)
+        weights = region_weights(views.global_emb, regions, cfg.image_scale, grown, cfg.expand_weight)  # (B, P)
+        combined = view_score(views.global_emb, regions, weights, vectors, global_weight)  # (B, C)
+        shares = view_shares(weights, grown, global_weight if pool else 1.0)
+        if not with_boxes:
+            return [self._result(key, row, [], share) for key, row, share in zip(views.keys, combined, shares)]
+        region_probs = torch.softmax(self.logit_scale * (regions @ vectors.T), dim=-1).float().cpu().numpy()  # (B, P, C)
+        saliency = views.saliency.float().cpu().numpy()
+        return [
+            self._result(
+                views.keys[b],
+                combined[b],
+                salient_boxes(views.selected[b], views.boxes[b], levels[b], views.parents[b], saliency[b], region_probs[b], self.classes),
+                shares[b],
+            )
+            for b in range(batch)
+        ]
+
+    def _result(self, key: str, similarity: torch.Tensor, boxes: list[SalientBox], shares: tuple[float, float, float]) -> ImageScore:
+        return image_score(key, similarity, self.classes, self.logit_scale, self.config.topk, boxes, shares)
