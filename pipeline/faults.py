@@ -6,9 +6,12 @@ import os
 import signal
 
 FAULT_ENV = "LGCA_FAULT_POINT"
-# Where the driver can be killed (docs/RELIABILITY.md): after listing, while scoring (once a file is
-# committed), with a file staged but not yet moved, and after _manifest.json but before _SUCCESS.
-FAULT_POINTS = ("listed", "scoring", "staged", "before_success")
+# With a path here, the fault fires once: the first process to create the file is killed, retries pass.
+FAULT_ONCE_ENV = "LGCA_FAULT_ONCE"
+# Where a job can be killed (docs/RELIABILITY.md). The driver: after the plan is written, with pieces staged
+# but no shard committed, once a shard is committed, after _manifest.json but before _SUCCESS. A worker:
+# while committing a shard, its part file written but not yet published.
+FAULT_POINTS = ("listed", "staged", "scoring", "before_success", "committing")
 
 
 def fault_point(name: str) -> None:
@@ -20,5 +23,12 @@ def fault_point(name: str) -> None:
     Args:
         name: one of FAULT_POINTS.
     """
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(FAULT_ENV) != name:
+        return
+    once = os.environ.get(FAULT_ONCE_ENV)
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)

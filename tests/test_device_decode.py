@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import ConfigError, DecodeConfig, JobConfig, ModelConfig, ScoringConfig, VocabularyConfig
-from pipeline.run.job import ScoringActor, _jpegs_on_device, _read_and_decode
+from pipeline.run.labelling import ScoringActor, _read_and_decode, jpegs_on_device
 from pipeline.schema import DECODE_ERROR, OK
 from pipeline.stages.decode import DecodedImage, DecodeFailure, DeferredJpeg, decode_image, defer_jpeg
 from pipeline.stages.device_decode import CHUNK, box_reduce, decode_jpegs, upright
@@ -198,9 +198,9 @@ def test_decode_device_is_validated_before_any_work():
             decode=DecodeConfig(device="gpu"),
         )
     with pytest.raises(ConfigError, match="no GPU for the scoring actors"):
-        _jpegs_on_device("gpu", "cpu")
-    assert [_jpegs_on_device(d, "cpu") for d in ("cpu", "auto")] == [False, False]
-    assert [_jpegs_on_device(d, "cuda") for d in ("cpu", "auto", "gpu")] == [False, True, True]
+        jpegs_on_device("gpu", "cpu")
+    assert [jpegs_on_device(d, "cpu") for d in ("cpu", "auto")] == [False, False]
+    assert [jpegs_on_device(d, "cuda") for d in ("cpu", "auto", "gpu")] == [False, True, True]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compares nvJPEG decoding with libjpeg on the CPU")

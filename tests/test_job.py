@@ -190,7 +190,8 @@ def test_s3_input_and_output_match_local(corpus, corpus_output, s3_server, s3_bu
     local = _read(str(corpus_output[0]))
     remote = _read(output, s3_server.storage_options)
     assert summary.inputs == local.num_rows
-    assert remote.drop_columns(["path"]).equals(local.drop_columns(["path"]))
+    # equal rows; scores to float32 noise (shards of other ids batch the images differently)
+    _assert_same_rows(remote.drop_columns(["path"]), local.drop_columns(["path"]))
     assert all(p.startswith(f"{s3_bucket}/images/") for p in remote.column("path").to_pylist())
     import fsspec
 
@@ -311,6 +312,26 @@ def test_missing_input_and_output_inside_input_fail_fast(tmp_path):
             timeout=120,
         )
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+
+
+def _assert_same_rows(a: pa.Table, b: pa.Table, atol: float = 1e-5) -> None:
+    assert a.schema == b.schema and a.num_rows == b.num_rows
+    for name in a.column_names:
+        left, right = a.column(name).to_pylist(), b.column(name).to_pylist()
+        if name in ("score", "margin", "topk_scores", "boxes"):
+            assert json.dumps(_rounded(left, atol)) == json.dumps(_rounded(right, atol)), name
+        else:
+            assert left == right, name
+
+
+def _rounded(value, atol: float):
+    if isinstance(value, float):
+        return round(value / (10 * atol))
+    if isinstance(value, list):
+        return [_rounded(v, atol) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v, atol) for k, v in value.items()}
+    return value
 
 
 def _photos(directory: Path, count: int) -> list[str]:

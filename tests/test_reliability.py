@@ -32,7 +32,8 @@ from PIL import Image
 
 from pipeline.config import DecodeConfig, ExecutionConfig, ScoringConfig
 from pipeline.faults import FAULT_ENV, FAULT_POINTS
-from pipeline.run.job import _read_and_decode, run
+from pipeline.run.job import run
+from pipeline.run.labelling import _read_and_decode
 from pipeline.schema import DECODE_ERROR, OK, READ_ERROR, STATUSES
 
 from .fault_proxy import FaultProxy, Rule
@@ -47,7 +48,7 @@ TAG = "LGCA_RELIABILITY_TAG"  # set in the environment of every process a test s
 # configuration errors must be reported within this many seconds, before any cluster work: the guard is against
 # hangs; a cold `lgca` process (torch and Ray imports, the address probe) took 20.6 to 24.4 s on a loaded 2-core CI machine
 FAST_FAIL_S = 40
-S3_READ_REQUESTS = 4 * 3  # read_bytes attempts x botocore attempts (pipeline.run.job.S3_READ_CONFIG)
+S3_READ_REQUESTS = 4 * 3  # read_bytes attempts x botocore attempts (pipeline.run.labelling.S3_READ_CONFIG)
 
 
 def _report(test: str, **figures: object) -> None:
@@ -167,8 +168,8 @@ def test_driver_killed_at_every_fault_point_then_resume_gives_every_input_once(t
         "--rows-per-file",
         "4",
     ]
-    assert FAULT_POINTS == ("listed", "scoring", "staged", "before_success")
-    # staged before scoring: the staged file of the second run must be dropped by the third
+    assert FAULT_POINTS == ("listed", "staged", "scoring", "before_success", "committing")
+    # staged before scoring: the pieces the second run staged must be dropped by the third
     order = ("listed", "staged", "scoring", "before_success")
     with RayHead() as head:
         for index, point in enumerate(order):
@@ -187,14 +188,17 @@ def test_driver_killed_at_every_fault_point_then_resume_gives_every_input_once(t
             assert _wait_until(lambda tag=tag: not _tagged_processes(tag), 10), point
             assert _wait_until(lambda: not _scoring_actors(head.processes()), 30), point
             parts = sorted(output.glob("part-*.parquet"))
-            staged = list((output / "_staging").glob("*.parquet")) if (output / "_staging").exists() else []
+            staged = list((output / "_staging").rglob("*.piece")) if (output / "_staging").exists() else []
             assert not (output / "_SUCCESS").exists(), point
+            assert (output / "_plan" / "plan.json").exists(), point  # written once, reused by every resume
+            assert not list(output.glob("**/*.parquet")) or set(output.glob("**/*.parquet")) == set(parts), point
             if point == "listed":
                 assert not parts and not staged
             elif point == "staged":
-                assert not parts and len(staged) == 1  # written, never moved: not a result
+                assert not parts and staged  # staged, never committed: not a result
             elif point == "scoring":
-                assert len(parts) == 1 and len(_read(str(output))) == 4 and not staged
+                # the first commit, and whatever commit tasks finished before the driver died: whole shards only
+                assert parts and len(_read(str(output))) == 4 * len(parts)
             else:
                 assert (output / "_manifest.json").exists()
                 _assert_exactly_once(str(output), names)
@@ -211,6 +215,8 @@ def test_driver_killed_at_every_fault_point_then_resume_gives_every_input_once(t
     assert (output / "_SUCCESS").exists() and not (output / "_staging").exists()
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["counts"]["rows"] == len(names) == manifest["counts"]["inputs"]
+    # every attempt is on record, the dead ones too (the one killed before _SUCCESS had finished its manifest)
+    assert [a["status"] for a in manifest["attempts"]] == ["died", "died", "died", "succeeded", "succeeded"]
     _report("driver death", faults=len(order), inputs=len(names), rows=table.num_rows, lost=0, attempts=len(manifest["attempts"]))
 
 

@@ -30,7 +30,7 @@ from pipeline.stages.sources import (
     storage_options_from,
 )
 
-# key -> whether it is listed as an image
+# key -> listed as an image (True), skipped and counted as a non-image file (False), or skipped as a marker (None)
 TREE = {
     "a/x.jpg": True,
     "a/b/Y.JPG": True,  # upper-case extension
@@ -38,9 +38,12 @@ TREE = {
     "d.webp": True,
     "sub dir/café ünï ñ.jpeg": True,  # spaces and non-ASCII
     "notes.txt": False,
-    "_SUCCESS": False,
-    ".hidden.jpg": False,
-    "_tmp/e.jpg": False,  # inside a Spark-style temporary folder
+    "_SUCCESS": None,  # the project's own markers are the only names skipped
+    "_plan/shards.jpg": None,
+    ".hidden.jpg": True,  # a file that looks like an image gets a row, whatever its name
+    "_tmp/e.jpg": True,
+    "_DSC0001.JPG": True,  # camera file names
+    "_archive/p.jpg": True,
 }
 IMAGES = sorted(key for key, is_image in TREE.items() if is_image)
 
@@ -139,7 +142,7 @@ def test_directory_lists_images_recursively_and_reports_skipped(place: Place) ->
     assert listing.table.column_names == ["key", "path"]
     assert listing.table.column("key").to_pylist() == IMAGES
     assert listing.table.column("path").to_pylist() == [place.uri(key) for key in IMAGES]
-    skipped = {key for key, is_image in TREE.items() if not is_image}
+    skipped = {key for key, is_image in TREE.items() if is_image is False}
     assert listing.skipped_count == len(skipped)
     assert sorted(listing.skipped) == sorted(place.uri(key) for key in skipped)
 
@@ -167,7 +170,7 @@ def test_skipped_examples_are_capped_but_all_counted(place: Place) -> None:
     for i in range(30):
         place.write(f"junk/{i}.txt", b"x")
     listing = _list(place, place.root)
-    assert listing.skipped_count == 30 + sum(not is_image for is_image in TREE.values())
+    assert listing.skipped_count == 30 + sum(is_image is False for is_image in TREE.values())
     assert len(listing.skipped) == 20
 
 
@@ -189,8 +192,8 @@ def test_keys_and_bytes_match_between_local_and_s3(tmp_path: Path, s3_server: An
     [
         # keys are relative to the folder before the first wildcard component
         ("a/*.jpg", ["a/x.jpg"], ["x.jpg"]),
-        # a matched folder (a/b) contributes everything below it; _tmp/e.jpg is skipped as hidden
-        ("*/*", ["a/b/Y.JPG", "a/x.jpg", "sub dir/café ünï ñ.jpeg"], None),
+        # a matched folder (a/b) contributes everything below it; markers (_plan/) are skipped
+        ("*/*", ["_archive/p.jpg", "_tmp/e.jpg", "a/b/Y.JPG", "a/x.jpg", "sub dir/café ünï ñ.jpeg"], None),
         ("[ac]*", ["a/b/Y.JPG", "a/x.jpg", "c.PNG"], None),
         ("sub dir/caf?*", ["sub dir/café ünï ñ.jpeg"], ["café ünï ñ.jpeg"]),
     ],

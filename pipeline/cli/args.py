@@ -128,7 +128,7 @@ def add_vocabulary_arguments(parser: argparse.ArgumentParser, required: bool = T
     group.add_argument("--prompt", default=VocabularyConfig.prompt, help="label prompt p_c (default: %(default)r)")
 
 
-def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+def add_storage_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--storage-option",
         action="append",

@@ -13,7 +13,7 @@ from pipeline.cli.args import EXIT_CONFIG
 from pipeline.cli.cluster import add_cluster_commands
 from pipeline.cli.eval import add_eval_command
 from pipeline.cli.review import add_curation_commands
-from pipeline.cli.run import add_run_command
+from pipeline.cli.run import add_plan_command, add_run_command
 from pipeline.config import ConfigError
 
 DESCRIPTION = """\
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 SUBCOMMANDS: list[Callable[[Any], None]] = [
     add_run_command,  # run
+    add_plan_command,  # plan
     add_cluster_commands,  # submit, status, logs, stop
     add_curation_commands,  # report, summary, export
     add_eval_command,  # eval

@@ -25,6 +25,19 @@ configuration is unusable (nothing ran), 1 on an unexpected failure (rerun with 
 """
 
 
+PLAN_EPILOG = """\
+examples:
+  lgca plan s3://bucket/images/ --labels labels.txt --output s3://bucket/labels-out/ --method lgca
+  lgca plan manifests/ --labels labels.txt --output out/ --rows-per-file 20000
+
+Takes the arguments of `lgca run`, lists the inputs on the cluster and writes the plan under
+--output/_plan/ (shards of --rows-per-file images), then prints images, shards, skipped files and
+the encoder passes the method will make. `lgca run` with the same arguments and --resume labels it;
+a plan already there is reused when the arguments match it, and refused, naming what changed, when
+they do not.
+"""
+
+
 def add_run_command(subparsers: Any) -> None:
     """Register `lgca run` on the `lgca` subcommand parsers."""
     parser = subparsers.add_parser(
@@ -34,10 +47,28 @@ def add_run_command(subparsers: Any) -> None:
         epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_job_arguments(parser)
+    parser.set_defaults(handler=_run)
+
+
+def add_plan_command(subparsers: Any) -> None:
+    """Register `lgca plan`: the arguments of `lgca run`; lists and writes the plan, labels nothing."""
+    parser = subparsers.add_parser(
+        "plan",
+        help="list the inputs and write the job's plan of shards; print its size (labels nothing)",
+        description="List every image under INPUT..., cut the list into shards under --output/_plan/, and summarise it.",
+        epilog=PLAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_job_arguments(parser)
+    parser.set_defaults(handler=_plan)
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="directory, glob, s3:// prefix, image file, or manifest")
     parser.add_argument("--output", required=True, help="output directory, local or s3://")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="label only inputs without a committed row in --output")
+    mode.add_argument("--resume", action="store_true", help="label only the shards of the output's plan that have no committed file")
     mode.add_argument("--overwrite", action="store_true", help="delete existing results in --output first")
     args.add_vocabulary_arguments(parser)
     args.add_model_arguments(parser)
@@ -56,7 +87,12 @@ def add_run_command(subparsers: Any) -> None:
     group.add_argument(
         "--decode-batch-size", type=int, default=e.decode_batch_size, help="images per read-and-decode call (default: %(default)s)"
     )
-    group.add_argument("--rows-per-file", type=int, default=e.rows_per_file, help="rows per output Parquet file (default: %(default)s)")
+    group.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=e.rows_per_file,
+        help="images per shard: the unit of work, of resume and of output files, one part-SHARD.parquet each (default: %(default)s)",
+    )
     group.add_argument(
         "--max-pixels",
         type=int,
@@ -74,7 +110,6 @@ def add_run_command(subparsers: Any) -> None:
         "and JPEGs nvJPEG rejects, still decode on the CPU); auto, gpu when scoring runs on CUDA (default: %(default)s)",
     )
     args.add_storage_arguments(group)
-    parser.set_defaults(handler=_run)
 
 
 def _run(namespace: argparse.Namespace) -> int:
@@ -83,5 +118,14 @@ def _run(namespace: argparse.Namespace) -> int:
 
     config = args.job_config(namespace)
     summary = run(config, storage_options_from(namespace.storage_option))
+    print(summary.line(), flush=True)
+    return 0
+
+
+def _plan(namespace: argparse.Namespace) -> int:
+    from pipeline.run.job import plan_only
+    from pipeline.stages.sources import storage_options_from
+
+    summary = plan_only(args.job_config(namespace), storage_options_from(namespace.storage_option))
     print(summary.line(), flush=True)
     return 0

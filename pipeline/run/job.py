@@ -1,47 +1,41 @@
-"""The labelling job, the only Ray code: list, read and decode on CPU tasks, score in an actor pool, write Parquet."""
+"""The labelling job, the only Ray code: check everything, hold the output's lease, plan in shards, label, commit.
+
+The driver holds O(shards) state: the plan's shard records and a count per shard in flight. Listing,
+reading, decoding, scoring and commits all run on workers (`run.planning`, `run.labelling`, `stages.sink`).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import socket
 import subprocess
 import time
 import uuid
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from pipeline import __version__
-from pipeline.config import ConfigError, DecodeConfig, JobConfig, ModelConfig, ScoringConfig
+from pipeline.config import ConfigError, DecodeConfig, JobConfig
 from pipeline.faults import fault_point
-from pipeline.schema import DECODE_ERROR, OK, READ_ERROR, SCORE_ERROR, STATUSES, empty_prediction, output_schema
-from pipeline.stages.decode import DecodeFailure, DeferredJpeg, decode_image, defer_jpeg, short_side_for
-from pipeline.stages.sink import OutputError, OutputSink, not_yet_done
-from pipeline.stages.sources import Listing, check_inputs, filesystem_for, list_inputs, parse_input, read_bytes
+from pipeline.run.labelling import build_dataset, jpegs_on_device
+from pipeline.run.planning import build_plan, unwrap
+from pipeline.run.progress import Progress
+from pipeline.schema import OK, STATUSES
+from pipeline.stages.decode import short_side_for
+from pipeline.stages.lease import Lease
+from pipeline.stages.plan import Plan, PlanError, PlanSummary, Shard, check_resumable, fingerprint, read_plan
+from pipeline.stages.sink import Output, OutputError, add_counts, commit_shard, committed_counts, part_name
+from pipeline.stages.sources import InputSpec, check_inputs, parse_input
 from pipeline.stages.vocab import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
 
-READ_THREADS = 8  # concurrent reads per decode task: object-store latency, not CPU, bounds reading
-BLOCKS_PER_BATCH = 2  # input block = this many scoring batches: a task emits its block when done, so blocks
-# bound how often rows reach the writer (and how much a crash loses), while larger ones amortise scheduling
-# Columns between decoding and scoring, never written: decoded pixels, or a JPEG left for the scoring device
-TRANSIENT_COLUMNS = ("pixels", "pixel_height", "pixel_width", "jpeg", "orientation")
-DECODE_TASK_MEMORY = 1024 * 1024 * 1024  # bytes reserved per decode task: the worker (~0.5 GiB) plus decoded images
 ADDRESS_PROBE_TIMEOUT_S = 3.0  # TCP connect to --address before anything else: ray.init waits minutes on a dead one
-# S3 reads retry in botocore, in s3fs (a loop of 5, nested twice in cat_file) and in read_bytes (4 attempts):
-# multiplied, one object that keeps failing took many minutes. Reads use botocore's standard mode with 3
-# attempts and s3fs's loop off, so a read makes at most 4 x 3 requests (docs/RELIABILITY.md); storage
-# options that set their own config_kwargs keys win.
-S3_READ_CONFIG = {"connect_timeout": 5, "read_timeout": 30, "retries": {"mode": "standard", "total_max_attempts": 3}}
+COMMIT_TASK_CPUS = 0.25  # a commit merges a few MB of staged rows: it must not take a decode task's CPU
+COUNT_GROUP = 200  # committed shards whose footers one task reads at the end of a resumed run
 
 
 @dataclass(frozen=True)
@@ -49,15 +43,18 @@ class RunSummary:
     """What one run did."""
 
     output: str
-    inputs: int  # images listed
-    already_done: int  # inputs skipped because a previous attempt committed them
+    inputs: int  # images in the plan
+    already_done: int  # images in shards a previous attempt committed
     rows_written: int  # rows committed by this run
     counts: dict[str, int]  # rows per status over the whole output
     seconds: float  # wall time of the whole run
-    label_seconds: float  # time from the first cluster work to the last committed row
-    first_rows_seconds: float  # from the first cluster work to the first committed rows: start-up plus the first blocks
-    steady_images_per_second: float  # rows/s after the first committed rows
+    label_seconds: float  # time from the first labelling work to the last commit
+    first_rows_seconds: float  # from the first labelling work to the first committed shard
+    steady_images_per_second: float  # rows/s after the first committed shard
     skipped_files: int  # non-image files found while listing
+    shards: int = 0  # shards in the plan
+    shards_written: int = 0  # shards committed by this run
+    plan_seconds: float = 0.0  # listing and planning; 0 when the plan was reused
 
     @property
     def images_per_second(self) -> float:
@@ -74,7 +71,7 @@ class RunSummary:
             f"lgca: {self.inputs} images ({self.already_done} already done), {self.rows_written} rows written: "
             f"{self.counts.get(OK, 0)} ok, {errors} errors{f' ({detail})' if detail else ''}; "
             f"{_rate(self.images_per_second)} images/s ({self._pace()}); "
-            f"{self.skipped_files} non-image files skipped; output {self.output}"
+            f"{self.skipped_files} non-image files skipped; {self.shards_written}/{self.shards} shards this run; output {self.output}"
         )
 
 
@@ -85,21 +82,25 @@ def _rate(per_second: float) -> str:
 
 @dataclass(frozen=True)
 class PreparedJob:
-    """Everything checked and listed before any cluster work."""
+    """Everything checked before any cluster work."""
 
     config: JobConfig
     vocabulary: Vocabulary
-    listing: Listing
-    todo: pa.Table  # listing rows without a committed output row
-    sink: OutputSink
+    specs: list[InputSpec]
+    output: Output
+    mode: str  # new | resume | overwrite
     decode: DecodeConfig
+    model: dict[str, Any]  # the model's identity, as recorded in the manifest
+    fingerprint: dict[str, Any]
+    plan: Plan | None  # a resumed output's plan, already checked against this configuration
 
 
 def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJob:
-    """Validate the whole configuration and list the inputs; fails fast, starts no cluster.
+    """Validate the whole configuration and the output; fails fast, starts no cluster, lists nothing.
 
     Raises:
-        ConfigError: with a message naming the fix (bad labels, model, inputs or output).
+        ConfigError: with a message naming the fix (bad labels, model, inputs or output; a resume whose
+            configuration differs from its plan's).
     """
     from pipeline.models.load import check_model, model_image_size  # torch: kept out of the decode workers' imports
 
@@ -109,18 +110,25 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
     check_inputs(specs, storage_options)
     _refuse_output_inside_inputs(config)
     _check_address(config.execution.address)
-    listing = list_inputs(specs, storage_options)
-    if listing.table.num_rows == 0:
-        raise ConfigError(f"no images found in {', '.join(config.inputs)} ({listing.skipped_count} other files)")
-    passthrough = listing.table.schema
     mode = "resume" if config.resume else "overwrite" if config.overwrite else "new"
-    sink = OutputSink.open(config.output, storage_options, mode, config.execution.rows_per_file, output_schema(passthrough))
-    todo = listing.table
-    if config.resume:
-        todo = todo.filter(not_yet_done(todo.column("key"), sink.committed_keys()))
+    output = Output.open(config.output, storage_options, mode)
+    model = _model_record(config)
+    asked = fingerprint(
+        config.inputs, vocabulary.digest(), config.scoring.to_dict(), model, config.decode.max_pixels, config.execution.rows_per_file
+    )
+    plan = None
+    if mode == "resume":
+        plan = read_plan(output.fs, output.root, f"the plan of {config.output}")
+        if plan is not None:
+            check_resumable(plan, asked, config.output)
+        elif output.committed():
+            raise PlanError(
+                f"output {config.output} has results but no plan (_plan/plan.json): it was written by an older version "
+                "or by another tool; start over with --overwrite, or choose another --output"
+            )
     alpha = config.scoring.crop_scale[0] if config.scoring.uses_crops else None
     decode = replace(config.decode, min_short_side=short_side_for(model_image_size(config.model), alpha))
-    return PreparedJob(config, vocabulary, listing, todo, sink, decode)
+    return PreparedJob(config, vocabulary, specs, output, mode, decode, model, asked, plan)
 
 
 def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> RunSummary:
@@ -134,56 +142,158 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
         The run's summary.
 
     Raises:
-        ConfigError: the configuration is unusable (raised before the cluster starts).
+        ConfigError: the configuration is unusable (raised before the cluster starts), another job holds
+            the output, or the inputs hold no images or repeat a key (found while planning).
     """
     storage_options = dict(storage_options or {})
     started = time.time()
     started_at = _now()
     job = prepare(config, storage_options)
-    fault_point("listed")
-    log.info("%d images listed, %d to label", job.listing.table.num_rows, job.todo.num_rows)
-    label_started = time.time()
-    first_rows_at, first_rows = label_started, 0
-    if job.todo.num_rows:
-        first_rows_at, first_rows = _label(job, storage_options)
-    job.sink.flush()
-    label_ended = time.time()
-    steady_seconds = label_ended - first_rows_at
-    steady_rows = job.sink.rows_written - first_rows
-    counts, total = _check_output(job)
-    summary = RunSummary(
-        output=config.output,
-        inputs=job.listing.table.num_rows,
-        already_done=job.listing.table.num_rows - job.todo.num_rows,
-        rows_written=job.sink.rows_written,
-        counts=counts,
-        seconds=time.time() - started,
-        label_seconds=label_ended - label_started,
-        first_rows_seconds=first_rows_at - label_started,
-        # a rate after start-up means something only once several more batches than the first have arrived
-        steady_images_per_second=steady_rows / steady_seconds if steady_rows >= 3 * first_rows > 0 and steady_seconds > 0 else 0.0,
-        skipped_files=job.listing.skipped_count,
-    )
-    job.sink.finish(_manifest(job, summary, started_at, total))
+    with Lease(job.output.fs, job.output.root, config.output) as lease:
+        ray = _init_ray(config)
+        _begin(job)
+        attempt = _attempt(job, started_at)
+        job.output.write_manifest(_manifest(job, job.plan, attempt, {}, 0))  # the attempt is on record even if it dies
+        plan, plan_seconds = _plan(job, storage_options)
+        fault_point("listed")
+        committed = job.output.committed() & {shard.id for shard in plan.shards}
+        todo = [shard for shard in plan.shards if shard.id not in committed]
+        already = sum(shard.rows for shard in plan.shards if shard.id in committed)
+        log.info("%d images in %d shards, %d shards to label", plan.images, len(plan.shards), len(todo))
+        progress = Progress(plan.images, len(plan.shards), already, len(committed))
+        label_started = time.time()
+        outcome = _label(ray, job, plan, todo, storage_options, progress, lease) if todo else _Outcome(label_started)
+        progress.close()
+        label_ended = time.time()
+        counts = _check_output(ray, job, plan, committed, outcome.counts, storage_options)
+        steady_rows = outcome.rows - outcome.first_rows
+        steady_seconds = label_ended - outcome.first_at
+        summary = RunSummary(
+            output=config.output,
+            inputs=plan.images,
+            already_done=already,
+            rows_written=outcome.rows,
+            counts=counts,
+            seconds=time.time() - started,
+            label_seconds=label_ended - label_started,
+            first_rows_seconds=outcome.first_at - label_started,
+            # a rate after start-up means something only once several more shards than the first have arrived
+            steady_images_per_second=steady_rows / steady_seconds
+            if steady_rows >= 3 * outcome.first_rows > 0 and steady_seconds > 0
+            else 0.0,
+            skipped_files=plan.skipped_count,
+            shards=len(plan.shards),
+            shards_written=outcome.shards,
+            plan_seconds=plan_seconds,
+        )
+        attempt.update(
+            ended_at=_now(), status="succeeded", rows_written=outcome.rows, shards_written=outcome.shards, seconds=round(summary.seconds, 3)
+        )
+        job.output.finish(_manifest(job, plan, attempt, counts, sum(counts.values())))
     return summary
+
+
+def plan_only(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> PlanSummary:
+    """Write (or reuse) the plan of a job and summarise it, labelling nothing (`lgca plan`).
+
+    Raises:
+        ConfigError: as `run` does, before labelling would start.
+    """
+    storage_options = dict(storage_options or {})
+    job = prepare(config if config.overwrite else replace(config, resume=True), storage_options)  # a plan there is reused
+    with Lease(job.output.fs, job.output.root, config.output):
+        _init_ray(config)
+        _begin(job)
+        plan, seconds = _plan(job, storage_options)
+    return PlanSummary(
+        output=config.output,
+        images=plan.images,
+        shards=len(plan.shards),
+        skipped_count=plan.skipped_count,
+        passes_per_image=config.scoring.encoder_passes,
+        listing_seconds=seconds,
+        reused=job.plan is not None,
+        examples=list(plan.skipped),
+    )
 
 
 # ---------------------------------------------------------------- cluster work
 
 
-def _label(job: PreparedJob, storage_options: dict[str, Any]) -> tuple[float, int]:
-    """Run the Ray Data graph, committing rows as they arrive; returns when and how many rows came first."""
+def _init_ray(config: JobConfig) -> Any:
     import ray
 
-    execution = job.config.execution
+    verbose = logging.getLogger("pipeline").isEnabledFor(logging.DEBUG)
     if not ray.is_initialized():
         try:
-            ray.init(address=execution.address, ignore_reinit_error=True, log_to_driver=True)
+            # Ray's own start-up and worker logs go to its session log files; --verbose brings them back here.
+            ray.init(
+                address=config.execution.address,
+                ignore_reinit_error=True,
+                log_to_driver=verbose,
+                logging_level=logging.INFO if verbose else logging.ERROR,
+            )
         except (ConnectionError, RuntimeError) as error:
             raise ConfigError(
-                f"cannot join the Ray cluster at {execution.address}: {str(error).splitlines()[0]}; "
+                f"cannot join the Ray cluster at {config.execution.address}: {str(error).splitlines()[0]}; "
                 "check --address (host:port of the head's GCS, or 'auto' on a cluster node)"
             ) from None
+    if not verbose:
+        for handler in logging.getLogger("ray.data").handlers:
+            if handler.get_name() == "console":  # Ray Data's notices stay in its session log file
+                handler.setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose  # this job reports its own progress over the plan
+    context.print_on_execution_start = verbose
+    return ray
+
+
+def _begin(job: PreparedJob) -> None:
+    """Empty the output for --overwrite; withdraw `_SUCCESS` and what an earlier attempt left staged."""
+    if job.mode == "overwrite":
+        job.output.clear()
+    job.output.begin()
+
+
+def _plan(job: PreparedJob, storage_options: dict[str, Any]) -> tuple[Plan, float]:
+    """The job's plan: the resumed output's, else listed now (an earlier unfinished listing is discarded)."""
+    output = job.output
+    if job.plan is not None:
+        return job.plan, 0.0
+    from pipeline.stages.plan import PLAN_DIR
+
+    if output.fs.exists(f"{output.root}/{PLAN_DIR}"):
+        output.fs.rm(f"{output.root}/{PLAN_DIR}", recursive=True)  # a listing that died before plan.json
+    started = time.time()
+    last = [started]
+
+    def report(units: int, images: int) -> None:
+        if time.time() - last[0] >= 30:
+            last[0] = time.time()
+            print(f"lgca: listing: {units} folders or manifest parts listed, {images:,} images so far", flush=True)
+
+    plan = build_plan(
+        job.specs, job.config.output, storage_options, job.config.execution.rows_per_file, job.fingerprint, _now(), on_progress=report
+    )
+    return plan, time.time() - started
+
+
+@dataclass
+class _Outcome:
+    first_at: float  # when the first shard was committed
+    rows: int = 0
+    first_rows: int = 0
+    shards: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _label(
+    ray: Any, job: PreparedJob, plan: Plan, todo: list[Shard], storage_options: dict[str, Any], progress: Progress, lease: Lease
+) -> _Outcome:
+    """Label the `todo` shards; each is committed by a worker task once its staged pieces cover it."""
+    from pipeline.schema import output_schema
+
+    execution = job.config.execution
     num_gpus = execution.num_gpus
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
@@ -191,292 +301,132 @@ def _label(job: PreparedJob, storage_options: dict[str, Any]) -> tuple[float, in
     model_config = job.config.model
     if model_config.device == "auto":
         model_config = replace(model_config, device="cuda" if num_gpus > 0 else "cpu")
-    jpegs_on_device = _jpegs_on_device(job.decode.device, model_config.device)
-
-    block_rows = BLOCKS_PER_BATCH * max(execution.batch_size, execution.decode_batch_size)
-    blocks = [job.todo.slice(start, block_rows) for start in range(0, job.todo.num_rows, block_rows)]
-    dataset = ray.data.from_arrow(blocks)
-    dataset = dataset.map_batches(
-        _read_and_decode,
-        batch_size=execution.decode_batch_size,
-        batch_format="pyarrow",
-        fn_kwargs={"decode": job.decode, "storage_options": storage_options, "defer_jpegs": jpegs_on_device},
-        num_cpus=1,
-        # Reserving decode memory also keeps Ray from fusing decoding into the scoring actors (it fuses
-        # stages with equal resource requests): decoding must run on its own CPU tasks, beside the model.
-        memory=DECODE_TASK_MEMORY,
-    )
-    dataset = dataset.map_batches(
-        ScoringActor,
+    dataset = build_dataset(
+        [{"shard": shard.id} for shard in todo],
+        output=job.config.output,
+        storage_options=storage_options,
+        listing_schema=plan.schema,
+        decode=job.decode,
+        defer_jpegs=jpegs_on_device(job.decode.device, model_config.device),
+        model_config=model_config,
+        scoring=job.config.scoring,
+        vocabulary=job.vocabulary,
         batch_size=execution.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        decode_batch_size=execution.decode_batch_size,
+        actors=actors,
         num_gpus=num_gpus,
-        num_cpus=execution.num_cpus_per_actor,
-        fn_constructor_kwargs={
-            "model_config": model_config,
-            "scoring": job.config.scoring,
-            "vocabulary": job.vocabulary,
-            "decode": job.decode,
-            "storage_options": storage_options,
-            "cpu_threads": max(1, (os.cpu_count() or 1) // actors) if num_gpus == 0 else None,
-        },
-    )  # Ray Data's actor pools restart dead actors and retry their batches by default (max_restarts=-1)
-    first_rows_at, first_rows = 0.0, 0
-    for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if not first_rows_at:
-            first_rows_at, first_rows = time.time(), table.num_rows
-        job.sink.write(table)
-        if job.sink.files_written:
-            fault_point("scoring")
-    return first_rows_at or time.time(), first_rows
+        num_cpus_per_actor=execution.num_cpus_per_actor,
+    )
+    schema = output_schema(plan.schema)
+    commit = ray.remote(num_cpus=COMMIT_TASK_CPUS, max_retries=3)(_commit_task)
+    expected = {shard.id: shard.rows for shard in todo}
+    staged: dict[str, int] = {}  # shards in flight only: dropped once committed
+    commits: dict[Any, str] = {}
+    outcome = _Outcome(first_at=0.0)
+
+    def collect(timeout: float | None) -> None:
+        ready, _ = ray.wait(list(commits), num_returns=len(commits) if timeout == 0 else 1, timeout=timeout)
+        for ref in ready:
+            shard_id = commits.pop(ref)
+            counts = unwrap(ray, ref)
+            if counts is None:
+                continue  # not all pieces were there yet (a retried batch); the end of the stream tries again
+            staged.pop(shard_id, None)
+            expected.pop(shard_id, None)
+            rows = sum(counts.values())
+            if not outcome.first_at:
+                outcome.first_at, outcome.first_rows = time.time(), rows
+                fault_point("scoring")
+            outcome.rows += rows
+            outcome.shards += 1
+            add_counts(outcome.counts, counts)
+            progress.committed(counts)
+
+    for pieces in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        fault_point("staged")
+        for shard_id, rows in zip(pieces.column("shard").to_pylist(), pieces.column("rows").to_pylist()):
+            staged[shard_id] = staged.get(shard_id, 0) + rows
+            if staged[shard_id] >= expected[shard_id] and shard_id not in commits.values():
+                commits[commit.remote(job.config.output, storage_options, shard_id, expected[shard_id], schema)] = shard_id
+        if commits:
+            collect(timeout=0)
+        lease.check()
+    while commits:
+        collect(timeout=None)
+    for shard_id in list(expected):  # pieces that arrived after a commit found its shard incomplete
+        commits[commit.remote(job.config.output, storage_options, shard_id, expected[shard_id], schema)] = shard_id
+    while commits:
+        collect(timeout=None)
+    outcome.first_at = outcome.first_at or time.time()
+    return outcome
 
 
-def _jpegs_on_device(decode_device: str, model_device: str) -> bool:
-    """Whether the scoring actors decode JPEGs (`--decode`), given where they score.
+def _commit_task(output: str, storage_options: dict[str, Any], shard_id: str, rows: int, schema: Any) -> dict[str, int] | None:
+    import fsspec
 
-    Raises:
-        ConfigError: `--decode gpu` while the actors score on the CPU.
-    """
-    on_cuda = model_device.startswith("cuda")
-    if decode_device == "gpu" and not on_cuda:
-        raise ConfigError(
-            "--decode gpu decodes on the scoring GPU, but this cluster has no GPU for the scoring actors; use --decode auto or cpu"
-        )
-    return on_cuda and decode_device in ("gpu", "auto")
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    return commit_shard(fs, root.rstrip("/"), shard_id, rows, schema)
 
 
-def _read_and_decode(batch: pa.Table, decode: DecodeConfig, storage_options: dict[str, Any], defer_jpegs: bool = False) -> pa.Table:
-    """Bytes to pixels for one batch of listing rows; every row comes out, failed ones with a status.
+def _counts_task(output: str, storage_options: dict[str, Any], shard_ids: list[str]) -> dict[str, int]:
+    import fsspec
 
-    With `defer_jpegs`, JPEGs are only checked here (header, size limit, orientation) and travel as bytes,
-    for the scoring actor to decode on its GPU; other files are decoded here as always.
-    """
-    paths = batch.column("path").to_pylist()
-
-    def fetch(path: str) -> bytes | Exception:
-        try:
-            return read_bytes(path, _read_options(path, storage_options))
-        except Exception as error:  # reported in the row, never raised: one bad object must not stop the job
-            return error
-
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(paths))) as pool:
-        contents = list(pool.map(fetch, paths))
-    columns: dict[str, list[Any]] = {name: [] for name in ("status", "error_message", "width", "height", *TRANSIENT_COLUMNS)}
-    for content in contents:
-        row: dict[str, Any] = dict.fromkeys(columns)
-        if isinstance(content, Exception):
-            row.update(status=READ_ERROR, error_message=f"cannot read: {type(content).__name__}: {content}")
-        else:
-            result = defer_jpeg(content, decode) if defer_jpegs else None
-            if result is None:
-                result = decode_image(content, decode)
-            if isinstance(result, DecodeFailure):
-                row.update(status=DECODE_ERROR, error_message=result.message)
-            elif isinstance(result, DeferredJpeg):
-                row.update(status=OK, width=result.width, height=result.height, jpeg=content, orientation=result.orientation)
-            else:
-                row.update(
-                    status=OK,
-                    width=result.width,
-                    height=result.height,
-                    pixels=result.pixels.tobytes(),
-                    pixel_height=result.pixels.shape[0],
-                    pixel_width=result.pixels.shape[1],
-                )
-        for name, value in row.items():
-            columns[name].append(value)
-    types = {"status": pa.string(), "error_message": pa.string(), "pixels": pa.large_binary(), "jpeg": pa.large_binary()}
-    for name, values in columns.items():
-        batch = batch.append_column(name, pa.array(values, types.get(name, pa.int32())))
-    return batch
-
-
-def _read_options(path: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """Storage options for reading `path`: bounded retries and timeouts on S3 (S3_READ_CONFIG), else unchanged."""
-    if not path.startswith(("s3://", "s3a://")):
-        return storage_options
-    config = {**S3_READ_CONFIG, "retries": dict(S3_READ_CONFIG["retries"]), **storage_options.get("config_kwargs", {})}
-    options = {**storage_options, "config_kwargs": config}
-    filesystem_for(path, options)[0].retries = 1  # the instance read_bytes gets (fsspec caches it by options)
-    return options
-
-
-class ScoringActor:
-    """Holds the model on one GPU (or CPU); scores one batch of decoded rows per call."""
-
-    def __init__(
-        self,
-        model_config: ModelConfig,
-        scoring: ScoringConfig,
-        vocabulary: Vocabulary,
-        decode: DecodeConfig,
-        storage_options: dict[str, Any],
-        cpu_threads: int | None,
-    ) -> None:
-        import torch
-
-        from pipeline.models.load import default_cache_dir, load_model
-        from pipeline.models.text_vectors import text_vectors
-        from pipeline.scoring.scorer import Scorer
-        from pipeline.scoring.views import ViewFormat
-
-        if cpu_threads:
-            torch.set_num_threads(cpu_threads)
-        self.model = load_model(model_config, storage_options)
-        # Each actor embeds the vocabulary with its own model (once per node, then from the disk cache):
-        # a separate job-wide task would load the model a second time before any actor could start.
-        vectors = text_vectors(self.model, vocabulary, scoring, default_cache_dir(model_config))
-        self.scoring = scoring
-        self.decode = decode
-        self.identity = self.model.identity
-        self.scorer = Scorer(
-            encode_image=self.model.encode_image,
-            classes=vocabulary.classes,
-            vectors=vectors,
-            logit_scale=self.model.logit_scale,
-            view=ViewFormat(self.model.image_size, self.model.mean, self.model.std),
-            config=scoring,
-            device=self.model.device,
-        )
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.drop_columns(list(TRANSIENT_COLUMNS)).to_pylist()
-        images, failures = self._pixels(batch, [i for i, row in enumerate(rows) if row["status"] == OK])
-        predictions = self._score_rows(batch, images)
-        for index, row in enumerate(rows):
-            prediction = predictions.get(index)
-            if index in failures:
-                row.update(status=DECODE_ERROR, error_message=failures[index])
-            elif isinstance(prediction, str):
-                row.update(status=SCORE_ERROR, error_message=prediction)
-            row.update(prediction if isinstance(prediction, dict) else empty_prediction())
-            row.update(method=self.scoring.method, model=self.identity["model"], pretrained=self.identity["pretrained"])
-        schema = output_schema(batch.drop_columns(list(TRANSIENT_COLUMNS)).schema)
-        return pa.Table.from_pylist(rows, schema=schema)
-
-    def _pixels(self, batch: pa.Table, indices: list[int]) -> tuple[dict[int, Any], dict[int, str]]:
-        """uint8 (3, H, W) tensors by row index, and decode failures (of deferred JPEGs) by row index."""
-        import torch
-
-        from pipeline.stages.device_decode import decode_jpegs
-
-        columns = {name: batch.column(name) for name in TRANSIENT_COLUMNS}
-        images: dict[int, Any] = {}
-        deferred = [i for i in indices if columns["jpeg"][i].is_valid]
-        for i in indices:
-            if not columns["jpeg"][i].is_valid:
-                height, width = columns["pixel_height"][i].as_py(), columns["pixel_width"][i].as_py()
-                buffer = np.frombuffer(columns["pixels"][i].as_buffer(), dtype=np.uint8).reshape(height, width, 3)
-                images[i] = torch.from_numpy(buffer).permute(2, 0, 1).contiguous()
-        failures: dict[int, str] = {}
-        if not deferred:
-            return images, failures
-        contents = [columns["jpeg"][i].as_py() for i in deferred]
-        orientations = [columns["orientation"][i].as_py() for i in deferred]
-        decoded = decode_jpegs(contents, orientations, self.decode.min_short_side, self.model.device)
-        rejected = 0
-        for i, content, result in zip(deferred, contents, decoded):
-            if isinstance(result, Exception):  # the device decoder refused it: libjpeg on the CPU, with its messages
-                rejected += 1
-                result = decode_image(content, self.decode)
-                if isinstance(result, DecodeFailure):
-                    failures[i] = result.message
-                    continue
-                result = torch.from_numpy(result.pixels).permute(2, 0, 1).contiguous()
-            images[i] = result
-        if rejected:
-            log.warning("%d of %d JPEGs failed to decode on %s and were retried on the CPU", rejected, len(deferred), self.model.device)
-        return images, failures
-
-    def _score_rows(self, batch: pa.Table, images: dict[int, Any]) -> dict[int, dict[str, Any] | str]:
-        """Predictions by row index; a row whose scoring failed maps to its error message instead."""
-        if not images:
-            return {}
-        indices = sorted(images)
-        columns = {name: batch.column(name) for name in ("key", "width", "height")}
-        pixels = [images[i] for i in indices]
-        keys = [columns["key"][i].as_py() for i in indices]
-        sizes = [(columns["width"][i].as_py(), columns["height"][i].as_py()) for i in indices]
-        try:
-            scores = self.scorer.score(pixels, keys, sizes)
-            return {i: _prediction(score) for i, score in zip(indices, scores)}
-        except Exception as error:  # isolate the image that broke the batch; the others still get scored
-            log.warning("batch scoring failed (%s); scoring its %d images one by one", error, len(indices))
-        out: dict[int, dict[str, Any] | str] = {}
-        for i, image, key, size in zip(indices, pixels, keys, sizes):
-            try:
-                out[i] = _prediction(self.scorer.score([image], [key], [size])[0])
-            except Exception as error:
-                out[i] = f"scoring failed: {type(error).__name__}: {error}"
-        return out
-
-
-def _prediction(score: Any) -> dict[str, Any]:
-    return {
-        "label": score.label,
-        "score": score.score,
-        "topk_labels": score.topk_labels,
-        "topk_scores": score.topk_scores,
-        "margin": score.margin,
-        "boxes": [asdict(box) for box in score.boxes],
-    }
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    return committed_counts(fs, root.rstrip("/"), shard_ids)
 
 
 # ---------------------------------------------------------------- bookkeeping
 
 
-def _check_output(job: PreparedJob) -> tuple[dict[str, int], int]:
-    """Counts per status over every committed file, after checking each listed key has exactly one row."""
-    statuses, keys = [], []
-    for path in job.sink.committed_files():
-        with job.sink.fs.open(path, "rb") as handle:
-            import pyarrow.parquet as pq
+def _check_output(
+    ray: Any, job: PreparedJob, plan: Plan, earlier: set[str], this_run: dict[str, int], storage_options: dict[str, Any]
+) -> dict[str, int]:
+    """Rows per status over the whole output, after checking that every shard of the plan is committed.
 
-            table = pq.read_table(handle, columns=["key", "status"])
-        statuses.append(table.column("status"))
-        keys.append(table.column("key"))
-    all_keys = pa.chunked_array([c for k in keys for c in k.chunks], type=pa.string())
-    unique = pc.count_distinct(all_keys).as_py() if len(all_keys) else 0
-    if unique != len(all_keys):
-        raise OutputError(f"output {job.config.output} holds {len(all_keys) - unique} duplicate rows; rerun with --overwrite")
-    missing = pc.sum(pc.invert(pc.is_in(job.listing.table.column("key"), value_set=all_keys.combine_chunks()))).as_py()
+    One listing of the output and the footers of shards committed by earlier attempts: no row is read.
+    """
+    committed = job.output.committed()
+    missing = [shard.id for shard in plan.shards if shard.id not in committed]
     if missing:
-        raise OutputError(f"{missing} listed images have no output row; rerun with --resume to finish them")
+        raise OutputError(
+            f"{len(missing)} of {len(plan.shards)} shards have no committed file (e.g. {part_name(missing[0])}); rerun with --resume to finish them"
+        )
     counts = dict.fromkeys(STATUSES, 0)
-    for chunked in statuses:
-        for value, count in zip(*_value_counts(chunked)):
-            counts[value] = counts.get(value, 0) + count
-    return counts, len(all_keys)
+    add_counts(counts, this_run)
+    if earlier:
+        count_task = ray.remote(num_cpus=COMMIT_TASK_CPUS, max_retries=3)(_counts_task)
+        ids = sorted(earlier)
+        refs = [count_task.remote(job.config.output, storage_options, ids[i : i + COUNT_GROUP]) for i in range(0, len(ids), COUNT_GROUP)]
+        for ref in refs:
+            add_counts(counts, unwrap(ray, ref))
+    return counts
 
 
-def _value_counts(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
-    counted = pc.value_counts(column)
-    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
+def _attempt(job: PreparedJob, started_at: str) -> dict[str, Any]:
+    previous = job.output.previous_manifest() or {}
+    number = len(previous.get("attempts") or []) + 1
+    return {"attempt": number, "run_id": uuid.uuid4().hex, "started_at": started_at, "ended_at": None, "status": "running"}
 
 
-def _manifest(job: PreparedJob, summary: RunSummary, started_at: str, total_rows: int) -> dict[str, Any]:
+def _manifest(job: PreparedJob, plan: Plan | None, attempt: dict[str, Any], counts: Mapping[str, int], total_rows: int) -> dict[str, Any]:
     config = job.config
-    previous = job.sink.previous_manifest() or {}
-    attempt = {
-        "attempt": job.sink.attempt,
-        "run_id": uuid.uuid4().hex,
-        "started_at": started_at,
-        "ended_at": _now(),
-        "rows_written": summary.rows_written,
-        "files_written": job.sink.files_written,
-        "seconds": round(summary.seconds, 3),
-    }
+    previous = job.output.previous_manifest() or {}
+    # We hold the lease: an earlier attempt still marked running died without finishing.
+    attempts = [
+        {**a, "status": "died"} if a.get("status") == "running" and a.get("run_id") != attempt["run_id"] else a
+        for a in previous.get("attempts") or []
+    ]
+    attempts = [a for a in attempts if a.get("run_id") != attempt["run_id"]] + [dict(attempt)]
     return {
-        "format": "lgca-label/1",
+        "format": "lgca-label/2",
         "run_id": attempt["run_id"],
         "code_version": _code_version(),
-        "started_at": (previous.get("attempts") or [attempt])[0]["started_at"],
+        "started_at": attempts[0]["started_at"],
         "ended_at": attempt["ended_at"],
-        "attempts": (previous.get("attempts") or []) + [attempt],
+        "attempts": attempts,
         "inputs": list(config.inputs),
         "output": config.output,
-        "model": _model_record(job),
+        "model": job.model,
         "vocabulary": {
             "sha256": job.vocabulary.digest(),
             "classes": list(job.vocabulary.classes),
@@ -488,27 +438,41 @@ def _manifest(job: PreparedJob, summary: RunSummary, started_at: str, total_rows
         "scoring": config.scoring.to_dict(),
         "decode": asdict(job.decode),
         "execution": asdict(config.execution),
+        "plan": _plan_record(plan),
         "counts": {
-            "inputs": summary.inputs,
+            "inputs": plan.images if plan else None,
             "rows": total_rows,
-            "non_image_files_skipped": summary.skipped_files,
-            "non_image_examples": list(job.listing.skipped),
-            **summary.counts,
+            "non_image_files_skipped": plan.skipped_count if plan else None,
+            "non_image_examples": list(plan.skipped) if plan else [],
+            **counts,
         },
     }
 
 
-def _model_record(job: PreparedJob) -> dict[str, Any]:
+def _plan_record(plan: Plan | None) -> dict[str, Any] | None:
+    if plan is None:
+        return None  # not listed yet
+    return {
+        "shards": len(plan.shards),
+        "images": plan.images,
+        "created_at": plan.created_at,
+        "listing_seconds": round(plan.listing_seconds, 3),
+    }
+
+
+def _model_record(config: JobConfig) -> dict[str, Any]:
     from pipeline.models.load import architecture_name, file_sha256, parse_weights_source
 
-    model = job.config.model
+    model = config.model
     architecture = architecture_name(model.name)
     source = parse_weights_source(architecture, model.pretrained)
-    record = {"name": architecture, "pretrained": model.pretrained, "source": source.kind, "weights_sha256": None}
+    record: dict[str, Any] = {"name": architecture, "pretrained": model.pretrained, "source": source.kind, "weights_sha256": None}
     if source.kind == "file":
         record["weights_sha256"] = file_sha256(Path(source.value))
     if source.kind == "random":
         record["random_seed"] = model.random_seed
+    if model.name.endswith(".json") and Path(model.name).is_file():
+        record["config_sha256"] = file_sha256(Path(model.name))  # the architecture is the file's content, not its name
     return record
 
 

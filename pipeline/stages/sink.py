@@ -1,71 +1,57 @@
-"""Parquet output: deterministic file names, atomic commits, resume bookkeeping, `_manifest.json`, `_SUCCESS`."""
+"""Parquet output, committed by the workers: staged pieces, one atomic `part-<shard>.parquet` per shard, `_SUCCESS`.
+
+Rows never pass through the driver. A worker stages each scored batch as pieces under `_staging/<shard>/`
+(named `.piece`, so no `**/*.parquet` glob ever sees them); once a shard's pieces cover all its rows, a
+commit task merges them, keeping one row per `_row` index (a retried batch may have staged the same rows
+twice), and publishes `part-<shard>.parquet` in one PUT or one rename. Writing a shard again replaces the
+same file with the same rows: exactly-once holds by construction, and resume lists part files, never keys.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError
 from pipeline.faults import fault_point
+from pipeline.stages.plan import PLAN_DIR, ROW_COLUMN, put_atomically
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
-STAGING = "_staging"  # leading underscore: pyarrow, pandas, DuckDB and Polars globs skip it
-PART_PATTERN = re.compile(r"^part-(\d{5})-(\d{6})\.parquet$")
+STAGING = "_staging"  # leading underscore: pyarrow, pandas, DuckDB and Polars directory readers skip it
+SHARD_COLUMN = "_shard"  # a row's shard id, between reading a shard and staging its rows
+PART_PATTERN = re.compile(r"^part-([0-9A-Za-z_-]+)\.parquet$")
+COUNTS_KEY = b"lgca.counts"  # Parquet footer metadata of a part file: rows per status, as JSON
 
 
 class OutputError(ConfigError):
     """The output location cannot be used as asked; the message names the fix."""
 
 
-class OutputSink:
-    """Writes one run's rows into committed Parquet files under one output directory.
+def part_name(shard_id: str) -> str:
+    return f"part-{shard_id}.parquet"
 
-    A file becomes visible under its final name only once complete (written under `_staging/`, then
-    moved), so a reader or a resumed job never sees half a file. Each run (first or resumed) is an
-    attempt; its files are `part-<attempt>-<index>.parquet`.
-    """
 
-    def __init__(
-        self,
-        fs: fsspec.AbstractFileSystem,
-        root: str,
-        url: str,
-        attempt: int,
-        rows_per_file: int,
-        schema: pa.Schema,
-    ) -> None:
-        self.fs = fs
-        self.root = root.rstrip("/")
-        self.url = url
-        self.attempt = attempt
-        self.rows_per_file = rows_per_file
-        self.schema = schema
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
-        self._index = 0
-        self.files_written: list[str] = []
-        self.rows_written = 0
+@dataclass(frozen=True)
+class Output:
+    """An output directory prepared for a run: the filesystem, its root, and how it was opened."""
 
-    # ---- opening
+    fs: fsspec.AbstractFileSystem
+    root: str
+    url: str
 
     @classmethod
-    def open(
-        cls,
-        url: str,
-        storage_options: Mapping[str, Any],
-        mode: str,
-        rows_per_file: int,
-        schema: pa.Schema,
-    ) -> OutputSink:
+    def open(cls, url: str, storage_options: Mapping[str, Any], mode: str) -> Output:
         """Prepare `url` for writing.
 
         Args:
@@ -76,107 +62,137 @@ class OutputSink:
         """
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
         root = root.rstrip("/")
-        existing = _part_files(fs, root)
-        has_results = bool(existing) or fs.exists(f"{root}/{SUCCESS}") or fs.exists(f"{root}/{MANIFEST}")
+        output = cls(fs, root, url)
+        existing = output.committed()
+        has_results = bool(existing) or any(fs.exists(f"{root}/{name}") for name in (SUCCESS, MANIFEST, PLAN_DIR))
         if has_results and mode == "new":
             raise OutputError(f"output {url} already holds results; pass --resume to finish it or --overwrite to start over")
-        if mode == "overwrite" and fs.exists(root):
-            for path in existing + [f"{root}/{SUCCESS}", f"{root}/{MANIFEST}", f"{root}/{STAGING}"]:
-                if fs.exists(path):
-                    fs.rm(path, recursive=True)
-            existing = []
         _check_writable(fs, root, url)
-        if fs.exists(f"{root}/{SUCCESS}"):
-            fs.rm(f"{root}/{SUCCESS}")  # this run may add files; the marker returns when it finishes
-        if fs.exists(f"{root}/{STAGING}"):
-            fs.rm(f"{root}/{STAGING}", recursive=True)  # leftovers of a crashed run were never committed
-        attempts = [int(PART_PATTERN.match(p.rsplit("/", 1)[-1]).group(1)) for p in existing]
-        return cls(fs, root, url, max(attempts, default=0) + 1, rows_per_file, schema)
+        return output
 
-    # ---- reading back
+    def clear(self) -> None:
+        """Remove every result and all bookkeeping but the lease (--overwrite)."""
+        for path in [f"{self.root}/{part_name(shard)}" for shard in self.committed()] + [
+            f"{self.root}/{name}" for name in (SUCCESS, MANIFEST, STAGING, PLAN_DIR)
+        ]:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
 
-    def committed_files(self) -> list[str]:
-        return _part_files(self.fs, self.root)
+    def begin(self) -> None:
+        """Start an attempt: `_SUCCESS` goes (this run may add files; it returns when the run ends), and so do the
+        pieces an earlier attempt staged (this job holds the lease: no other writer can be staging)."""
+        for name in (SUCCESS, STAGING):
+            if self.fs.exists(f"{self.root}/{name}"):
+                self.fs.rm(f"{self.root}/{name}", recursive=True)
 
-    def committed_keys(self) -> pa.ChunkedArray:
-        """Keys of every committed row (the `key` column alone is read)."""
-        arrays = []
-        for path in self.committed_files():
-            with self.fs.open(path, "rb") as handle:
-                arrays.append(pq.read_table(handle, columns=["key"]).column("key"))
-        if not arrays:
-            return pa.chunked_array([], type=pa.string())
-        return pa.chunked_array([chunk for array in arrays for chunk in array.chunks], type=pa.string())
+    def committed(self) -> set[str]:
+        """Ids of the shards with a committed part file (one listing of the output folder)."""
+        self.fs.invalidate_cache(self.root)  # object stores cache listings; this one must see files committed just now
+        if not self.fs.exists(self.root):
+            return set()
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+        return {match.group(1) for name in names if (match := PART_PATTERN.match(name))}
 
     def previous_manifest(self) -> dict[str, Any] | None:
         path = f"{self.root}/{MANIFEST}"
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "r") as handle:
-            return json.load(handle)
+            try:
+                return json.load(handle)
+            except ValueError:
+                return None  # rewritten at the end of this run
 
-    # ---- writing
-
-    def write(self, table: pa.Table) -> None:
-        """Buffer rows; commit a file whenever `rows_per_file` rows are waiting."""
-        if table.num_rows == 0:
-            return
-        self._pending.append(table.select(self.schema.names).cast(self.schema))
-        self._pending_rows += table.num_rows
-        while self._pending_rows >= self.rows_per_file:
-            combined = pa.concat_tables(self._pending)
-            self._commit(combined.slice(0, self.rows_per_file))
-            rest = combined.slice(self.rows_per_file)
-            self._pending = [rest] if rest.num_rows else []
-            self._pending_rows = rest.num_rows
-
-    def flush(self) -> None:
-        if self._pending_rows:
-            self._commit(pa.concat_tables(self._pending))
-        self._pending, self._pending_rows = [], 0
+    def write_manifest(self, manifest: Mapping[str, Any]) -> None:
+        put_atomically(self.fs, f"{self.root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
 
     def finish(self, manifest: Mapping[str, Any]) -> None:
-        """Commit what is buffered, then `_manifest.json`, then `_SUCCESS` last."""
-        self.flush()
-        self._put_atomically(f"{self.root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+        """Write `_manifest.json`, then `_SUCCESS` last, and drop what staging is left."""
+        self.write_manifest(manifest)
         fault_point("before_success")
-        self._put_atomically(f"{self.root}/{SUCCESS}", b"")
+        put_atomically(self.fs, f"{self.root}/{SUCCESS}", b"")
         if self.fs.exists(f"{self.root}/{STAGING}"):
             self.fs.rm(f"{self.root}/{STAGING}", recursive=True)
 
-    def _commit(self, table: pa.Table) -> None:
-        name = f"part-{self.attempt:05d}-{self._index:06d}.parquet"
-        staged = f"{self.root}/{STAGING}/{uuid.uuid4().hex}-{name}"
-        self.fs.makedirs(f"{self.root}/{STAGING}", exist_ok=True)
-        with self.fs.open(staged, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
-        fault_point("staged")
-        self.fs.mv(staged, f"{self.root}/{name}")
-        self._index += 1
-        self.files_written.append(name)
-        self.rows_written += table.num_rows
 
-    def _put_atomically(self, path: str, data: bytes) -> None:
-        staged = f"{self.root}/{STAGING}/{uuid.uuid4().hex}"
-        self.fs.makedirs(f"{self.root}/{STAGING}", exist_ok=True)
-        with self.fs.open(staged, "wb") as handle:
-            handle.write(data)
-        self.fs.mv(staged, path)
+# ---------------------------------------------------------------- worker side
 
 
-def not_yet_done(keys: pa.Array | pa.ChunkedArray, done: pa.ChunkedArray) -> pa.Array:
-    """Boolean mask of `keys` that have no committed row."""
-    if len(done) == 0:
-        return pa.array([True] * len(keys))
-    return pc.invert(pc.is_in(keys, value_set=done.combine_chunks()))
+def stage_pieces(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table) -> pa.Table:
+    """Stage scored rows as one piece per shard present in `table`; returns (shard, rows) per piece.
+
+    The rows keep SHARD_COLUMN and ROW_COLUMN, so the commit can tell a row staged twice.
+    """
+    shards = table.column(SHARD_COLUMN).to_numpy(zero_copy_only=False)
+    staged_shards, staged_rows = [], []
+    for shard in dict.fromkeys(shards.tolist()):
+        piece = table.filter(pa.array(shards == shard))
+        path = f"{root}/{STAGING}/{shard}/{uuid.uuid4().hex}.piece"
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(piece, buffer)
+        put_atomically(fs, path, buffer.getvalue().to_pybytes())
+        staged_shards.append(shard)
+        staged_rows.append(piece.num_rows)
+    return pa.table({"shard": pa.array(staged_shards, pa.string()), "rows": pa.array(staged_rows, pa.int64())})
 
 
-def _part_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    fs.invalidate_cache(root)  # object stores cache listings; this one must see files committed just now
-    if not fs.exists(root):
-        return []
-    names = [p for p in fs.ls(root, detail=False) if PART_PATTERN.match(p.rstrip("/").rsplit("/", 1)[-1])]
-    return sorted(names)
+def commit_shard(fs: fsspec.AbstractFileSystem, root: str, shard_id: str, rows: int, schema: pa.Schema) -> dict[str, int] | None:
+    """Merge a shard's staged pieces into `part-<shard>.parquet`, atomically; None while rows are still missing.
+
+    Args:
+        rows: the shard's number of images (from the plan).
+        schema: the output schema (passthrough columns included).
+
+    Returns:
+        Rows per status of the committed file.
+    """
+    folder = f"{root}/{STAGING}/{shard_id}"
+    fs.invalidate_cache(folder)
+    pieces = [p for p in fs.ls(folder, detail=False) if p.endswith(".piece")] if fs.exists(folder) else []
+    tables = []
+    for path in sorted(pieces):
+        with fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    if not tables:
+        if fs.exists(f"{root}/{part_name(shard_id)}"):  # a retried commit whose first try had published
+            return committed_counts(fs, root, [shard_id])
+        return None
+    table = pa.concat_tables(tables, promote_options="default")
+    order = table.column(ROW_COLUMN).to_numpy()
+    indices, first = np.unique(order, return_index=True)  # a batch staged twice (a retried task) counts once
+    if len(indices) != rows or (rows and (indices[0] != 0 or indices[-1] != rows - 1)):
+        return None
+    table = table.take(pa.array(first)).select(schema.names).cast(schema)
+    counts = _status_counts(table)
+    buffer = pa.BufferOutputStream()
+    metadata = {**(schema.metadata or {}), COUNTS_KEY: json.dumps(counts, sort_keys=True).encode()}
+    pq.write_table(table.replace_schema_metadata(metadata), buffer, compression="zstd")
+    fault_point("committing")
+    put_atomically(fs, f"{root}/{part_name(shard_id)}", buffer.getvalue().to_pybytes())
+    fs.rm(folder, recursive=True)
+    return counts
+
+
+def committed_counts(fs: fsspec.AbstractFileSystem, root: str, shard_ids: Iterable[str]) -> dict[str, int]:
+    """Rows per status over the given committed shards, from their footers (no rows are read)."""
+    total: dict[str, int] = {}
+    for shard_id in shard_ids:
+        with fs.open(f"{root}/{part_name(shard_id)}", "rb") as handle:
+            metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
+        for status, count in json.loads(metadata.get(COUNTS_KEY, b"{}")).items():
+            total[status] = total.get(status, 0) + int(count)
+    return total
+
+
+def add_counts(total: dict[str, int], counts: Mapping[str, int]) -> None:
+    for status, count in counts.items():
+        total[status] = total.get(status, 0) + count
+
+
+def _status_counts(table: pa.Table) -> dict[str, int]:
+    counted = pc.value_counts(table.column("status"))
+    return {str(value): int(count) for value, count in zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())}
 
 
 def _check_writable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
@@ -188,3 +204,20 @@ def _check_writable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
         fs.rm(probe)
     except (OSError, PermissionError) as error:
         raise OutputError(f"cannot write to output {url}: {error}; choose a writable --output") from None
+
+
+__all__: Sequence[str] = (
+    "COUNTS_KEY",
+    "MANIFEST",
+    "Output",
+    "OutputError",
+    "PART_PATTERN",
+    "SHARD_COLUMN",
+    "STAGING",
+    "SUCCESS",
+    "add_counts",
+    "commit_shard",
+    "committed_counts",
+    "part_name",
+    "stage_pieces",
+)

@@ -1,0 +1,290 @@
+"""Archive-scale benchmark: planning, first commit, driver memory, object store and resume, by job size.
+
+    python jobs/bench_scale.py manifests --sizes 100000 1000000 10000000
+    python jobs/bench_scale.py prefix --objects 100000 --folders 100
+
+manifests: for each size, a Parquet manifest of that many unique keys over a few hundred small JPEGs, then
+`lgca run` with the tiny model and `--method clip` on a Ray head started for the purpose. Timed from the
+driver's start: the plan written (`_plan/plan.json`), the first committed part file; sampled: the driver's
+peak RSS and the object store's peak use. The job is killed once a few shards are committed, and
+`lgca run --resume` is timed until it commits a new shard (resume reads the plan and lists part files;
+it reads no committed row).
+
+prefix: an S3 prefix on moto (loopback) with OBJECTS objects in FOLDERS sub-prefixes, listed once by one
+sequential `fs.find` (what a single-process lister does) and once by `lgca plan` (parallel listing tasks
+fanned out over the sub-prefixes); wall time and peak RSS of each.
+
+Every figure comes from the same run on the same machine; the tables print ratios only between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from benchlib import megabytes, synthetic_jpegs, venv_bin  # noqa: E402
+
+TINY_MODEL = str(ROOT / "tests" / "fixtures" / "lgca-tiny-vit.json")
+POOL = 300  # distinct JPEG files the manifest rows point at
+SHARD = 2000  # images per shard in this benchmark: the first commit needs one whole shard
+
+
+class Timeline:
+    """Polls a running `lgca` driver: when files appear under its output, its peak RSS, the object store's peak."""
+
+    def __init__(self, process: subprocess.Popen, output: Path, head_address: str, interval_s: float = 0.2) -> None:
+        self.process = process
+        self.output = output
+        self.started = time.perf_counter()
+        self.events: dict[str, float] = {}
+        self.peak_rss = 0
+        self.peak_object_store = 0
+        self._done = threading.Event()
+        self._interval_s = interval_s
+        self._address = head_address
+        self._baseline_parts = set(output.glob("part-*.parquet")) if output.exists() else set()
+        self._threads = [threading.Thread(target=self._sample, daemon=True), threading.Thread(target=self._object_store, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def parts(self) -> int:
+        return len(set(self.output.glob("part-*.parquet")) - self._baseline_parts)
+
+    def wait_for(self, condition, timeout_s: float) -> bool:
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline and self.process.poll() is None:
+            if condition():
+                return True
+            time.sleep(self._interval_s)
+        return condition()
+
+    def stop(self) -> None:
+        self._done.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _sample(self) -> None:
+        driver = psutil.Process(self.process.pid)
+        while not self._done.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, driver.memory_info().rss)
+            except psutil.NoSuchProcess:
+                return
+            now = time.perf_counter() - self.started
+            if "plan" not in self.events and (self.output / "_plan" / "plan.json").exists():
+                self.events["plan"] = now
+            if "first_commit" not in self.events and self.parts():
+                self.events["first_commit"] = now
+            self._done.wait(self._interval_s)
+
+    def _object_store(self) -> None:
+        # `ray memory --stats-only` against the head: the plasma store's use, every couple of seconds
+        while not self._done.is_set():
+            result = subprocess.run(
+                [str(venv_bin() / "ray"), "memory", "--stats-only", "--address", self._address], capture_output=True, text=True, timeout=60
+            )
+            for line in result.stdout.splitlines():
+                if "Plasma memory usage" in line:
+                    self.peak_object_store = max(self.peak_object_store, int(line.split("Plasma memory usage")[1].split("MiB")[0]) * 2**20)
+            self._done.wait(2.0)
+
+
+def make_manifest(path: Path, rows: int, images: list[str]) -> None:
+    """`rows` unique keys cycling over `images`, written in row groups of 10^6 rows."""
+    writer = None
+    for start in range(0, rows, 1_000_000):
+        count = min(1_000_000, rows - start)
+        keys = pa.array([f"img-{i:010d}.jpg" for i in range(start, start + count)], pa.string())
+        paths = pa.array([images[i % len(images)] for i in range(start, start + count)], pa.string())
+        table = pa.table({"key": keys, "path": paths})
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    assert writer is not None
+    writer.close()
+
+
+def manifests(args: argparse.Namespace) -> list[dict]:
+    from ray_head import RayHead
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lgca-scale-"))
+    pool = synthetic_jpegs(work / "pool", POOL, size=(48, 36))
+    images = sorted(str(p) for p in pool.glob("*.jpg"))
+    labels = work / "labels.txt"
+    labels.write_text("cat\ndog\nbird\ncar\n")
+    rows = []
+    with RayHead(num_cpus=args.num_cpus) as head:
+        for size in args.sizes:
+            manifest = work / f"manifest-{size}.parquet"
+            if not manifest.exists():
+                make_manifest(manifest, size, images)
+            output = work / f"out-{size}"
+            shutil.rmtree(output, ignore_errors=True)
+            command = [
+                str(venv_bin() / "lgca"), "run", str(manifest), "--labels", str(labels), "--output", str(output),
+                "--model", TINY_MODEL, "--pretrained", "random", "--method", "clip", "--rows-per-file", str(SHARD),
+                "--address", head.address,
+            ]  # fmt: skip
+            first = _run_until(command, head, output, lambda t: t.parts() >= 3, args.timeout)
+            resumed = _run_until([*command, "--resume"], head, output, lambda t: t.parts() >= 1, args.timeout)
+            row = {
+                "images": size,
+                "shards": -(-size // SHARD),
+                "plan_s": first.get("plan"),
+                "first_commit_s": first.get("first_commit"),
+                "driver_peak_rss_mb": round(megabytes(first["peak_rss"]), 1),
+                "object_store_peak_mb": round(megabytes(first["peak_object_store"]), 1),
+                "resume_first_commit_s": resumed.get("first_commit"),
+                "resume_driver_peak_rss_mb": round(megabytes(resumed["peak_rss"]), 1),
+                "plan_bytes": sum(p.stat().st_size for p in (output / "_plan").rglob("*") if p.is_file()),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if not args.keep:
+                shutil.rmtree(output, ignore_errors=True)
+    _table(rows, ["images", "shards", "plan_s", "first_commit_s", "driver_peak_rss_mb", "object_store_peak_mb", "resume_first_commit_s"])
+    if len(rows) >= 2:
+        a, b = rows[-2], rows[-1]
+        print(f"driver peak RSS {a['images']:,} -> {b['images']:,} images: x{b['driver_peak_rss_mb'] / a['driver_peak_rss_mb']:.3f}")
+    return rows
+
+
+def _run_until(command: Sequence[str], head, output: Path, done, timeout_s: float) -> dict:
+    """Start `command`, wait until `done(timeline)` (or the driver exits), SIGKILL it, and return the timeline."""
+    env = {**head.env(), "LGCA_CACHE_DIR": str(output.parent / "cache")}
+    process = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timeline = Timeline(process, output, head.address)
+    finished = timeline.wait_for(lambda: done(timeline), timeout_s)
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    out, _ = process.communicate()
+    timeline.stop()
+    if not finished:
+        print(out[-3000:], file=sys.stderr)
+    return {**timeline.events, "peak_rss": timeline.peak_rss, "peak_object_store": timeline.peak_object_store}
+
+
+def prefix(args: argparse.Namespace) -> dict:
+    from ray_head import RayHead
+    from s3_server import MotoS3Server
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lgca-prefix-"))
+    labels = work / "labels.txt"
+    labels.parent.mkdir(parents=True, exist_ok=True)
+    labels.write_text("cat\ndog\n")
+    with MotoS3Server() as server:
+        bucket = server.make_bucket()
+        client = server.client()
+        per_folder = args.objects // args.folders
+        names = [f"images/f{f:04d}/{i:06d}.jpg" for f in range(args.folders) for i in range(per_folder)]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda key: client.put_object(Bucket=bucket[5:], Key=key, Body=b"x"), names))
+        print(f"uploaded {len(names):,} objects in {time.perf_counter() - started:.0f} s", flush=True)
+        options = json.dumps(server.storage_options)
+        find = _measure_process(
+            [sys.executable, "-c", f"import fsspec, json, time; fs = fsspec.filesystem('s3', **json.loads({options!r})); "
+             f"found = fs.find('{bucket[5:]}/images'); print(len(found))"],
+            server_env(server),
+        )  # fmt: skip
+        with RayHead(num_cpus=args.num_cpus) as head:
+            command = [
+                str(venv_bin() / "lgca"), "plan", f"{bucket}/images", "--labels", str(labels), "--output", str(work / "plan-out"),
+                "--model", TINY_MODEL, "--pretrained", "random", "--address", head.address,
+                *[f"--storage-option={k}={v}" for k, v in server.storage_options.items() if k == "endpoint_url"],
+            ]  # fmt: skip
+            planned = _measure_process(command, {**head.env(), **server_env(server)})
+            ray_started = _measure_process(
+                [str(venv_bin() / "python"), "-c", f"import ray; ray.init(address='{head.address}')"], head.env()
+            )
+    row = {
+        "objects": len(names),
+        "folders": args.folders,
+        "find_s": round(find["seconds"], 2),
+        "find_rss_mb": round(megabytes(find["peak_rss"]), 1),
+        "plan_s": round(planned["seconds"], 2),
+        "plan_rss_mb": round(megabytes(planned["peak_rss"]), 1),
+        "driver_connect_s": round(ray_started["seconds"], 2),
+        "plan_output": planned["out"].strip().splitlines()[-1] if planned["out"].strip() else "",
+        "find_output": find["out"].strip(),
+    }
+    print(json.dumps(row, indent=1))
+    listing_only = row["plan_s"] - row["driver_connect_s"]
+    print(f"sequential find {row['find_s']} s; lgca plan {row['plan_s']} s end to end, ~{listing_only:.1f} s after joining Ray: "
+          f"x{row['find_s'] / max(listing_only, 1e-9):.2f} (listing), x{row['find_s'] / row['plan_s']:.2f} (end to end)")  # fmt: skip
+    return row
+
+
+def server_env(server) -> dict[str, str]:
+    return dict(os.environ) | {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def _measure_process(command: Sequence[str], env: dict[str, str]) -> dict:
+    started = time.perf_counter()
+    process = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    handle = psutil.Process(process.pid)
+    while process.poll() is None:
+        try:
+            peak = max(peak, handle.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    out, _ = process.communicate()
+    if process.returncode != 0:
+        print(out[-3000:], file=sys.stderr)
+    return {"seconds": time.perf_counter() - started, "peak_rss": peak, "out": out}
+
+
+def _table(rows: list[dict], columns: list[str]) -> None:
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(str(row.get(c)) for c in columns))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--keep", action="store_true", help="keep each size's output")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sizes = commands.add_parser("manifests")
+    sizes.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    listing = commands.add_parser("prefix")
+    listing.add_argument("--objects", type=int, default=100_000)
+    listing.add_argument("--folders", type=int, default=100)
+    args = parser.parse_args(argv)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; {time.strftime('%Y-%m-%d')}"
+    )
+    manifests(args) if args.command == "manifests" else prefix(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Building a job's plan on the cluster: listing units in parallel tasks, shards written by them, keys checked in buckets.
+
+The driver holds listing units (folders still to list, manifest row-group ranges) and shard records, never
+rows or file names: every task writes its own shards and returns their ids and sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from pipeline.config import ConfigError
+from pipeline.stages.plan import (
+    Plan,
+    Shard,
+    duplicate_check_ranges,
+    duplicate_keys,
+    keys_path,
+    raise_on_duplicates,
+    unify_schemas,
+    write_keys,
+    write_plan,
+    write_shards,
+)
+from pipeline.stages.sources import InputSpec, ListingUnit, UnitTally, list_unit, listing_units
+
+log = logging.getLogger(__name__)
+
+LISTING_TASKS_IN_FLIGHT = 64  # concurrent listing calls: enough to hide object-store latency, few enough to stay polite
+LISTING_TASK_CPUS = 0.25  # listing waits on the store, not the CPU
+
+
+@dataclass(frozen=True)
+class ListedUnit:
+    """What one listing task reports back: shard records, not rows."""
+
+    unit_id: str
+    input_uri: str
+    shards: list[Shard]
+    schema: pa.Schema
+    more: list[ListingUnit]
+    skipped: list[str] = field(default_factory=list)
+    skipped_count: int = 0
+    keys_written: bool = False
+
+
+def build_plan(
+    specs: Sequence[InputSpec],
+    output: str,
+    storage_options: Mapping[str, Any],
+    shard_size: int,
+    fingerprint: Mapping[str, Any],
+    created_at: str,
+    on_progress: Any = None,
+) -> Plan:
+    """List every input on the cluster, cut it into shards under `<output>/_plan/`, check keys, write plan.json.
+
+    Args:
+        on_progress: called with (units listed, images found) as listing goes on.
+
+    Raises:
+        SourceError: an input holds no images, a folder cannot be listed, a manifest is unusable.
+        PlanError: two rows share a key; manifests disagree on a column's type.
+    """
+    import ray
+
+    started = time.time()
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    root = root.rstrip("/")
+    check_keys = len(specs) > 1 or any(spec.kind == "manifest" for spec in specs)  # one folder, glob or file has unique keys
+    pending = listing_units(specs, storage_options)
+    list_task = ray.remote(num_cpus=LISTING_TASK_CPUS, max_retries=3)(_list_unit_task)
+    in_flight: dict[Any, ListingUnit] = {}
+    shards: list[Shard] = []
+    schemas: list[pa.Schema] = []
+    tallies: dict[str, UnitTally] = {}
+    key_units: list[str] = []
+    listed = 0
+    while pending or in_flight:
+        while pending and len(in_flight) < LISTING_TASKS_IN_FLIGHT:
+            unit = pending.pop()
+            in_flight[list_task.remote(unit, output, dict(storage_options), shard_size, check_keys)] = unit
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            in_flight.pop(ref)
+            result: ListedUnit = unwrap(ray, ref)
+            pending.extend(result.more)
+            shards.extend(result.shards)
+            schemas.append(result.schema)
+            tally = tallies.setdefault(result.input_uri, UnitTally())
+            tally.images += sum(shard.rows for shard in result.shards)
+            tally.skipped.extend(result.skipped[: max(0, 20 - len(tally.skipped))])
+            tally.skipped_count += result.skipped_count
+            if result.keys_written:
+                key_units.append(result.unit_id)
+            listed += 1
+            if on_progress is not None:
+                on_progress(listed, sum(t.images for t in tallies.values()))
+    for spec in specs:
+        tallies.get(spec.uri, UnitTally()).check(spec)
+    images = sum(shard.rows for shard in shards)
+    if check_keys and images:
+        check_task = ray.remote(num_cpus=LISTING_TASK_CPUS, max_retries=3)(_duplicates_task)
+        paths = [keys_path(root, unit_id) for unit_id in key_units]
+        found = [
+            unwrap(ray, ref) for ref in [check_task.remote(output, dict(storage_options), paths, r) for r in duplicate_check_ranges(images)]
+        ]
+        examples = sorted(name for _, names in found for name in names)
+        raise_on_duplicates(sum(count for count, _ in found), examples)
+    skipped = [name for tally in tallies.values() for name in tally.skipped][:20]
+    plan = Plan(
+        fingerprint=dict(fingerprint),
+        shards=tuple(sorted(shards, key=lambda shard: shard.id)),
+        schema=unify_schemas(schemas),
+        skipped_count=sum(tally.skipped_count for tally in tallies.values()),
+        skipped=tuple(skipped),
+        listing_seconds=time.time() - started,
+        created_at=created_at,
+    )
+    write_plan(fs, root, plan)
+    return plan
+
+
+def _list_unit_task(unit: ListingUnit, output: str, storage_options: dict[str, Any], shard_size: int, check_keys: bool) -> ListedUnit:
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    root = root.rstrip("/")
+    listed = list_unit(unit, storage_options)
+    table = listed.table.sort_by("key")
+    shards = write_shards(fs, root, unit.id, table, shard_size)
+    if check_keys and table.num_rows:
+        write_keys(fs, root, unit.id, table.column("key"))
+    return ListedUnit(
+        unit_id=unit.id,
+        input_uri=unit.spec.uri,
+        shards=shards,
+        schema=table.schema,
+        more=listed.more,
+        skipped=listed.skipped,
+        skipped_count=listed.skipped_count,
+        keys_written=check_keys and table.num_rows > 0,
+    )
+
+
+def _duplicates_task(output: str, storage_options: dict[str, Any], paths: list[str], buckets: range) -> tuple[int, list[str]]:
+    fs, _ = fsspec.core.url_to_fs(output, **storage_options)
+    return duplicate_keys(fs, paths, buckets)
+
+
+def unwrap(ray: Any, ref: Any) -> Any:
+    """The task's result; a configuration error raised in a task is raised here as itself (exit 2, its message)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise

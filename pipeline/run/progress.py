@@ -1,0 +1,83 @@
+"""Progress of a run over its plan: images and shards done, ok and failed, rate and ETA; a bar on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import IO, Any
+
+from pipeline.schema import OK
+
+INTERVAL_S = 30.0  # one line per interval in a log; a terminal gets a live bar instead
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """Counts what this run committed against what the plan holds, and reports it."""
+
+    def __init__(
+        self, images: int, shards: int, done_images: int, done_shards: int, stream: IO[str] | None = None, interval_s: float = INTERVAL_S
+    ) -> None:
+        self.images = images
+        self.shards = shards
+        self.done_images = done_images
+        self.done_shards = done_shards
+        self.counts: dict[str, int] = {}
+        self.started = time.time()
+        self._stream = stream or sys.stderr
+        self._interval_s = interval_s
+        self._last = self.started  # the first line after one interval, once a rate means something
+        self._rows = 0  # committed by this run
+        self._bar: Any = None
+        if getattr(self._stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=images, initial=done_images, unit="img", file=self._stream, dynamic_ncols=True, desc="lgca")
+
+    def committed(self, counts: dict[str, int]) -> None:
+        """One shard committed by this run, with its rows per status."""
+        rows = sum(counts.values())
+        self._rows += rows
+        self.done_images += rows
+        self.done_shards += 1
+        for status, count in counts.items():
+            self.counts[status] = self.counts.get(status, 0) + count
+        if self._bar is not None:
+            self._bar.update(rows)
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+        elif time.time() - self._last >= self._interval_s:
+            self._last = time.time()
+            print(self.line(), file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def rate(self) -> float:
+        seconds = time.time() - self.started
+        return self._rows / seconds if seconds > 0 else 0.0
+
+    def line(self) -> str:
+        rate = self.rate()
+        left = self.images - self.done_images
+        eta = _duration(left / rate) if rate > 0 else "unknown"
+        percent = 100.0 * self.done_images / self.images if self.images else 100.0
+        return (
+            f"lgca: {self.done_images:,}/{self.images:,} images ({percent:.1f}%), {self.done_shards}/{self.shards} shards; "
+            f"{self._postfix()}; {rate:.3g} images/s; ETA {eta}"
+        )
+
+    def _postfix(self) -> str:
+        failed = sum(count for status, count in self.counts.items() if status != OK)
+        return f"ok {self.counts.get(OK, 0):,}, failed {failed:,} this run"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

@@ -1,0 +1,337 @@
+"""The persisted plan of a job: its inputs cut into shards of listing rows, what decides the rows, and the checks on it.
+
+Layout under the output (a leading underscore keeps every `**/*.parquet` reader away from it):
+
+    _plan/plan.json                  written last: the plan exists once this does
+    _plan/shards/<shard>.shard       Parquet: key, path and manifest columns of at most `shard_size` images
+    _plan/keys/<unit>.keys           Parquet: the keys of one listing unit by hash bucket, for the duplicate check
+
+No plan file ends in `.parquet`, so no `**/*.parquet` glob over the output reads them as results. A shard is the unit of work and of commit: `part-<shard>.parquet` holds its rows. Nothing here holds more
+than one shard or one bucket of keys in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import ConfigError
+
+PLAN_DIR = "_plan"
+PLAN_FILE = "plan.json"
+PLAN_FORMAT = "lgca-label-plan/1"
+KEY_BUCKETS = 256  # hash buckets of the duplicate check; each check task takes a range of them
+KEYS_PER_CHECK = 5_000_000  # keys one duplicate-check task holds at most (about 0.5 GB of strings)
+ROW_COLUMN = "_row"  # a row's index within its shard: the identity that makes commits exactly-once
+_MAX_DUPLICATE_EXAMPLES = 5
+
+
+class PlanError(ConfigError):
+    """The plan cannot be used as asked (a changed configuration on --resume, duplicate keys); the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard of the plan: a stable id and its number of images."""
+
+    id: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A job's plan, as written to `_plan/plan.json`."""
+
+    fingerprint: dict[str, Any]  # what decides the rows: a resume with another one is refused
+    shards: tuple[Shard, ...]
+    schema: pa.Schema  # of the listing rows: key, path, manifest columns
+    skipped_count: int = 0  # non-image files seen while listing
+    skipped: tuple[str, ...] = ()  # the first few of them
+    listing_seconds: float = 0.0
+    created_at: str = ""
+
+    @property
+    def images(self) -> int:
+        return sum(shard.rows for shard in self.shards)
+
+    def to_json(self) -> str:
+        document = {
+            "format": PLAN_FORMAT,
+            "created_at": self.created_at,
+            "fingerprint": self.fingerprint,
+            "images": self.images,
+            "listing_seconds": round(self.listing_seconds, 3),
+            "skipped_count": self.skipped_count,
+            "skipped": list(self.skipped),
+            "schema": base64.b64encode(self.schema.serialize().to_pybytes()).decode("ascii"),
+            "shards": [[shard.id, shard.rows] for shard in self.shards],
+        }
+        return json.dumps(document, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Plan:
+        """Raises PlanError: not a plan this version writes."""
+        try:
+            document = json.loads(text)
+            if document.get("format") != PLAN_FORMAT:
+                raise ValueError(f"format {document.get('format')!r}, expected {PLAN_FORMAT}")
+            schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(document["schema"])))
+            return cls(
+                fingerprint=document["fingerprint"],
+                shards=tuple(Shard(str(shard_id), int(rows)) for shard_id, rows in document["shards"]),
+                schema=schema,
+                skipped_count=int(document.get("skipped_count", 0)),
+                skipped=tuple(document.get("skipped", ())),
+                listing_seconds=float(document.get("listing_seconds", 0.0)),
+                created_at=str(document.get("created_at", "")),
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise PlanError(f"{where} is not a plan this version can use ({error}); start over with --overwrite") from None
+
+
+def fingerprint(
+    inputs: Sequence[str],
+    vocabulary_digest: str,
+    scoring: Mapping[str, Any],
+    model: Mapping[str, Any],
+    max_pixels: int,
+    shard_size: int,
+) -> dict[str, Any]:
+    """What decides the rows of a job (and how they are cut into files), as one comparable record.
+
+    Args:
+        inputs: the INPUT arguments as given.
+        vocabulary_digest: `Vocabulary.digest()`: classes, descriptions, templates and prompt.
+        scoring: `ScoringConfig.to_dict()`: method, its parameters and the seed.
+        model: the model's identity: architecture, weights source, and the weights' sha256 when known.
+        max_pixels: the decompression-bomb limit, which decides which rows fail.
+        shard_size: images per shard; the plan's shards keep it on resume.
+    """
+    return {
+        "inputs": list(inputs),
+        "vocabulary_sha256": vocabulary_digest,
+        "scoring": dict(scoring),
+        "model": dict(model),
+        "max_pixels": max_pixels,
+        "shard_size": shard_size,
+    }
+
+
+def changes(planned: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
+    """What differs between a plan's fingerprint and the one a resumed job asks for, one phrase each.
+
+    The shard size is left out: a resume keeps the plan's shards whatever --rows-per-file says.
+    """
+    out: list[str] = []
+    for name in sorted(set(planned) | set(asked)):
+        if name == "shard_size":
+            continue
+        old, new = planned.get(name), asked.get(name)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            out.extend(
+                f"{name}.{item}: {old.get(item)!r} -> {new.get(item)!r}"
+                for item in sorted(set(old) | set(new))
+                if old.get(item) != new.get(item)
+            )
+        elif old != new:
+            out.append(f"{name}: {old!r} -> {new!r}")
+    return out
+
+
+def check_resumable(plan: Plan, asked: Mapping[str, Any], output: str) -> None:
+    """Refuse to resume `plan` with a configuration that would give other rows.
+
+    Raises:
+        PlanError: naming every changed setting, and the two ways on.
+    """
+    changed = changes(plan.fingerprint, asked)
+    if changed:
+        raise PlanError(
+            f"--resume of {output} asks for other rows than its plan: {'; '.join(changed)}. "
+            "Resume with the original settings, or start over with --overwrite (or use another --output)"
+        )
+
+
+# ---------------------------------------------------------------- files
+
+
+def plan_path(root: str) -> str:
+    return f"{root}/{PLAN_DIR}/{PLAN_FILE}"
+
+
+def shard_path(root: str, shard_id: str) -> str:
+    return f"{root}/{PLAN_DIR}/shards/{shard_id}.shard"
+
+
+def keys_path(root: str, unit_id: str) -> str:
+    return f"{root}/{PLAN_DIR}/keys/{unit_id}.keys"
+
+
+def read_plan(fs: fsspec.AbstractFileSystem, root: str, where: str) -> Plan | None:
+    """The plan under `root`, or None when none was completed there."""
+    path = plan_path(root)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r", encoding="utf-8") as handle:
+        return Plan.from_json(handle.read(), where)
+
+
+def write_plan(fs: fsspec.AbstractFileSystem, root: str, plan: Plan) -> None:
+    """Write `_plan/plan.json` in one PUT (object stores) or by rename (local): readers see all of it or none."""
+    put_atomically(fs, plan_path(root), plan.to_json().encode("utf-8"))
+
+
+def put_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Whole or absent: a temporary sibling renamed locally; one PUT on an object store (atomic there)."""
+    if not _is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    folder = path.rsplit("/", 1)[0]
+    fs.makedirs(folder, exist_ok=True)
+    temporary = f"{folder}/.tmp-{hashlib.sha1(path.encode()).hexdigest()[:8]}-{base64.b32encode(_random(5)).decode().lower()}"
+    with fs.open(temporary, "wb") as handle:
+        handle.write(data)
+    fs.mv(temporary, path)
+
+
+def write_shards(fs: fsspec.AbstractFileSystem, root: str, unit_id: str, table: pa.Table, shard_size: int) -> list[Shard]:
+    """Cut one unit's listing rows (sorted by key) into shard files `<unit>-<index>`; returns the shards written."""
+    shards: list[Shard] = []
+    for index, start in enumerate(range(0, table.num_rows, shard_size)):
+        shard = Shard(f"{unit_id}-{index:05d}", min(shard_size, table.num_rows - start))
+        _write_parquet(fs, shard_path(root, shard.id), table.slice(start, shard_size))
+        shards.append(shard)
+    return shards
+
+
+def read_shard(fs: fsspec.AbstractFileSystem, root: str, shard_id: str, schema: pa.Schema) -> pa.Table:
+    """A shard's listing rows in the plan's schema (columns a folder input lacks are null), with ROW_COLUMN."""
+    with fs.open(shard_path(root, shard_id), "rb") as handle:
+        table = pq.read_table(handle)
+    columns = [
+        table.column(name) if name in table.column_names else pa.nulls(table.num_rows, field.type)
+        for name, field in zip(schema.names, schema)
+    ]
+    table = pa.Table.from_arrays(columns, schema=schema)
+    return table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int32()))
+
+
+def bucket_of(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The hash bucket in [0, KEY_BUCKETS) of each key; equal keys share a bucket, in every process."""
+    hashes = [
+        int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=4).digest(), "little") % KEY_BUCKETS for key in keys.to_pylist()
+    ]
+    return pa.array(hashes, pa.uint16())
+
+
+def write_keys(fs: fsspec.AbstractFileSystem, root: str, unit_id: str, keys: pa.Array | pa.ChunkedArray) -> None:
+    """A unit's keys sorted by bucket, one row group per bucket, so a check task reads only its buckets."""
+    table = pa.table({"bucket": bucket_of(keys), "key": keys}).sort_by("bucket")
+    path = keys_path(root, unit_id)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as handle, pq.ParquetWriter(handle, table.schema) as writer:
+        buckets = table.column("bucket").to_numpy()
+        starts = [0, *[i for i in range(1, len(buckets)) if buckets[i] != buckets[i - 1]], len(buckets)]
+        for start, end in zip(starts[:-1], starts[1:]):
+            writer.write_table(table.slice(start, end - start))
+
+
+def duplicate_keys(fs: fsspec.AbstractFileSystem, paths: Iterable[str], buckets: range) -> tuple[int, list[str]]:
+    """Keys that occur more than once among the key files `paths`, looking only at `buckets`.
+
+    Returns:
+        (how many distinct keys repeat, the first few of them).
+    """
+    low, high = buckets.start, buckets.stop - 1
+    parts: list[pa.Array] = []
+    for path in paths:
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle, columns=["key"], filters=[("bucket", ">=", low), ("bucket", "<=", high)])
+        parts.extend(table.column("key").chunks)
+    if not parts:
+        return 0, []
+    counted = pc.value_counts(pa.chunked_array(parts, pa.string()))
+    repeated = counted.filter(pc.greater(counted.field("counts"), 1)).field("values")
+    return len(repeated), sorted(repeated.to_pylist())[:_MAX_DUPLICATE_EXAMPLES]
+
+
+def duplicate_check_ranges(images: int) -> list[range]:
+    """Bucket ranges for the duplicate-check tasks: enough tasks that none holds over KEYS_PER_CHECK keys."""
+    tasks = min(KEY_BUCKETS, max(1, -(-images // KEYS_PER_CHECK)))
+    edges = [round(i * KEY_BUCKETS / tasks) for i in range(tasks + 1)]
+    return [range(low, high) for low, high in zip(edges[:-1], edges[1:])]
+
+
+def raise_on_duplicates(count: int, examples: Sequence[str]) -> None:
+    """Raises PlanError when `count` keys repeat across the inputs."""
+    if not count:
+        return
+    shown = ", ".join(examples[:_MAX_DUPLICATE_EXAMPLES]) + (", ..." if count > _MAX_DUPLICATE_EXAMPLES else "")
+    raise PlanError(
+        f"{count} key(s) appear more than once across the inputs ({shown}); keys must be unique so each "
+        "output row maps to one image: list the inputs in a manifest with a unique 'key' column, or drop overlapping inputs"
+    )
+
+
+def unify_schemas(schemas: Iterable[pa.Schema]) -> pa.Schema:
+    """The plan's listing schema: key and path first, then every manifest column.
+
+    Raises:
+        PlanError: two manifests give one column different types.
+    """
+    try:
+        unified = pa.unify_schemas(list(schemas), promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise PlanError(f"inputs disagree on a column's type ({error}); give the manifests matching column types") from None
+    rest = [f for f in unified if f.name not in ("key", "path")]
+    return pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string()), *rest])
+
+
+@dataclass
+class PlanSummary:
+    """What `lgca plan` prints."""
+
+    output: str
+    images: int
+    shards: int
+    skipped_count: int
+    passes_per_image: int  # encoder passes of one image: 1 + N + K*T for lgca
+    listing_seconds: float
+    reused: bool = False
+    examples: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        skipped = f", {self.skipped_count} non-image files skipped" if self.skipped_count else ""
+        how = "reused" if self.reused else f"listed in {self.listing_seconds:.1f} s"
+        return (
+            f"lgca: plan of {self.output}: {self.images} images in {self.shards} shards ({how}){skipped}; "
+            f"about {self.images * self.passes_per_image:,} encoder passes ({self.passes_per_image} per image)"
+        )
+
+
+def _write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    put_atomically(fs, path, sink.getvalue().to_pybytes())
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _random(size: int) -> bytes:
+    import os
+
+    return os.urandom(size)

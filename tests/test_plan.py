@@ -1,0 +1,282 @@
+"""The plan, shard commits and the output lease as stages: no Ray, real files (local and moto S3)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.schema import OK, output_schema
+from pipeline.stages import sources
+from pipeline.stages.lease import LEASE, Lease, LeaseError, LeaseRecord
+from pipeline.stages.plan import (
+    KEY_BUCKETS,
+    ROW_COLUMN,
+    Plan,
+    PlanError,
+    Shard,
+    changes,
+    check_resumable,
+    duplicate_check_ranges,
+    duplicate_keys,
+    fingerprint,
+    keys_path,
+    raise_on_duplicates,
+    read_plan,
+    read_shard,
+    write_keys,
+    write_plan,
+    write_shards,
+)
+from pipeline.stages.sink import SHARD_COLUMN, Output, OutputError, commit_shard, committed_counts, part_name, stage_pieces
+from pipeline.stages.sources import ListingUnit, SourceError, list_inputs, list_unit, parse_input
+
+
+def _fingerprint(**changed) -> dict:
+    base = {
+        "inputs": ["s3://b/images"],
+        "vocabulary_digest": "v1",
+        "scoring": {"method": "lgca", "crops": 60, "seed": 0},
+        "model": {"name": "ViT-B-32", "weights_sha256": "aa"},
+        "max_pixels": 10,
+        "shard_size": 100,
+    }
+    base.update(changed)
+    return fingerprint(**base)
+
+
+def _listing(keys: list[str], extra: dict | None = None) -> pa.Table:
+    columns = {"key": pa.array(keys, pa.string()), "path": pa.array([f"/images/{k}" for k in keys], pa.string())}
+    columns.update(extra or {})
+    return pa.table(columns)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def test_plan_round_trips_and_a_changed_configuration_is_named():
+    plan = Plan(_fingerprint(), (Shard("u1-00000", 3), Shard("u1-00001", 2)), _listing([]).schema, 4, ("a.txt",), 1.5, "now")
+    again = Plan.from_json(plan.to_json(), "here")
+    assert again == plan and again.images == 5
+    check_resumable(again, _fingerprint(shard_size=7), "out/")  # another shard size keeps the plan's shards
+    with pytest.raises(PlanError) as error:
+        check_resumable(again, _fingerprint(vocabulary_digest="v2", scoring={"method": "wca", "crops": 60, "seed": 0}), "out/")
+    message = str(error.value)
+    assert "vocabulary_sha256: 'v1' -> 'v2'" in message and "scoring.method: 'lgca' -> 'wca'" in message and "--overwrite" in message
+    assert "crops" not in message  # only what changed
+    assert changes(_fingerprint(), _fingerprint(model={"name": "ViT-B-32", "weights_sha256": "bb"})) == [
+        "model.weights_sha256: 'aa' -> 'bb'"
+    ]
+
+
+def test_a_foreign_plan_is_refused_with_the_fix():
+    with pytest.raises(PlanError, match="--overwrite"):
+        Plan.from_json(json.dumps({"format": "something/9"}), "out/_plan/plan.json")
+
+
+def test_shards_are_bounded_and_read_back_in_the_plan_schema_with_row_indices(tmp_path):
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path)
+    table = _listing([f"k{i:02d}" for i in range(7)])
+    shards = write_shards(fs, root, "unit", table, shard_size=3)
+    assert [(s.id, s.rows) for s in shards] == [("unit-00000", 3), ("unit-00001", 3), ("unit-00002", 1)]
+    # the plan's schema holds a manifest column this folder input lacks: it reads back as nulls
+    schema = pa.schema([("key", pa.string()), ("path", pa.string()), ("source", pa.int64())])
+    second = read_shard(fs, root, "unit-00001", schema)
+    assert second.column("key").to_pylist() == ["k03", "k04", "k05"]
+    assert second.column("source").to_pylist() == [None] * 3 and second.column(ROW_COLUMN).to_pylist() == [0, 1, 2]
+    write_plan(fs, root, Plan(_fingerprint(), tuple(shards), schema))
+    assert read_plan(fs, root, "x").shards == tuple(shards)
+    # nothing the plan writes is a result to a reader globbing the output
+    assert not glob.glob(f"{root}/**/*.parquet", recursive=True)
+
+
+@pytest.mark.parametrize("place", ["local", "s3"])
+def test_duplicate_keys_are_found_across_units_by_bucket_without_one_process_holding_all_keys(place, tmp_path, request):
+    if place == "s3":
+        s3_server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+        fs, root = fsspec.filesystem("s3", **s3_server.storage_options), bucket.removeprefix("s3://")
+    else:
+        fs, root = fsspec.filesystem("file"), str(tmp_path)
+    write_keys(fs, root, "one", pa.array([f"img-{i}" for i in range(500)]))
+    write_keys(fs, root, "two", pa.array(["img-7", "img-499", "other", "img-7b"]))
+    paths = [keys_path(root, "one"), keys_path(root, "two")]
+    ranges = [range(0, 100), range(100, KEY_BUCKETS)]
+    found = [duplicate_keys(fs, paths, r) for r in ranges]
+    assert sum(count for count, _ in found) == 2
+    assert sorted(name for _, names in found for name in names) == ["img-499", "img-7"]
+    with pytest.raises(PlanError, match=r"2 key\(s\) appear more than once .*img-499, img-7"):
+        raise_on_duplicates(2, ["img-499", "img-7"])
+    # each check task holds at most KEYS_PER_CHECK keys: 10^8 keys take enough tasks, covering every bucket
+    big = duplicate_check_ranges(10**8)
+    assert len(big) == 20 and big[0].start == 0 and big[-1].stop == KEY_BUCKETS
+    assert all(a.stop == b.start for a, b in zip(big, big[1:]))
+    assert duplicate_check_ranges(10) == [range(0, KEY_BUCKETS)]
+
+
+# ---------------------------------------------------------------- listing units
+
+
+def test_listing_keeps_underscore_and_dot_names_follows_symlinks_once_and_skips_only_markers(tmp_path):
+    root = tmp_path / "photos"
+    for name in ("_DSC0001.JPG", "_archive/a.jpg", ".thumbs/b.jpg", "deep/1/2/3/4/c.png", "_SUCCESS", "_plan/x.jpg", "notes.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "inner").mkdir(parents=True)
+    (elsewhere / "inner" / "linked.jpg").write_bytes(b"x")
+    os.symlink(elsewhere, root / "link")  # a symlinked folder is listed
+    os.symlink(root, root / "deep" / "loop")  # a folder that is its own ancestor is entered once
+    listing = list_inputs([parse_input(str(root))], {})
+    keys = listing.table.column("key").to_pylist()
+    assert keys == sorted(["_DSC0001.JPG", "_archive/a.jpg", ".thumbs/b.jpg", "deep/1/2/3/4/c.png", "link/inner/linked.jpg"])
+    assert listing.skipped_count == 1  # notes.txt; the markers are not counted as anything
+
+
+def test_a_folder_that_cannot_be_listed_fails_loudly(tmp_path, monkeypatch):
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "locked").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path):  # root reads every folder, so the refusal the kernel gives other users is injected
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(sources.os, "scandir", scandir)
+    with pytest.raises(SourceError, match=r"cannot list folder .*locked .*Permission denied.*would be missing"):
+        list_inputs([parse_input(str(tmp_path))], {})
+
+
+def test_an_s3_prefix_fans_out_over_sub_prefixes(s3_server, s3_bucket, tmp_path):
+    for group in range(6):
+        for index in range(3):
+            path = tmp_path / "tree" / f"g{group}" / f"sub{index % 2}" / f"{index}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+    s3_server.upload_tree(tmp_path / "tree", f"{s3_bucket}/tree")
+    spec = parse_input(f"{s3_bucket}/tree")
+    fs, path = sources.filesystem_for(spec.uri, s3_server.storage_options)
+    first = list_unit(ListingUnit(spec, root=path, prefix=path), s3_server.storage_options)
+    assert first.table.num_rows == 0 and sorted(u.prefix.rsplit("/", 1)[-1] for u in first.more) == [f"g{i}" for i in range(6)]
+    second = list_unit(first.more[0], s3_server.storage_options)
+    assert len(second.more) == 2 and all(u.depth == 2 for u in second.more)
+    listing = list_inputs([spec], s3_server.storage_options)
+    assert listing.table.num_rows == 18 and listing.table.column("key").to_pylist()[0] == "g0/sub0/0.jpg"
+
+
+# ---------------------------------------------------------------- commits
+
+
+def _scored(shard: str, rows: range) -> pa.Table:
+    """Scored rows as the scoring actors emit them: the output columns, plus the shard and row of each."""
+    schema = output_schema(pa.schema([(ROW_COLUMN, pa.int32()), (SHARD_COLUMN, pa.string())]))
+    records = [
+        {
+            **dict.fromkeys(schema.names),
+            "key": f"{shard}-{i}",
+            "path": f"/i/{shard}-{i}",
+            "status": OK,
+            "method": "clip",
+            "model": "m",
+            "pretrained": "random",
+            "topk_labels": [],
+            "topk_scores": [],
+            "boxes": [],
+            ROW_COLUMN: i,
+            SHARD_COLUMN: shard,
+        }
+        for i in rows
+    ]
+    return pa.Table.from_pylist(records, schema=schema)
+
+
+@pytest.mark.parametrize("place", ["local", "s3"])
+def test_a_shard_commits_once_its_pieces_cover_it_and_a_retried_batch_counts_once(place, tmp_path, request):
+    if place == "s3":
+        s3_server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+        fs, root = fsspec.filesystem("s3", **s3_server.storage_options), bucket.removeprefix("s3://") + "/out"
+    else:
+        fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    schema = output_schema(None)
+    mixed = pa.concat_tables([_scored("a", range(0, 3)), _scored("b", range(0, 2))])
+    assert stage_pieces(fs, root, mixed).to_pylist() == [{"shard": "a", "rows": 3}, {"shard": "b", "rows": 2}]
+    assert commit_shard(fs, root, "a", 5, schema) is None  # rows 3 and 4 are still missing: nothing is published
+    assert not fs.exists(f"{root}/{part_name('a')}")
+    stage_pieces(fs, root, _scored("a", range(2, 5)))  # a retried batch staged row 2 again
+    assert commit_shard(fs, root, "a", 5, schema) == {OK: 5}
+    with fs.open(f"{root}/{part_name('a')}", "rb") as handle:
+        table = pq.read_table(handle)
+    assert table.column("key").to_pylist() == [f"a-{i}" for i in range(5)] and table.column_names == schema.names
+    assert commit_shard(fs, root, "a", 5, schema) == {OK: 5}  # a retried commit after publishing: same answer
+    assert committed_counts(fs, root, ["a"]) == {OK: 5}
+    if place == "local":  # the staged pieces of b are never a result to a glob
+        assert glob.glob(f"{root}/**/*.parquet", recursive=True) == [f"{root}/{part_name('a')}"]
+    else:
+        assert fs.glob(f"{root}/**/*.parquet") == [f"{root}/{part_name('a')}"]
+
+
+def test_output_modes(tmp_path):
+    out = tmp_path / "out"
+    Output.open(str(out), {}, "new")
+    (out / "_plan").mkdir()
+    with pytest.raises(OutputError, match="--resume to finish it or --overwrite"):
+        Output.open(str(out), {}, "new")
+    output = Output.open(str(out), {}, "overwrite")
+    (out / part_name("x-00000")).write_bytes(b"")
+    assert output.committed() == {"x-00000"}
+    output.clear()
+    assert output.committed() == set() and not (out / "_plan").exists()
+
+
+# ---------------------------------------------------------------- the lease
+
+
+@pytest.mark.parametrize("place", ["local", "s3"])
+def test_one_writer_per_output(place, tmp_path, request):
+    if place == "s3":
+        s3_server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+        fs, root = fsspec.filesystem("s3", **s3_server.storage_options), bucket.removeprefix("s3://") + "/out"
+    else:
+        fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    first = Lease(fs, root, "out/", heartbeat_s=0.2)
+    first.acquire()
+    with pytest.raises(LeaseError, match=r"being written by another job \(host .*wait for it to end or stop it"):
+        Lease(fs, root, "out/").acquire()
+    time.sleep(0.6)
+    held = LeaseRecord.parse(fs.cat_file(f"{root}/{LEASE}").decode())
+    assert held.owner == first.owner and held.heartbeat_at > held.started_at  # the heartbeat keeps it fresh
+    first.release()
+    assert not fs.exists(f"{root}/{LEASE}")
+    with Lease(fs, root, "out/") as second:  # released: the next job takes it
+        assert LeaseRecord.parse(fs.cat_file(f"{root}/{LEASE}").decode()).owner == second.owner
+
+
+def test_a_dead_jobs_lease_is_taken_over_and_a_taken_lease_is_noticed(tmp_path):
+    fs, root = fsspec.filesystem("file"), str(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = LeaseRecord("someone", socket.gethostname(), int(dead), time.time(), time.time(), 120.0)
+    (tmp_path / LEASE).write_bytes(stale.encode())  # a job on this host that was killed a moment ago
+    mine = Lease(fs, root, "out/", heartbeat_s=0.1)
+    mine.acquire()
+    other = LeaseRecord("other", "another-host", 1, time.time(), time.time(), 120.0)
+    (tmp_path / LEASE).write_bytes(other.encode())  # stalled past expiry, and another job took over
+    time.sleep(0.5)
+    with pytest.raises(LeaseError, match="lost its lease"):
+        mine.check()
+    mine.release()
+    assert LeaseRecord.parse((tmp_path / LEASE).read_text()).owner == "other"  # the new holder's lease stays
+    old = LeaseRecord("gone", "another-host", 1, time.time() - 500, time.time() - 500, 120.0)
+    (tmp_path / LEASE).write_bytes(old.encode())  # no heartbeat for longer than its ttl
+    with Lease(fs, root, "out/"):
+        pass

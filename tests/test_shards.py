@@ -1,0 +1,139 @@
+"""Archive-scale mechanics of the job on a real Ray: the persisted plan, its reuse and refusal on resume, duplicate
+keys across manifest files, a worker killed while committing, and one writer per output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import ExecutionConfig, JobConfig, ModelConfig, ScoringConfig, VocabularyConfig
+from pipeline.faults import FAULT_ENV, FAULT_ONCE_ENV
+from pipeline.run.job import plan_only, run
+from pipeline.stages.plan import PlanError
+
+REPO = Path(__file__).resolve().parents[1]
+LGCA = str(Path(sys.executable).parent / "lgca")
+TINY_MODEL = str(REPO / "tests" / "fixtures" / "lgca-tiny-vit.json")
+
+
+def _photos(directory: Path, count: int, prefix: str = "") -> list[str]:
+    rng = np.random.default_rng(len(prefix) + count)
+    names = []
+    for i in range(count):
+        name = f"{prefix}{i:03d}.jpg"
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(directory / name)
+        names.append(name)
+    return names
+
+
+def _labels(directory: Path, classes: str = "cat\ndog\n") -> Path:
+    path = directory / f"labels-{len(classes)}.txt"
+    path.write_text(classes)
+    return path
+
+
+def _job(inputs, output, labels, **overrides) -> JobConfig:
+    return JobConfig(
+        inputs=tuple(str(i) for i in inputs),
+        output=str(output),
+        vocabulary=VocabularyConfig(labels=str(labels)),
+        model=ModelConfig(name=TINY_MODEL, pretrained="random", device="cpu"),
+        scoring=ScoringConfig(method="clip"),
+        execution=ExecutionConfig(batch_size=4, decode_batch_size=4, rows_per_file=3),
+        **overrides,
+    )
+
+
+def _rows(output: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted(output.glob("part-*.parquet"))])
+
+
+def _command(images: Path, labels: Path, output: Path, *extra: str) -> list[str]:
+    return [LGCA, "run", str(images), "--labels", str(labels), "--output", str(output), "--model", TINY_MODEL, "--pretrained", "random",
+            "--method", "clip", "--rows-per-file", "3", "--batch-size", "2", "--decode-batch-size", "2", *extra]  # fmt: skip
+
+
+def test_the_plan_is_written_once_reused_on_resume_and_a_changed_configuration_is_refused(tmp_path, ray_local):
+    images = tmp_path / "images"
+    names = _photos(images / "a", 4) + _photos(images / "b", 3)
+    labels = _labels(tmp_path)
+    output = tmp_path / "out"
+    planned = plan_only(_job([images], output, labels))
+    assert (planned.images, planned.shards, planned.reused) == (7, 3, False)  # folders a/ (4: two shards) and b/ (3)
+    assert "7 images in 3 shards" in planned.line() and "7 encoder passes" in planned.line()
+    plan_file = (output / "_plan" / "plan.json").read_bytes()
+    for name in ("a/new.jpg", "c/new.jpg"):  # the bucket changes after planning: the plan decides what is labelled
+        _photos(images / name.split("/")[0], 1, prefix="new-")
+    summary = run(_job([images], output, labels, resume=True))
+    assert summary.plan_seconds == 0 and summary.inputs == 7 and summary.rows_written == 7
+    assert (output / "_plan" / "plan.json").read_bytes() == plan_file
+    assert sorted(_rows(output).column("key").to_pylist()) == sorted(f"{d}/{n}" for d, n in zip("aaaabbb", names))
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert manifest["plan"]["shards"] == 3 and manifest["counts"]["rows"] == 7
+    with pytest.raises(PlanError) as error:  # another vocabulary would mix two label sets in one output
+        run(_job([images], output, _labels(tmp_path, "cat\ndog\nbird\n"), resume=True))
+    assert "vocabulary_sha256" in str(error.value) and "--overwrite" in str(error.value)
+    with pytest.raises(PlanError, match=r"scoring\.method: 'clip' -> 'wca'"):
+        run(replace_scoring(_job([images], output, labels, resume=True), method="wca"))
+    again = run(_job([images], output, labels, resume=True))
+    assert again.rows_written == 0 and again.already_done == 7 and again.counts["ok"] == 7
+
+
+def replace_scoring(job: JobConfig, **changes) -> JobConfig:
+    from dataclasses import replace
+
+    return replace(job, scoring=replace(job.scoring, **changes))
+
+
+def test_duplicate_keys_across_manifest_files_are_refused(tmp_path, ray_local):
+    images = tmp_path / "images"
+    names = _photos(images, 4)
+    for index, chosen in enumerate((names[:3], names[2:])):  # both list 002.jpg under the same key
+        pq.write_table(pa.table({"path": [str(images / n) for n in chosen], "key": chosen}), tmp_path / f"m{index}.parquet")
+    with pytest.raises(PlanError, match=r"1 key\(s\) appear more than once across the inputs \(002\.jpg\)"):
+        run(_job([tmp_path / "m0.parquet", tmp_path / "m1.parquet"], tmp_path / "out", _labels(tmp_path)))
+
+
+@pytest.mark.slow
+def test_a_worker_killed_while_committing_is_retried_and_every_input_comes_out_once(tmp_path):
+    images = tmp_path / "images"
+    names = _photos(images, 7)
+    output = tmp_path / "out"
+    once = tmp_path / "fault-fired"
+    env = {**os.environ, FAULT_ENV: "committing", FAULT_ONCE_ENV: str(once)}  # the embedded Ray's workers inherit it
+    result = subprocess.run(_command(images, _labels(tmp_path), output), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert once.exists()  # a commit task was SIGKILLed after writing its file, before publishing it
+    keys = _rows(output).column("key").to_pylist()
+    assert sorted(keys) == names and (output / "_SUCCESS").exists() and not (output / "_staging").exists()
+    assert "Token authentication" not in result.stderr and "streaming_executor" not in result.stderr  # Ray's notices stay in its logs
+
+
+@pytest.mark.slow
+def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    images = tmp_path / "images"
+    names = _photos(images, 6)
+    labels = _labels(tmp_path)
+    output = tmp_path / "out"
+    first = subprocess.Popen(_command(images, labels, output), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (output / "_lease.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (output / "_lease.json").exists(), "the first job never took the lease"
+    for extra in ((), ("--resume",), ("--overwrite",)):
+        second = subprocess.run(_command(images, labels, output, *extra), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "being written by another job" in second.stderr, second.stderr[-2000:]
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert sorted(_rows(output).column("key").to_pylist()) == names and not (output / "_lease.json").exists()
