@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import DecodeConfig
-from pipeline.stages.decode import decode_image, defer_jpeg, short_side_for
+from pipeline.stages.decode import DecodedImage, decode_image, defer_jpeg, short_side_for
 
 
 def large_jpegs(count: int, size: tuple[int, int]) -> list[bytes]:
@@ -33,7 +33,7 @@ def large_jpegs(count: int, size: tuple[int, int]) -> list[bytes]:
     photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
     out = []
     for index in range(count):
-        image = Image.fromarray(photos[index % len(photos)]).resize(size, Image.BICUBIC)
+        image = Image.fromarray(photos[index % len(photos)]).resize(size, Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         out.append(buffer.getvalue())
@@ -66,7 +66,9 @@ def main() -> None:
         seconds = time.perf_counter() - started
         return {"mode": name, "images_per_s": len(jpegs) / seconds, "megapixels_per_image": decoded_pixels / 1e6}
 
-    draft_shape = decode_image(jpegs[0], config).pixels.shape
+    draft = decode_image(jpegs[0], config)
+    assert isinstance(draft, DecodedImage), draft
+    draft_shape = draft.pixels.shape
     rows = [
         timed("full", lambda batch: [full_decode(b) for b in batch], full_pixels),
         timed("draft", lambda batch: [decode_image(b, config) for b in batch], draft_shape[0] * draft_shape[1]),

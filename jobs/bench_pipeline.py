@@ -40,7 +40,7 @@ from pipeline.models.load import load_model  # noqa: E402
 from pipeline.models.text_vectors import text_vectors  # noqa: E402
 from pipeline.scoring.scorer import Scorer  # noqa: E402
 from pipeline.scoring.views import ViewFormat  # noqa: E402
-from pipeline.stages.decode import decode_image, short_side_for  # noqa: E402
+from pipeline.stages.decode import DecodedImage, decode_image, short_side_for  # noqa: E402
 from pipeline.stages.vocab import load_vocabulary  # noqa: E402
 
 TINY_MODEL = str(ROOT / "tests" / "fixtures" / "lgca-tiny-vit.json")
@@ -53,7 +53,7 @@ def photo_jpegs(directory: Path, count: int, size: tuple[int, int]) -> Path:
     photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
     directory.mkdir(parents=True, exist_ok=True)
     for index in range(count):
-        Image.fromarray(photos[index % 4]).resize(size, Image.BICUBIC).save(directory / f"{index:05d}.jpg", quality=90)
+        Image.fromarray(photos[index % 4]).resize(size, Image.Resampling.BICUBIC).save(directory / f"{index:05d}.jpg", quality=90)
     return directory
 
 
@@ -91,7 +91,7 @@ def overhead(args: argparse.Namespace) -> dict:
     # decoded up front as the pipeline's CPU workers decode them (same draft scale), so both score the same pixels
     decode = DecodeConfig(min_short_side=short_side_for(model.image_size, scoring.crop_scale[0] if scoring.uses_crops else None))
     files = sorted(images.iterdir())[: args.in_process_images]  # enough for a rate, not the whole set
-    decoded = [decode_image(path.read_bytes(), decode) for path in files]
+    decoded = [d for d in (decode_image(path.read_bytes(), decode) for path in files) if isinstance(d, DecodedImage)]  # all decode
     pixels = [torch.from_numpy(d.pixels.copy()).permute(2, 0, 1).contiguous() for d in decoded]
     sizes = [(d.width, d.height) for d in decoded]
     keys = [f"k{i}" for i in range(len(decoded))]
@@ -124,7 +124,9 @@ def overhead(args: argparse.Namespace) -> dict:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
-    end_to_end, first_rows, steady = (float(v or 0) for v in SUMMARY.search(result.stdout).groups())
+    match = SUMMARY.search(result.stdout)
+    assert match, result.stdout[-2000:]
+    end_to_end, first_rows, steady = (float(v or 0) for v in match.groups())
     shutil.rmtree(work, ignore_errors=True)
     row = {
         "model": args.model,
@@ -190,7 +192,9 @@ def scaling(args: argparse.Namespace) -> list[dict]:
             run = measure(command, head.env(), ray_workers_root(head.temp_dir))
             if run.returncode != 0:
                 raise SystemExit(run.stderr[-3000:])
-            end_to_end, _, steady = (float(v or 0) for v in SUMMARY.search(run.stdout).groups())
+            match = SUMMARY.search(run.stdout)
+            assert match, run.stdout[-2000:]
+            end_to_end, _, steady = (float(v or 0) for v in match.groups())
             rows.append(
                 {
                     "images": count,

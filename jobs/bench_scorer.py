@@ -16,6 +16,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -119,7 +120,7 @@ def main() -> None:
         "small (N=8, K=1, T=2)": ScoringConfig(crops=8, regions=1, steps=2, micro_batch=args.micro_batch),
     }
     crops_per_s = encoder_rate(model, args.micro_batch, args.encoder_seconds)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, config in settings.items():
         vectors = text_vectors(model, vocabulary, config)
         rate, encoder_share = scorer_rate(model, vectors, config, images, args.batch)

@@ -25,7 +25,7 @@ def synthetic_jpegs(directory: Path, count: int, size: tuple[int, int] = (96, 72
         folder = directory / f"{index // 1000:05d}"
         folder.mkdir(parents=True, exist_ok=True)
         coarse = rng.integers(0, 255, size=(6, 8, 3), dtype=np.uint8)
-        Image.fromarray(coarse).resize(size, Image.BILINEAR).save(folder / f"{index:07d}.jpg", quality=85)
+        Image.fromarray(coarse).resize(size, Image.Resampling.BILINEAR).save(folder / f"{index:07d}.jpg", quality=85)
     marker.touch()
     return directory
 

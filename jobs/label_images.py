@@ -62,7 +62,8 @@ def job_from_arguments(argv: Sequence[str]) -> tuple[JobConfig, dict[str, Any]]:
         _spec_parser().print_help()
         raise SystemExit(0 if argv else EXIT_CONFIG)
 
-    from pipeline.cli.main import build_parser, job_config
+    from pipeline.cli.args import job_config
+    from pipeline.cli.main import build_parser
     from pipeline.stages.sources import storage_options_from
 
     args = build_parser().parse_args(["run", *argv])

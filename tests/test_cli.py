@@ -30,6 +30,16 @@ def test_help_explains_the_commands():
     assert "run" in result.stdout and "LGCA" in result.stdout
 
 
+def test_the_command_line_loads_no_torch_ray_or_pandas_until_a_command_runs():
+    # `lgca --help` must stay fast: every heavy import happens inside the command that needs it
+    code = (
+        "import sys; from pipeline.cli.main import build_parser; build_parser(); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'pandas', 'open_clip', 'fsspec', 'PIL'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_run_help_lists_every_scoring_option():
     result = subprocess.run([LGCA, "run", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0

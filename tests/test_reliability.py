@@ -564,7 +564,13 @@ def test_manifest_keys_and_paths_cannot_make_the_job_write_outside_the_output(tm
     outside = [p for p in created if output not in p.parents and p != output]
     assert not outside, outside
     assert not list(tmp_path.rglob("escape*")) and not Path("/tmp/escape-root.jpg").exists()
-    assert {p.name for p in output.iterdir()} <= {"_SUCCESS", "_manifest.json", "part-00001-000000.parquet"}
+    # file names come from shard ids (hashes of the unit), never from keys or paths
+    names_written = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()}
+    assert {"_SUCCESS", "_manifest.json", "_plan/plan.json"} <= names_written
+    others = names_written - {"_SUCCESS", "_manifest.json", "_plan/plan.json"}
+    assert others and all(
+        re.fullmatch(r"(part-|_plan/shards/|_plan/keys/)[0-9a-f]{12}(-\d{5})?\.(parquet|shard|keys)", n) for n in others
+    ), others
     table = _read(str(output))
     assert sorted(table.column("key").to_pylist()) == sorted(k for k, _ in rows)  # keys stay data
     statuses = dict(zip(table.column("key").to_pylist(), table.column("status").to_pylist()))

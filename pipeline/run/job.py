@@ -224,6 +224,8 @@ def _init_ray(config: JobConfig) -> Any:
     import ray
 
     verbose = logging.getLogger("pipeline").isEnabledFor(logging.DEBUG)
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.ERROR)  # start-up notices, e.g. a first token's, go to Ray's logs
     if not ray.is_initialized():
         try:
             # Ray's own start-up and worker logs go to its session log files; --verbose brings them back here.
@@ -238,6 +240,8 @@ def _init_ray(config: JobConfig) -> Any:
                 f"cannot join the Ray cluster at {config.execution.address}: {str(error).splitlines()[0]}; "
                 "check --address (host:port of the head's GCS, or 'auto' on a cluster node)"
             ) from None
+    import ray.data  # configures its loggers: the console handler is then there to quiet
+
     if not verbose:
         for handler in logging.getLogger("ray.data").handlers:
             if handler.get_name() == "console":  # Ray Data's notices stay in its session log file
@@ -345,6 +349,8 @@ def _label(
     for pieces in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         fault_point("staged")
         for shard_id, rows in zip(pieces.column("shard").to_pylist(), pieces.column("rows").to_pylist()):
+            if shard_id not in expected:
+                continue  # a retried batch of a shard already committed: its rows are in the file
             staged[shard_id] = staged.get(shard_id, 0) + rows
             if staged[shard_id] >= expected[shard_id] and shard_id not in commits.values():
                 commits[commit.remote(job.config.output, storage_options, shard_id, expected[shard_id], schema)] = shard_id

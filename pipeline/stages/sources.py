@@ -10,7 +10,7 @@ import re
 import stat
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -81,11 +81,14 @@ class ListingUnit:
     depth: int = 0  # folders: levels below the root; at FAN_OUT_DEPTH the subtree is walked whole
     ancestors: tuple[tuple[int, int], ...] = ()  # local folders: (device, inode) of the folders above, against symlink loops
     row_groups: tuple[int, ...] | None = None  # Parquet manifests: the row groups of this unit; None: the whole file
+    input_index: int = 0  # the input's place among the job's inputs
 
     @property
     def id(self) -> str:
-        """Stable within a plan: the same inputs give the same unit ids."""
-        text = f"{self.spec.kind}|{self.spec.uri}|{self.prefix}|{self.row_groups}"
+        """Stable within a plan, and independent of where the input lives: the same tree on local disk and on
+        S3 gives the same unit ids, so the same shards (keys are relative too)."""
+        relative = self.prefix[len(self.root) :] if self.prefix.startswith(self.root) else self.prefix
+        text = f"{self.input_index}|{self.spec.kind}|{relative}|{self.row_groups}"
         return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
 
@@ -198,16 +201,16 @@ def listing_units(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]
         SourceError: a manifest is unreadable or has no rows.
     """
     units: list[ListingUnit] = []
-    for spec in specs:
+    for index, spec in enumerate(specs):
         fs, path = filesystem_for(spec.uri, storage_options)
         if spec.kind == "directory":
             path = path.rstrip("/") or path
             fs.invalidate_cache(path)  # a long-lived process may list a prefix again after it changed
-            units.append(ListingUnit(spec, root=path, prefix=path))
+            units.append(ListingUnit(spec, root=path, prefix=path, input_index=index))
         elif spec.kind == "manifest" and path.lower().endswith(".parquet"):
-            units.extend(_manifest_units(spec, fs, path, manifest_unit_rows))
+            units.extend(replace(unit, input_index=index) for unit in _manifest_units(spec, fs, path, manifest_unit_rows))
         else:
-            units.append(ListingUnit(spec))
+            units.append(ListingUnit(spec, input_index=index))
     return units
 
 
@@ -489,7 +492,7 @@ def _walk_local(unit: ListingUnit) -> tuple[list[str], list[ListingUnit]]:
                 log.warning("not entering %s again: it links to a folder above it", entry.path)
                 continue
             if depth + 1 < FAN_OUT_DEPTH:
-                more.append(ListingUnit(unit.spec, unit.root, entry.path, depth + 1, chain))
+                more.append(replace(unit, prefix=entry.path, depth=depth + 1, ancestors=chain))
             else:
                 stack.append((entry.path, depth + 1, chain))
     return files, more
@@ -514,7 +517,7 @@ def _walk_remote(unit: ListingUnit, fs: fsspec.AbstractFileSystem) -> tuple[list
         if name == unit.prefix or posixpath.basename(name) in OUTPUT_MARKERS:
             continue  # the prefix's own folder-marker object, or an output's bookkeeping
         if entry.get("type") == "directory":
-            more.append(ListingUnit(unit.spec, unit.root, name, unit.depth + 1))
+            more.append(replace(unit, prefix=name, depth=unit.depth + 1))
         elif not entry["name"].endswith("/"):
             files.append(name)
     return files, more
