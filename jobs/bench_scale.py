@@ -5,10 +5,11 @@
 
 manifests: for each size, a Parquet manifest of that many unique keys over a few hundred small JPEGs, then
 `lgca run` with the tiny model and `--method clip` on a Ray head started for the purpose. Timed from the
-driver's start: the plan written (`_plan/plan.json`), the first committed part file; sampled: the driver's
+driver's start: the plan written (`_plan/plan.json`), the first staged piece (labelling has begun), the first
+committed part file (a whole shard of SHARD images); sampled: the driver's
 peak RSS and the object store's peak use. The job is killed once a few shards are committed, and
-`lgca run --resume` is timed until it commits a new shard (resume reads the plan and lists part files;
-it reads no committed row).
+`lgca run --resume` is timed until it stages rows again and until it commits a new shard (resume reads the
+plan and lists part files; it reads no committed row).
 
 prefix: an S3 prefix on moto (loopback) with OBJECTS objects in FOLDERS sub-prefixes, listed once by one
 sequential `fs.find` (what a single-process lister does) and once by `lgca plan` (parallel listing tasks
@@ -63,6 +64,7 @@ class Timeline:
         self._interval_s = interval_s
         self._address = head_address
         self._baseline_parts = set(output.glob("part-*.parquet")) if output.exists() else set()
+        self._baseline_pieces = set(output.glob("_staging/*/*.piece")) if output.exists() else set()  # a killed run's
         self._threads = [threading.Thread(target=self._sample, daemon=True), threading.Thread(target=self._object_store, daemon=True)]
         for thread in self._threads:
             thread.start()
@@ -93,6 +95,8 @@ class Timeline:
             now = time.perf_counter() - self.started
             if "plan" not in self.events and (self.output / "_plan" / "plan.json").exists():
                 self.events["plan"] = now
+            if "first_piece" not in self.events and set(self.output.glob("_staging/*/*.piece")) - self._baseline_pieces:
+                self.events["first_piece"] = now  # labelling has started: scored rows are being staged
             if "first_commit" not in self.events and self.parts():
                 self.events["first_commit"] = now
             self._done.wait(self._interval_s)
@@ -106,7 +110,7 @@ class Timeline:
             for line in result.stdout.splitlines():
                 if "Plasma memory usage" in line:
                     self.peak_object_store = max(self.peak_object_store, int(line.split("Plasma memory usage")[1].split("MiB")[0]) * 2**20)
-            self._done.wait(2.0)
+            self._done.wait(5.0)  # the CLI itself takes a core for a second: poll sparingly
 
 
 def make_manifest(path: Path, rows: int, images: list[str]) -> None:
@@ -129,7 +133,7 @@ def manifests(args: argparse.Namespace) -> list[dict]:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lgca-scale-"))
     pool = synthetic_jpegs(work / "pool", POOL, size=(48, 36))
-    images = sorted(str(p) for p in pool.glob("*.jpg"))
+    images = sorted(str(p) for p in pool.rglob("*.jpg"))
     labels = work / "labels.txt"
     labels.write_text("cat\ndog\nbird\ncar\n")
     rows = []
@@ -146,6 +150,8 @@ def manifests(args: argparse.Namespace) -> list[dict]:
                 "--address", head.address,
             ]  # fmt: skip
             first = _run_until(command, head, output, lambda t: t.parts() >= 3, args.timeout)
+            # the cluster ends a dead driver's tasks and actors on its own; resume is timed from an idle cluster
+            idle_after = _wait_for_idle_cluster(timeout_s=120)
             resumed = _run_until([*command, "--resume"], head, output, lambda t: t.parts() >= 1, args.timeout)
             row = {
                 "images": size,
@@ -154,15 +160,22 @@ def manifests(args: argparse.Namespace) -> list[dict]:
                 "first_commit_s": first.get("first_commit"),
                 "driver_peak_rss_mb": round(megabytes(first["peak_rss"]), 1),
                 "object_store_peak_mb": round(megabytes(first["peak_object_store"]), 1),
+                "first_piece_s": first.get("first_piece"),
+                "resume_first_piece_s": resumed.get("first_piece"),
                 "resume_first_commit_s": resumed.get("first_commit"),
                 "resume_driver_peak_rss_mb": round(megabytes(resumed["peak_rss"]), 1),
+                "cluster_idle_after_kill_s": idle_after,
                 "plan_bytes": sum(p.stat().st_size for p in (output / "_plan").rglob("*") if p.is_file()),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
             if not args.keep:
                 shutil.rmtree(output, ignore_errors=True)
-    _table(rows, ["images", "shards", "plan_s", "first_commit_s", "driver_peak_rss_mb", "object_store_peak_mb", "resume_first_commit_s"])
+    _table(
+        rows,
+        ["images", "shards", "plan_s", "first_piece_s", "first_commit_s", "driver_peak_rss_mb", "object_store_peak_mb",
+         "resume_first_piece_s", "resume_first_commit_s", "resume_driver_peak_rss_mb"],
+    )  # fmt: skip
     if len(rows) >= 2:
         a, b = rows[-2], rows[-1]
         print(f"driver peak RSS {a['images']:,} -> {b['images']:,} images: x{b['driver_peak_rss_mb'] / a['driver_peak_rss_mb']:.3f}")
@@ -182,6 +195,24 @@ def _run_until(command: Sequence[str], head, output: Path, done, timeout_s: floa
     if not finished:
         print(out[-3000:], file=sys.stderr)
     return {**timeline.events, "peak_rss": timeline.peak_rss, "peak_object_store": timeline.peak_object_store}
+
+
+def _wait_for_idle_cluster(timeout_s: float) -> float:
+    """Seconds until no labelling worker of a killed driver is left (Ray Data map workers and tasks)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        busy = []
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                line = " ".join(process.info["cmdline"] or [])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if line.startswith("ray::") and ("Map" in line or "_task" in line or "_stage" in line or "_shard_rows" in line):
+                busy.append(line)
+        if not busy:
+            break
+        time.sleep(0.5)
+    return round(time.perf_counter() - started, 1)
 
 
 def prefix(args: argparse.Namespace) -> dict:

@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.schema import OK, output_schema
-from pipeline.stages import sources
+from pipeline.stages import listing, sources
 from pipeline.stages.lease import LEASE, Lease, LeaseError, LeaseRecord
+from pipeline.stages.listing import ListingUnit, list_inputs, list_unit
 from pipeline.stages.plan import (
     KEY_BUCKETS,
     ROW_COLUMN,
@@ -38,7 +39,7 @@ from pipeline.stages.plan import (
     write_shards,
 )
 from pipeline.stages.sink import SHARD_COLUMN, Output, OutputError, commit_shard, committed_counts, part_name, stage_pieces
-from pipeline.stages.sources import ListingUnit, SourceError, list_inputs, list_unit, parse_input
+from pipeline.stages.sources import SourceError, parse_input
 
 
 def _fingerprint(**changed) -> dict:
@@ -153,7 +154,7 @@ def test_a_folder_that_cannot_be_listed_fails_loudly(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real_scandir(path)
 
-    monkeypatch.setattr(sources.os, "scandir", scandir)
+    monkeypatch.setattr(listing.os, "scandir", scandir)
     with pytest.raises(SourceError, match=r"cannot list folder .*locked .*Permission denied.*would be missing"):
         list_inputs([parse_input(str(tmp_path))], {})
 

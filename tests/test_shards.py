@@ -96,6 +96,29 @@ def replace_scoring(job: JobConfig, **changes) -> JobConfig:
     return replace(job, scoring=replace(job.scoring, **changes))
 
 
+def test_an_s3_prefix_with_many_sub_prefixes_is_listed_by_parallel_tasks_into_the_same_rows(tmp_path, s3_server, s3_bucket, ray_local):
+    tree = tmp_path / "tree"
+    for group in range(8):
+        _photos(tree / f"g{group}" / "sub", 2 + group % 2, prefix=f"{group}-")
+    (tree / "notes.txt").write_text("not an image")
+    s3_server.upload_tree(tree, f"{s3_bucket}/tree")
+    from pipeline.stages.listing import list_inputs
+    from pipeline.stages.sources import parse_input
+
+    expected = list_inputs([parse_input(f"{s3_bucket}/tree")], s3_server.storage_options)
+    job = _job([f"{s3_bucket}/tree"], f"{s3_bucket}/out", _labels(tmp_path))
+    planned = plan_only(job, s3_server.storage_options)
+    # one listing task per sub-prefix level: every leaf folder is its own unit, so its own shard(s)
+    assert planned.images == expected.table.num_rows == 20 and planned.shards == 8 and planned.skipped_count == 1
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    shards = [p for p in fs.find(f"{s3_bucket}/out/_plan/shards") if p.endswith(".shard")]
+    keys = sorted(k for p in shards for k in pq.read_table(fs.open(p, "rb")).column("key").to_pylist())
+    assert keys == expected.table.column("key").to_pylist()
+    assert not fs.glob(f"{s3_bucket}/out/**/*.parquet")  # a plan is no result
+
+
 def test_duplicate_keys_across_manifest_files_are_refused(tmp_path, ray_local):
     images = tmp_path / "images"
     names = _photos(images, 4)

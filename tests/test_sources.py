@@ -18,12 +18,12 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.stages.listing import list_inputs
 from pipeline.stages.sources import (
     InputSpec,
     SourceError,
     check_inputs,
     filesystem_for,
-    list_inputs,
     parse_input,
     read_bytes,
     redact,

@@ -17,7 +17,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pipeline.evaluation.errors import EvaluationError, shown_names
-from pipeline.stages.sources import check_inputs, filesystem_for, list_inputs, parse_input
+from pipeline.stages.listing import list_inputs
+from pipeline.stages.sources import check_inputs, filesystem_for, parse_input
 
 _LOCAL_PROTOCOLS = (None, "file", "local")
 

@@ -16,6 +16,7 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.config import ConfigError
+from pipeline.stages.listing import ListingUnit, UnitTally, list_unit, listing_units
 from pipeline.stages.plan import (
     Plan,
     Shard,
@@ -28,7 +29,7 @@ from pipeline.stages.plan import (
     write_plan,
     write_shards,
 )
-from pipeline.stages.sources import InputSpec, ListingUnit, UnitTally, list_unit, listing_units
+from pipeline.stages.sources import InputSpec
 
 log = logging.getLogger(__name__)
 

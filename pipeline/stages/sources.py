@@ -1,43 +1,26 @@
-"""Inputs as rows: directories, globs, single files and manifests (local or s3://) listed via fsspec into (key, path) rows."""
+"""Inputs: parsing INPUT arguments, failing fast on missing or unreadable roots, reading bytes with bounded retries, storage options."""
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import posixpath
 import re
-import stat
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import ConfigError
-from pipeline.schema import OUTPUT_COLUMNS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".csv.gz")
 INPUT_KINDS = ("directory", "glob", "file", "manifest")
-# Columns the pipeline writes; a manifest column with one of these names would be overwritten in the output.
-RESERVED_COLUMNS = (*(name for name in OUTPUT_COLUMNS if name not in ("key", "path")), "_row", "_shard")  # and a row's place in its shard
+LOCAL_PROTOCOLS = (None, "file", "local")
 
-_LOCAL_PROTOCOLS = (None, "file", "local")
 _S3_PROTOCOLS = ("s3", "s3a")
 _WILDCARDS = ("*", "?", "[")
-# The project's own markers (an output directory's bookkeeping): the only names a listing skips, so that
-# photos named _DSC0001.JPG or kept under _archive/ or .thumbnails/ are still labelled.
-OUTPUT_MARKERS = ("_SUCCESS", "_manifest.json", "_staging", "_plan", "_lease.json")
-FAN_OUT_DEPTH = 3  # directory levels listed one at a time (each sub-folder its own listing task) before a subtree is walked whole
-_MAX_SKIPPED_EXAMPLES = 20
-_MAX_DUPLICATE_EXAMPLES = 5
 _SECRET_WORDS = ("secret", "token", "key", "password", "credential")
 _NOT_SECRET_WORDS = ("endpoint", "url", "region")
 _REDACTED = "***"
@@ -50,9 +33,6 @@ _TRANSIENT_MESSAGE = re.compile(
     r"|\b50[0234]\b|timed out|connection (reset|aborted|closed)|broken pipe|temporar",
     re.IGNORECASE,
 )
-
-
-log = logging.getLogger(__name__)
 
 
 class SourceError(ConfigError):
@@ -69,46 +49,6 @@ class InputSpec:
     def __post_init__(self) -> None:
         if self.kind not in INPUT_KINDS:
             raise SourceError(f"input kind {self.kind!r} of {self.uri} is unknown; use one of {', '.join(INPUT_KINDS)}")
-
-
-@dataclass(frozen=True)
-class ListingUnit:
-    """A piece of an input that one task lists: a folder level, a glob, a file, or row groups of a manifest."""
-
-    spec: InputSpec
-    root: str = ""  # folders: the input root that keys are relative to (filesystem path, no protocol)
-    prefix: str = ""  # folders: the level this unit lists (filesystem path)
-    depth: int = 0  # folders: levels below the root; at FAN_OUT_DEPTH the subtree is walked whole
-    ancestors: tuple[tuple[int, int], ...] = ()  # local folders: (device, inode) of the folders above, against symlink loops
-    row_groups: tuple[int, ...] | None = None  # Parquet manifests: the row groups of this unit; None: the whole file
-    input_index: int = 0  # the input's place among the job's inputs
-
-    @property
-    def id(self) -> str:
-        """Stable within a plan, and independent of where the input lives: the same tree on local disk and on
-        S3 gives the same unit ids, so the same shards (keys are relative too)."""
-        relative = self.prefix[len(self.root) :] if self.prefix.startswith(self.root) else self.prefix
-        text = f"{self.input_index}|{self.spec.kind}|{relative}|{self.row_groups}"
-        return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
-
-
-@dataclass(frozen=True)
-class UnitListing:
-    """What listing one unit found: its images, the folders still to list, and the files skipped."""
-
-    table: pa.Table  # key, path and a manifest's other columns
-    more: list[ListingUnit] = field(default_factory=list)  # sub-folders, each for its own task
-    skipped: list[str] = field(default_factory=list)  # the first few skipped files, full URIs
-    skipped_count: int = 0
-
-
-@dataclass(frozen=True)
-class Listing:
-    """Every image found, one row each, plus the non-image files seen on the way."""
-
-    table: pa.Table  # key (string), path (string, full URI; plain absolute path locally), manifest pass-through columns
-    skipped: list[str] = field(default_factory=list)  # the first few skipped files, full URIs
-    skipped_count: int = 0  # all skipped files
 
 
 def parse_input(text: str) -> InputSpec:
@@ -132,7 +72,7 @@ def parse_input(text: str) -> InputSpec:
     if not text:
         raise SourceError("an input is empty; pass a directory, glob, file, s3:// prefix or manifest")
     protocol, path = fsspec.core.split_protocol(text)
-    local = protocol in _LOCAL_PROTOCOLS
+    local = protocol in LOCAL_PROTOCOLS
     if local:
         path = os.path.abspath(os.path.expanduser(path))
         uri = path
@@ -163,7 +103,7 @@ def filesystem_for(uri: str, storage_options: Mapping[str, Any]) -> tuple[fsspec
         (filesystem, path without protocol), e.g. (S3FileSystem, "bucket/key").
     """
     protocol, _ = fsspec.core.split_protocol(uri)
-    options = {} if protocol in _LOCAL_PROTOCOLS else dict(storage_options)
+    options = {} if protocol in LOCAL_PROTOCOLS else dict(storage_options)
     return fsspec.core.url_to_fs(uri, **options)
 
 
@@ -185,149 +125,10 @@ def check_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any])
     if not specs:
         raise SourceError("no inputs given; pass one or more directories, globs, files, s3:// prefixes or manifests")
     for spec in specs:
-        if _is_local(spec.uri):
+        if is_local(spec.uri):
             _check_local(spec)
         else:
             _check_remote(spec, storage_options)
-
-
-def listing_units(specs: Sequence[InputSpec], storage_options: Mapping[str, Any], manifest_unit_rows: int = 1_000_000) -> list[ListingUnit]:
-    """The first units to list: one per folder input (it fans out into sub-folders), glob and file, and
-    Parquet manifests cut by row groups into units of about `manifest_unit_rows` rows (CSV: one unit).
-
-    Only Parquet footers are read here, never rows or file names, so this costs O(inputs + row groups).
-
-    Raises:
-        SourceError: a manifest is unreadable or has no rows.
-    """
-    units: list[ListingUnit] = []
-    for index, spec in enumerate(specs):
-        fs, path = filesystem_for(spec.uri, storage_options)
-        if spec.kind == "directory":
-            path = path.rstrip("/") or path
-            fs.invalidate_cache(path)  # a long-lived process may list a prefix again after it changed
-            units.append(ListingUnit(spec, root=path, prefix=path, input_index=index))
-        elif spec.kind == "manifest" and path.lower().endswith(".parquet"):
-            units.extend(replace(unit, input_index=index) for unit in _manifest_units(spec, fs, path, manifest_unit_rows))
-        else:
-            units.append(ListingUnit(spec, input_index=index))
-    return units
-
-
-def list_unit(unit: ListingUnit, storage_options: Mapping[str, Any]) -> UnitListing:
-    """List one unit: its images as (key, path, manifest columns) rows, sorted by key, and its sub-folders.
-
-    Every file that looks like an image gets a row, under symlinked folders too (a folder that is its own
-    ancestor is entered once); only the project's own markers (OUTPUT_MARKERS) are skipped. A folder that
-    cannot be listed fails the unit loudly rather than hiding its images.
-
-    Raises:
-        SourceError: a folder cannot be listed, a glob matches nothing, a manifest is unusable.
-    """
-    spec = unit.spec
-    if spec.kind == "manifest":
-        return UnitListing(_list_manifest(spec, storage_options, unit.row_groups))
-    fs, path = filesystem_for(spec.uri, storage_options)
-    path = path.rstrip("/") or path
-    more: list[ListingUnit] = []
-    if spec.kind == "file":
-        root, found = posixpath.dirname(path), [path]
-    elif spec.kind == "glob":
-        root, found = _glob_root(path), _glob_files(spec, fs, path)
-    elif isinstance(fs, LocalFileSystem):
-        root, (found, more) = unit.root, _walk_local(unit)
-    else:
-        root, (found, more) = unit.root, _walk_remote(unit, fs)
-    keys: list[str] = []
-    paths: list[str] = []
-    skipped: list[str] = []
-    for file_path in sorted(set(found)):
-        key = posixpath.basename(file_path) if spec.kind == "file" else _relative_key(file_path, root)
-        if spec.kind == "file" or _is_image_key(key):
-            keys.append(key)
-            paths.append(_full_uri(fs, file_path))
-        else:
-            skipped.append(_full_uri(fs, file_path))
-    table = pa.table({"key": pa.array(keys, pa.string()), "path": pa.array(paths, pa.string())})
-    return UnitListing(table, more, skipped[:_MAX_SKIPPED_EXAMPLES], len(skipped))
-
-
-def list_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]) -> Listing:
-    """List every image of every input as a (key, path) row, sorted by key, in this process.
-
-    The labelling job lists the same units in parallel tasks (`listing_units`, `list_unit`); this is the
-    in-process form for evaluation and small inputs. Keys are the path relative to the input root
-    (directories; for globs the part before the first wildcard component), the file name (single files),
-    or a manifest's `key` column, else its `path` value as written. The same tree gives the same keys on
-    local disk and on S3. Non-image files found in directories and globs are counted in `skipped`;
-    single-file inputs and manifest rows are never skipped (they were asked for by name; decoding reports
-    what is not an image).
-
-    Args:
-        specs: parsed inputs.
-        storage_options: fsspec options for remote inputs.
-
-    Returns:
-        The listing: a table with columns key, path (full URI; plain absolute path locally) and the
-        manifests' other columns, and the skipped files.
-
-    Raises:
-        SourceError: no inputs; a directory or glob holds no images; a folder cannot be listed; a manifest
-            is unreadable, lacks a `path` column, has empty paths or keys, or has a column named like an
-            output column; inputs disagree on a column's type; two rows share a key.
-    """
-    if not specs:
-        raise SourceError("no inputs given; pass one or more directories, globs, files, s3:// prefixes or manifests")
-    pending = listing_units(specs, storage_options)
-    tables: list[pa.Table] = []
-    found: dict[str, UnitTally] = {}
-    while pending:
-        unit = pending.pop()
-        listed = list_unit(unit, storage_options)
-        pending.extend(listed.more)
-        tables.append(listed.table)
-        found.setdefault(unit.spec.uri, UnitTally()).add(listed)
-    for spec in specs:
-        found.get(spec.uri, UnitTally()).check(spec)
-    table = concat_listings(tables).sort_by("key")
-    _raise_on_duplicate_keys(table.column("key"))
-    skipped = [name for tally in found.values() for name in tally.skipped][:_MAX_SKIPPED_EXAMPLES]
-    return Listing(table=table, skipped=skipped, skipped_count=sum(tally.skipped_count for tally in found.values()))
-
-
-@dataclass
-class UnitTally:
-    """Images and skipped files found so far for one input, over its units: an input without images is an error."""
-
-    images: int = 0
-    skipped: list[str] = field(default_factory=list)
-    skipped_count: int = 0
-
-    def add(self, listed: UnitListing) -> None:
-        self.images += listed.table.num_rows
-        self.skipped.extend(listed.skipped[: _MAX_SKIPPED_EXAMPLES - len(self.skipped)])
-        self.skipped_count += listed.skipped_count
-
-    def check(self, spec: InputSpec) -> None:
-        """Raises SourceError when the input `spec` held no images."""
-        if self.images or spec.kind == "manifest":
-            return
-        examples = f" ({self.skipped_count} other files, e.g. {', '.join(self.skipped[:3])})" if self.skipped_count else ""
-        raise SourceError(
-            f"input {spec.uri} holds no images{examples}; check the path, and that names end in one of {', '.join(IMAGE_EXTENSIONS)}"
-        )
-
-
-def concat_listings(tables: Sequence[pa.Table]) -> pa.Table:
-    """One table of listing rows; folder inputs lack the manifests' columns, which "default" promotion fills with nulls.
-
-    Raises:
-        SourceError: two manifests give one column different types.
-    """
-    try:
-        return pa.concat_tables(tables, promote_options="default")
-    except pa.ArrowInvalid as error:
-        raise SourceError(f"inputs disagree on a column's type ({error}); give the manifests matching column types") from error
 
 
 def read_bytes(path: str, storage_options: Mapping[str, Any], retries: int = 3, backoff_s: float = 0.2) -> bytes:
@@ -419,216 +220,25 @@ def redact(options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _is_local(uri: str) -> bool:
-    return fsspec.core.split_protocol(uri)[0] in _LOCAL_PROTOCOLS
+def is_local(uri: str) -> bool:
+    return fsspec.core.split_protocol(uri)[0] in LOCAL_PROTOCOLS
 
 
-def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     # Local paths stay plain absolute paths; remote ones get their protocol back (bucket/k -> s3://bucket/k).
     if isinstance(fs, LocalFileSystem):
         return path
     return fs.unstrip_protocol(path)
 
 
-def _glob_root(path: str) -> str:
+def glob_root(path: str) -> str:
     parts = path.split("/")
     first = next(i for i, part in enumerate(parts) if any(c in part for c in _WILDCARDS))
     return "/".join(parts[:first])
 
 
-def _relative_key(path: str, root: str) -> str:
-    if path == root:
-        return posixpath.basename(path)  # a directory input that turned out to be a single object
-    if root and path.startswith(root.rstrip("/") + "/"):
-        return path[len(root.rstrip("/")) + 1 :]
-    return posixpath.relpath(path, root or "/")
-
-
-def _is_image_key(key: str) -> bool:
-    if any(part in OUTPUT_MARKERS for part in key.split("/")):
-        return False
-    return key.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _glob_files(spec: InputSpec, fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    fs.invalidate_cache(_glob_root(path))
-    found: list[str] = []
-    for match, info in sorted(fs.glob(path, detail=True).items()):
-        # A pattern that matches folders means everything below them.
-        found.extend(fs.find(match, withdirs=False) if info.get("type") == "directory" else [match])
-    if not found:
-        raise SourceError(f"glob {spec.uri} matched no files; check the pattern")
-    return [name for name in found if not name.endswith("/")]
-
-
-def _walk_local(unit: ListingUnit) -> tuple[list[str], list[ListingUnit]]:
-    """Files at and below `unit.prefix`, following symlinked folders; the next levels as units while fanning out."""
-    files: list[str] = []
-    more: list[ListingUnit] = []
-    stack = [(unit.prefix, unit.depth, unit.ancestors)]
-    while stack:
-        folder, depth, ancestors = stack.pop()
-        try:
-            here = os.stat(folder)
-            entries = list(os.scandir(folder))
-        except OSError as error:
-            raise SourceError(
-                f"cannot list folder {folder} of input {unit.spec.uri} ({error.strerror or error}); its images would be "
-                "missing from the output: fix its permissions, or list the inputs in a manifest"
-            ) from None
-        chain = (*ancestors, (here.st_dev, here.st_ino))
-        for entry in entries:
-            if entry.name in OUTPUT_MARKERS:
-                continue
-            try:
-                is_dir = entry.is_dir()  # follows symlinks
-            except OSError:
-                is_dir = False
-            if not is_dir:
-                files.append(entry.path)  # a broken link named like an image still gets its row (a read error)
-                continue
-            target = entry.stat()
-            if (target.st_dev, target.st_ino) in chain or not stat.S_ISDIR(target.st_mode):
-                log.warning("not entering %s again: it links to a folder above it", entry.path)
-                continue
-            if depth + 1 < FAN_OUT_DEPTH:
-                more.append(replace(unit, prefix=entry.path, depth=depth + 1, ancestors=chain))
-            else:
-                stack.append((entry.path, depth + 1, chain))
-    return files, more
-
-
-def _walk_remote(unit: ListingUnit, fs: fsspec.AbstractFileSystem) -> tuple[list[str], list[ListingUnit]]:
-    """Objects at `unit.prefix` (one delimiter listing) and below; sub-prefixes become units while fanning out."""
-    try:
-        entries = fs.ls(unit.prefix, detail=True, refresh=True) if unit.depth < FAN_OUT_DEPTH else None
-        if entries is None:
-            return [name for name in fs.find(unit.prefix, withdirs=False) if not name.endswith("/")], []
-    except FileNotFoundError:
-        return [], []
-    except Exception as error:
-        raise SourceError(
-            f"cannot list {fs.unstrip_protocol(unit.prefix)} ({type(error).__name__}: {error}); its objects would be missing"
-        ) from None
-    files: list[str] = []
-    more: list[ListingUnit] = []
-    for entry in entries:
-        name = entry["name"].rstrip("/")
-        if name == unit.prefix or posixpath.basename(name) in OUTPUT_MARKERS:
-            continue  # the prefix's own folder-marker object, or an output's bookkeeping
-        if entry.get("type") == "directory":
-            more.append(replace(unit, prefix=name, depth=unit.depth + 1))
-        elif not entry["name"].endswith("/"):
-            files.append(name)
-    return files, more
-
-
-def _manifest_units(spec: InputSpec, fs: fsspec.AbstractFileSystem, path: str, unit_rows: int) -> list[ListingUnit]:
-    try:
-        with fs.open(path, "rb") as handle:
-            metadata = pq.ParquetFile(handle).metadata
-    except FileNotFoundError as error:
-        raise SourceError(f"manifest {spec.uri} does not exist; check the path") from error
-    except (pa.ArrowInvalid, OSError) as error:
-        raise SourceError(f"manifest {spec.uri} could not be read ({error}); write it as Parquet or UTF-8 CSV with a header") from error
-    if metadata.num_rows == 0:
-        raise SourceError(f"manifest {spec.uri} has no rows; add images or drop the input")
-    units: list[ListingUnit] = []
-    group: list[int] = []
-    rows = 0
-    for index in range(metadata.num_row_groups):
-        group.append(index)
-        rows += metadata.row_group(index).num_rows
-        if rows >= unit_rows:
-            units.append(ListingUnit(spec, row_groups=tuple(group)))
-            group, rows = [], 0
-    if group:
-        units.append(ListingUnit(spec, row_groups=tuple(group)))
-    return units
-
-
-def _read_manifest_table(spec: InputSpec, fs: fsspec.AbstractFileSystem, path: str, row_groups: tuple[int, ...] | None) -> pa.Table:
-    try:
-        if path.lower().endswith(".parquet"):
-            with fs.open(path, "rb") as handle:
-                if row_groups is None:
-                    return pq.read_table(handle)
-                return pq.ParquetFile(handle).read_row_groups(list(row_groups))
-        # path and key stay strings even when they look numeric ("001" must not become 1).
-        convert = pa_csv.ConvertOptions(column_types={"path": pa.string(), "key": pa.string()})
-        with fs.open(path, "rb", compression="infer") as handle:
-            return pa_csv.read_csv(handle, convert_options=convert)
-    except FileNotFoundError as error:
-        raise SourceError(f"manifest {spec.uri} does not exist; check the path") from error
-    except (pa.ArrowInvalid, EOFError, UnicodeDecodeError) as error:
-        raise SourceError(f"manifest {spec.uri} could not be read ({error}); write it as Parquet or UTF-8 CSV with a header") from error
-
-
-def _string_column(table: pa.Table, name: str, spec: InputSpec) -> pa.ChunkedArray:
-    column = table.column(name)
-    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or (name == "key" and pa.types.is_integer(kind))):
-        raise SourceError(f"manifest {spec.uri}: column {name!r} holds {column.type}, not text; write it as strings")
-    column = column.cast(pa.string())
-    empty = pc.or_kleene(pc.is_null(column), pc.equal(column, "")).combine_chunks().fill_null(True)
-    if pc.any(empty).as_py():
-        rows = pc.indices_nonzero(empty)[:5].to_pylist()
-        raise SourceError(f"manifest {spec.uri}: column {name!r} is empty in rows {rows} (0-based); fill or remove those rows")
-    return column
-
-
-def _resolve_manifest_path(raw: str, fs: fsspec.AbstractFileSystem, manifest_dir: str, local: bool) -> str:
-    protocol, rest = fsspec.core.split_protocol(raw)
-    if protocol is not None:
-        return rest if protocol in _LOCAL_PROTOCOLS else raw  # file:///x -> /x; other URIs as written
-    if local:
-        return os.path.normpath(os.path.join(manifest_dir, os.path.expanduser(raw)))
-    # Remote: relative to the manifest's folder; a leading "/" means "/bucket/key" on the same store.
-    return _full_uri(fs, posixpath.normpath(posixpath.join(manifest_dir, raw)).lstrip("/"))
-
-
-def _list_manifest(spec: InputSpec, storage_options: Mapping[str, Any], row_groups: tuple[int, ...] | None = None) -> pa.Table:
-    fs, path = filesystem_for(spec.uri, storage_options)
-    table = _read_manifest_table(spec, fs, path, row_groups)
-    if "path" not in table.column_names:
-        raise SourceError(
-            f"manifest {spec.uri} has no 'path' column (found: {', '.join(table.column_names) or 'none'}); "
-            "add a column 'path' with one image path or URI per row"
-        )
-    reserved = [name for name in table.column_names if name in RESERVED_COLUMNS]
-    if reserved:
-        raise SourceError(f"manifest {spec.uri} has column(s) {', '.join(reserved)}, which the output already uses; rename them")
-    if table.num_rows == 0 and row_groups is None:
-        raise SourceError(f"manifest {spec.uri} has no rows; add images or drop the input")
-    raw_paths = _string_column(table, "path", spec)
-    keys = _string_column(table, "key", spec) if "key" in table.column_names else raw_paths
-    local = _is_local(spec.uri)
-    manifest_dir = os.path.dirname(path) if local else posixpath.dirname(path)
-    resolved = [_resolve_manifest_path(raw, fs, manifest_dir, local) for raw in raw_paths.to_pylist()]
-    extra = [name for name in table.column_names if name not in ("key", "path")]
-    columns = {"key": keys, "path": pa.array(resolved, pa.string())}
-    columns.update({name: table.column(name) for name in extra})
-    return pa.table(columns).sort_by("key")
-
-
-def _raise_on_duplicate_keys(keys: pa.ChunkedArray) -> None:
-    # keys are sorted, so duplicates are neighbours.
-    keys = keys.combine_chunks()
-    if len(keys) < 2:
-        return
-    same = pc.equal(keys[1:], keys[:-1])
-    if not pc.any(same).as_py():
-        return
-    duplicates = sorted(set(keys[1:].filter(same).to_pylist()))
-    shown = ", ".join(duplicates[:_MAX_DUPLICATE_EXAMPLES]) + (", ..." if len(duplicates) > _MAX_DUPLICATE_EXAMPLES else "")
-    raise SourceError(
-        f"{len(duplicates)} key(s) appear more than once across the inputs ({shown}); keys must be unique so each "
-        "output row maps to one image: list the inputs in a manifest with a unique 'key' column, or drop overlapping inputs"
-    )
-
-
 def _check_local(spec: InputSpec) -> None:
-    target = _glob_root(spec.uri) if spec.kind == "glob" else spec.uri
+    target = glob_root(spec.uri) if spec.kind == "glob" else spec.uri
     where = f"input {spec.uri}" if target == spec.uri else f"the folder {target} of glob {spec.uri}"
     if not os.path.exists(target):
         raise SourceError(f"{where} does not exist; check the path")
@@ -656,7 +266,7 @@ def _probe_filesystem(uri: str, storage_options: Mapping[str, Any]) -> tuple[fss
 def _check_remote(spec: InputSpec, storage_options: Mapping[str, Any]) -> None:
     fs, path = _probe_filesystem(spec.uri, storage_options)
     protocol = fsspec.core.split_protocol(spec.uri)[0]
-    target = _glob_root(path) if spec.kind == "glob" else path.rstrip("/")
+    target = glob_root(path) if spec.kind == "glob" else path.rstrip("/")
     fix_access = (
         "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or --storage-option key=... "
         "secret=...) and the endpoint (--storage-option endpoint_url=...)"
@@ -716,28 +326,3 @@ def _parse_value(raw: str) -> Any:
     if re.fullmatch(r"-?(0|[1-9][0-9]*)\.[0-9]+", raw.strip()):
         return float(raw)
     return raw
-
-
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "INPUT_KINDS",
-    "InputSpec",
-    "Listing",
-    "ListingUnit",
-    "OUTPUT_MARKERS",
-    "UnitListing",
-    "UnitTally",
-    "concat_listings",
-    "list_unit",
-    "listing_units",
-    "MANIFEST_EXTENSIONS",
-    "RESERVED_COLUMNS",
-    "SourceError",
-    "check_inputs",
-    "filesystem_for",
-    "list_inputs",
-    "parse_input",
-    "read_bytes",
-    "redact",
-    "storage_options_from",
-]
