@@ -34,7 +34,7 @@ from pipeline.stages.vocab import Vocabulary, load_vocabulary
 log = logging.getLogger(__name__)
 
 ADDRESS_PROBE_TIMEOUT_S = 3.0  # TCP connect to --address before anything else: ray.init waits minutes on a dead one
-COMMIT_TASK_CPUS = 0.25  # a commit merges a few MB of staged rows: it must not take a decode task's CPU
+COMMIT_TASK_CPUS = 0  # a commit merges a few MB of staged rows; with a CPU share it would wait behind the decode tasks
 COUNT_GROUP = 200  # committed shards whose footers one task reads at the end of a resumed run
 
 

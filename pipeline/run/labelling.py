@@ -31,7 +31,9 @@ READ_THREADS = 8  # concurrent reads per decode task: object-store latency, not 
 # Columns between decoding and scoring, never written: decoded pixels, or a JPEG left for the scoring device
 TRANSIENT_COLUMNS = ("pixels", "pixel_height", "pixel_width", "jpeg", "orientation")
 DECODE_TASK_MEMORY = 1024 * 1024 * 1024  # bytes reserved per decode task: the worker (~0.5 GiB) plus decoded images
-STAGE_TASK_CPUS = 0.25  # staging a scored batch is one small write: it must not take a decode task's CPU
+# Reading a shard's rows and staging a scored batch are small I/O: they take no CPU, or the decode tasks, which
+# take every CPU the actors leave, would starve them and no shard would ever complete.
+STAGE_TASK_CPUS = 0
 # S3 reads retry in botocore, in s3fs (a loop of 5, nested twice in cat_file) and in read_bytes (4 attempts):
 # multiplied, one object that keeps failing took many minutes. Reads use botocore's standard mode with 3
 # attempts and s3fs's loop off, so a read makes at most 4 x 3 requests (docs/RELIABILITY.md); storage
@@ -71,6 +73,9 @@ def build_dataset(
             "rows": 2 * max(batch_size, decode_batch_size),
         },
         num_cpus=STAGE_TASK_CPUS,
+        # one reader: shards enter in plan order and leave in about that order, so each completes early
+        # instead of every shard in flight completing together at the end
+        compute=ray.data.TaskPoolStrategy(size=1),
     )
     dataset = dataset.map_batches(
         _read_and_decode,
@@ -104,6 +109,7 @@ def build_dataset(
         batch_format="pyarrow",
         fn_kwargs={"output": output, "storage_options": storage_options},
         num_cpus=STAGE_TASK_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=max(2, actors)),  # CPU-free tasks: bound how many workers Ray starts
     )
 
 
