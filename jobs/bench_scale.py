@@ -80,6 +80,12 @@ class Timeline:
             time.sleep(self._interval_s)
         return condition()
 
+    def _new_pieces(self) -> bool:
+        try:
+            return bool(set(self.output.glob("_staging/*/*.piece")) - self._baseline_pieces)
+        except FileNotFoundError:  # a shard's staging folder removed by its commit while globbing
+            return False
+
     def stop(self) -> None:
         self._done.set()
         for thread in self._threads:
@@ -95,7 +101,7 @@ class Timeline:
             now = time.perf_counter() - self.started
             if "plan" not in self.events and (self.output / "_plan" / "plan.json").exists():
                 self.events["plan"] = now
-            if "first_piece" not in self.events and set(self.output.glob("_staging/*/*.piece")) - self._baseline_pieces:
+            if "first_piece" not in self.events and self._new_pieces():
                 self.events["first_piece"] = now  # labelling has started: scored rows are being staged
             if "first_commit" not in self.events and self.parts():
                 self.events["first_commit"] = now
