@@ -16,7 +16,7 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.config import ConfigError
-from pipeline.stages.listing import ListingUnit, UnitTally, list_unit, listing_units
+from pipeline.stages.listing import MAX_SKIPPED_EXAMPLES, ListingUnit, UnitTally, list_unit, listing_units
 from pipeline.stages.plan import (
     Plan,
     Shard,
@@ -94,10 +94,8 @@ def build_plan(
             pending.extend(result.more)
             shards.extend(result.shards)
             schemas.append(result.schema)
-            tally = tallies.setdefault(result.input_uri, UnitTally())
-            tally.images += sum(shard.rows for shard in result.shards)
-            tally.skipped.extend(result.skipped[: max(0, 20 - len(tally.skipped))])
-            tally.skipped_count += result.skipped_count
+            images = sum(shard.rows for shard in result.shards)
+            tallies.setdefault(result.input_uri, UnitTally()).add(images, result.skipped, result.skipped_count)
             if result.keys_written:
                 key_units.append(result.unit_id)
             listed += 1
@@ -114,7 +112,7 @@ def build_plan(
         ]
         examples = sorted(name for _, names in found for name in names)
         raise_on_duplicates(sum(count for count, _ in found), examples)
-    skipped = [name for tally in tallies.values() for name in tally.skipped][:20]
+    skipped = [name for tally in tallies.values() for name in tally.skipped][:MAX_SKIPPED_EXAMPLES]
     plan = Plan(
         fingerprint=dict(fingerprint),
         shards=tuple(sorted(shards, key=lambda shard: shard.id)),

@@ -27,7 +27,7 @@ RESERVED_COLUMNS = (*(name for name in OUTPUT_COLUMNS if name not in ("key", "pa
 # photos named _DSC0001.JPG or kept under _archive/ or .thumbnails/ are still labelled.
 OUTPUT_MARKERS = ("_SUCCESS", "_manifest.json", "_staging", "_plan", "_lease.json")
 FAN_OUT_DEPTH = 3  # folder levels listed one at a time (each sub-folder its own listing task) before a subtree is walked whole
-_MAX_SKIPPED_EXAMPLES = 20
+MAX_SKIPPED_EXAMPLES = 20
 _MAX_DUPLICATE_EXAMPLES = 5
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def list_unit(unit: ListingUnit, storage_options: Mapping[str, Any]) -> UnitList
         else:
             skipped.append(full_uri(fs, file_path))
     table = pa.table({"key": pa.array(keys, pa.string()), "path": pa.array(paths, pa.string())})
-    return UnitListing(table, more, skipped[:_MAX_SKIPPED_EXAMPLES], len(skipped))
+    return UnitListing(table, more, skipped[:MAX_SKIPPED_EXAMPLES], len(skipped))
 
 
 def list_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]) -> Listing:
@@ -168,12 +168,12 @@ def list_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]) 
         listed = list_unit(unit, storage_options)
         pending.extend(listed.more)
         tables.append(listed.table)
-        found.setdefault(unit.spec.uri, UnitTally()).add(listed)
+        found.setdefault(unit.spec.uri, UnitTally()).add(listed.table.num_rows, listed.skipped, listed.skipped_count)
     for spec in specs:
         found.get(spec.uri, UnitTally()).check(spec)
     table = concat_listings(tables).sort_by("key")
     _raise_on_duplicate_keys(table.column("key"))
-    skipped = [name for tally in found.values() for name in tally.skipped][:_MAX_SKIPPED_EXAMPLES]
+    skipped = [name for tally in found.values() for name in tally.skipped][:MAX_SKIPPED_EXAMPLES]
     return Listing(table=table, skipped=skipped, skipped_count=sum(tally.skipped_count for tally in found.values()))
 
 
@@ -185,10 +185,10 @@ class UnitTally:
     skipped: list[str] = field(default_factory=list)
     skipped_count: int = 0
 
-    def add(self, listed: UnitListing) -> None:
-        self.images += listed.table.num_rows
-        self.skipped.extend(listed.skipped[: _MAX_SKIPPED_EXAMPLES - len(self.skipped)])
-        self.skipped_count += listed.skipped_count
+    def add(self, images: int, skipped: Sequence[str], skipped_count: int) -> None:
+        self.images += images
+        self.skipped.extend(skipped[: MAX_SKIPPED_EXAMPLES - len(self.skipped)])
+        self.skipped_count += skipped_count
 
     def check(self, spec: InputSpec) -> None:
         """Raises SourceError when the input `spec` held no images."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,7 +198,7 @@ def put_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> Non
         return
     folder = path.rsplit("/", 1)[0]
     fs.makedirs(folder, exist_ok=True)
-    temporary = f"{folder}/.tmp-{hashlib.sha1(path.encode()).hexdigest()[:8]}-{base64.b32encode(_random(5)).decode().lower()}"
+    temporary = f"{folder}/.tmp-{uuid.uuid4().hex}"  # a dot name: no reader or glob of results sees it
     with fs.open(temporary, "wb") as handle:
         handle.write(data)
     fs.mv(temporary, path)
@@ -329,9 +330,3 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     from fsspec.implementations.local import LocalFileSystem
 
     return isinstance(fs, LocalFileSystem)
-
-
-def _random(size: int) -> bytes:
-    import os
-
-    return os.urandom(size)
