@@ -19,6 +19,7 @@ trap 'kill $sampler 2>/dev/null || true' EXIT
 
 $py jobs/bench_scorer.py --device cuda --images 256 --batch 64 --micro-batch 1024 --encoder-seconds 20 \
     --json "$out/scorer.json" | tee "$out/scorer.txt"
+$py jobs/bench_scorer.py --device cuda --hot-path --classes 10 21000 --batch 64 --repeats 5 | tee "$out/scorer-hot-path.txt"
 $py jobs/bench_decode.py --images 64 --device cuda --json "$out/decode.json" | tee "$out/decode.txt"
 $py jobs/bench_pipeline.py --json "$out/pipeline-clip.json" overhead --images 20000 --method clip \
     --batch-size 512 | tee "$out/pipeline-clip.txt"

@@ -39,7 +39,6 @@ from pipeline.config import DecodeConfig, ModelConfig, ScoringConfig, Vocabulary
 from pipeline.models.load import load_model  # noqa: E402
 from pipeline.models.text_vectors import text_vectors  # noqa: E402
 from pipeline.scoring.scorer import Scorer  # noqa: E402
-from pipeline.scoring.views import ViewFormat  # noqa: E402
 from pipeline.stages.decode import DecodedImage, decode_image, short_side_for  # noqa: E402
 from pipeline.stages.vocab import load_vocabulary  # noqa: E402
 
@@ -84,7 +83,7 @@ def overhead(args: argparse.Namespace) -> dict:
         vocabulary.classes,
         vectors,
         model.logit_scale,
-        ViewFormat(model.image_size, model.mean, model.std),
+        model.view,
         scoring,
         model.device,
     )

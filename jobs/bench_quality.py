@@ -41,7 +41,6 @@ from pipeline.evaluation.sweep import Setting, describe_changes, parse_sweep, sw
 from pipeline.models.load import load_model  # noqa: E402
 from pipeline.models.text_vectors import text_vectors  # noqa: E402
 from pipeline.scoring.regions import box_iou  # noqa: E402
-from pipeline.scoring.views import ViewFormat  # noqa: E402
 from pipeline.stages.vocab import load_vocabulary  # noqa: E402
 
 FASHION = ROOT / "examples" / "fashion"
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         images,
         vocabulary.classes,
         lambda method, scoring: text_vectors(model, vocabulary, dataclasses.replace(scoring, method=method)),
-        ImageModel(model.encode_image, model.logit_scale, ViewFormat(model.image_size, model.mean, model.std), model.device),
+        ImageModel(model.encode_image, model.logit_scale, model.view, model.device),
         methods,
         settings,
         runs=args.runs,

@@ -6,11 +6,19 @@ Efficiency = LGCA images/s * (1 + N + K*T) / encoder crops/s: 1.0 means the meth
 passes and nothing else (cutting views, weighting, expansion bookkeeping are free). "in encoder" is the share
 of the scorer's time spent inside encoder calls, measured over the same calls, so machine noise cancels out.
 Random weights are fine: speed does not depend on the weights' values.
+
+    python jobs/bench_scorer.py --hot-path --classes 10 21000
+
+measures what is not the encoder, with a cheap stand-in encoder of ViT-B's width (D = 512) at S = 224: cutting
+and resizing the views, expansion, combining (one softmax and one transfer per batch, per-region class scores
+for the reported regions only), for vocabularies of each size. Columns: combine ms per batch, the peak memory
+combine adds (Linux VmHWM, reset before each measurement), and scorer images/s without encoder cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -26,7 +34,6 @@ from pipeline.config import ModelConfig, ScoringConfig
 from pipeline.models.load import load_model
 from pipeline.models.text_vectors import text_vectors
 from pipeline.scoring.scorer import Scorer
-from pipeline.scoring.views import ViewFormat
 from pipeline.stages.vocab import Vocabulary
 
 CLASSES = ("cat", "dog", "car", "bird", "boat", "plane", "horse", "truck", "ship", "frog")
@@ -78,7 +85,7 @@ def scorer_rate(model, vectors, config: ScoringConfig, images, batch: int) -> tu
     """Images/s of Scorer.score over `images` after a one-batch warm-up, and the share of that time spent
     inside the encoder (immune to machine noise: both are measured over the same calls)."""
     encoder = _TimedEncoder(model)
-    scorer = Scorer(encoder, CLASSES, vectors, model.logit_scale, ViewFormat(model.image_size, model.mean, model.std), config, model.device)
+    scorer = Scorer(encoder, CLASSES, vectors, model.logit_scale, model.view, config, model.device)
     scorer.score(images[:batch], [f"w{i}" for i in range(batch)])
     encoder.seconds = 0.0
     started = time.perf_counter()
@@ -95,6 +102,79 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _CheapEncoder:
+    """A stand-in for the encoder: pooled views through a fixed random projection to `width` dimensions."""
+
+    def __init__(self, width: int) -> None:
+        self.projection = torch.randn(3 * 16 * 16, width, generator=torch.Generator().manual_seed(0))
+
+    def to(self, device: torch.device) -> _CheapEncoder:
+        self.projection = self.projection.to(device)
+        return self
+
+    def __call__(self, views: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(views, 16).flatten(1)
+        return torch.nn.functional.normalize(pooled @ self.projection, dim=-1)
+
+
+def _resident_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _peak_added_mib(work) -> tuple[Any, float]:
+    """Run `work()`, returning its result and how far it pushed the process's peak RSS above the current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    before = _resident_kib("VmRSS")
+    out = work()
+    return out, max(0, _resident_kib("VmHWM") - before) / 1024
+
+
+def hot_path(args: argparse.Namespace) -> None:
+    from pipeline.models.load import resolve_device
+    from pipeline.scoring.views import ViewFormat
+
+    device = resolve_device(args.device)
+    width, batch = 512, args.batch
+    encoder = _CheapEncoder(width).to(device)
+    view = ViewFormat(224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    config = ScoringConfig(micro_batch=args.micro_batch)
+    images = sample_images(batch, *args.size)
+    keys = [f"k{i}" for i in range(batch)]
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {device}; stand-in encoder D={width}, "
+        f"S=224, default LGCA (N=60, K=2, T=3), {batch} images per batch of {args.size[0]} x {args.size[1]}"
+    )
+    print(f"{'classes':>8s} {'combine ms/batch':>17s} {'combine peak MiB':>17s} {'scorer images/s':>16s}")
+    for classes in args.classes:
+        names = [f"class {i}" for i in range(classes)]
+        vectors = torch.nn.functional.normalize(torch.randn(classes, width, generator=torch.Generator().manual_seed(1)), dim=-1)
+        scorer = Scorer(encoder, names, vectors, 100.0, view, config, device)
+        views = scorer.embed(images, keys)
+        scorer.combine(views)  # warm-up
+        if device.type == "cuda":  # device memory: what combining allocates beyond what is held already
+            torch.cuda.synchronize(device)
+            held = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            scorer.combine(views)
+            peak = (torch.cuda.max_memory_allocated(device) - held) / 2**20
+        else:
+            _, peak = _peak_added_mib(functools.partial(scorer.combine, views))
+        started = time.perf_counter()
+        for _ in range(args.repeats):
+            scorer.combine(views)
+        _sync(device)
+        combine_ms = (time.perf_counter() - started) / args.repeats * 1000
+        started = time.perf_counter()
+        for _ in range(args.repeats):
+            scorer.score(images, keys)
+        _sync(device)
+        rate = batch * args.repeats / (time.perf_counter() - started)
+        print(f"{classes:8d} {combine_ms:17.1f} {peak:17.1f} {rate:16.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32")
@@ -108,7 +188,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(640, 480), metavar=("W", "H"), help="decoded image size")
     parser.add_argument("--encoder-seconds", type=float, default=20.0)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--hot-path", action="store_true", help="measure everything but the encoder, for --classes sizes")
+    parser.add_argument("--classes", type=int, nargs="+", default=[10, 21000], help="vocabulary sizes for --hot-path")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per vocabulary size for --hot-path")
     args = parser.parse_args()
+    if args.hot_path:
+        hot_path(args)
+        return
 
     model = load_model(
         ModelConfig(name=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, compile=args.compile)

@@ -13,12 +13,16 @@ CROP_METHODS = ("wca", "lgca")
 SALIENCY_RULES = ("class", "global", "margin", "agreement")
 CROP_LAYOUTS = ("random", "grid")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+RESIZE_MODES = ("shortest", "longest", "squash")
+MAX_SCALE = 20.0  # |image_scale|, |text_scale|: exp(20) ~ 4.9e8 already makes the softmax a hard max; exp(89) overflows float32
 DECODE_DEVICES = ("auto", "cpu", "gpu")
 DEFAULT_PROMPT = "a photo of a {}."
 # lambda of lgca when `global_weight` is not given: the share of the score carried by the global view, chosen
 # on the learned model's scenes (docs/EVALUATION.md, "Choosing the defaults"). wca's default is 0 (WCA's
 # official code aggregates the crops only).
 LGCA_GLOBAL_WEIGHT = 0.3
+DESCRIPTOR_WEIGHTS = ("softmax", "mean")
 
 
 class ConfigError(ValueError):
@@ -51,6 +55,7 @@ class ScoringConfig:
     seed: int = 0  # crop sampling seed, combined with a stable hash of each image key
     topk: int = 5  # labels kept per image in the output
     micro_batch: int = 256  # views per image-encoder call
+    descriptor_weights: str = "softmax"  # descriptors method: softmax (METHOD.md) | mean (CuPL's plain mean, WCA's baseline)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
@@ -81,7 +86,17 @@ class ScoringConfig:
             self.growth_target is None or 0 < self.growth_target <= 1,
             f"growth target must lie in (0, 1] (a fraction of the shorter side), got {self.growth_target}",
         )
-        _require(math.isfinite(self.image_scale) and math.isfinite(self.text_scale), "image and text scales must be finite")
+        for name in ("image_scale", "text_scale"):
+            value = getattr(self, name)
+            _require(
+                math.isfinite(value) and abs(value) <= MAX_SCALE,
+                f"{name.replace('_', ' ')} must lie in [-{MAX_SCALE:g}, {MAX_SCALE:g}] (it is used as exp(scale); WCA's value is "
+                f"{4.0 if name == 'image_scale' else 2.0}), got {value}",
+            )
+        _require(
+            self.descriptor_weights in DESCRIPTOR_WEIGHTS,
+            f"descriptor weights {self.descriptor_weights!r} are unknown; choose one of {', '.join(DESCRIPTOR_WEIGHTS)}",
+        )
         _require(self.topk >= 1, f"topk must be >= 1, got {self.topk}")
         _require(self.micro_batch >= 1, f"micro batch must be >= 1, got {self.micro_batch}")
         if self.crop_layout == "grid" and self.crops:
@@ -138,8 +153,33 @@ class ModelConfig:
     cache_dir: str | None = None  # weights and text-embedding cache; default ~/.cache/lgca-label
     random_seed: int = 0  # seed of --pretrained random weights
     compile: bool = False  # torch.compile the image encoder: slower start-up, possibly faster encoding
+    # Preprocessing and activation of weights from a file or URI (a tag carries its own): the open_clip tag the
+    # weights were exported from, and/or explicit values, which win over the tag's.
+    weights_tag: str | None = None
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
+    interpolation: str | None = None  # bicubic | bilinear | nearest
+    resize_mode: str | None = None  # shortest | longest | squash
+    quick_gelu: bool | None = None
 
     def __post_init__(self) -> None:
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None:
+                _require(
+                    len(value) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
+                    f"{name.replace('_', ' ')} must be three numbers (R, G, B), got {value!r}",
+                )
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        _require(self.image_std is None or all(v > 0 for v in self.image_std), f"image std must be > 0 per channel, got {self.image_std}")
+        _require(
+            self.interpolation is None or self.interpolation in INTERPOLATIONS,
+            f"interpolation {self.interpolation!r} is unknown; choose one of {', '.join(INTERPOLATIONS)}",
+        )
+        _require(
+            self.resize_mode is None or self.resize_mode in RESIZE_MODES,
+            f"resize mode {self.resize_mode!r} is unknown; choose one of {', '.join(RESIZE_MODES)}",
+        )
         _require(bool(self.name), "model name is empty; pass --model, e.g. ViT-B-32")
         _require(bool(self.pretrained), "pretrained is empty; pass an open_clip tag, a weights file, a URI or 'random'")
         _require(self.precision in PRECISIONS, f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
@@ -339,6 +379,10 @@ __all__ = [
     "CROP_LAYOUTS",
     "ConfigError",
     "DECODE_DEVICES",
+    "DESCRIPTOR_WEIGHTS",
+    "INTERPOLATIONS",
+    "MAX_SCALE",
+    "RESIZE_MODES",
     "DecodeConfig",
     "LGCA_GLOBAL_WEIGHT",
     "ExecutionConfig",

@@ -209,7 +209,7 @@ def test_class_check_names_both_kinds_of_mismatch():
 CLASSES = ("red", "green", "blue", "yellow", "orange", "grey")
 DESCRIPTIONS = {"orange": ("red and yellow",)}
 TEMPLATES = ("a {} object",)
-# Uniform region weights (exp(-50) * similarity is 0 to float precision) make the region embedding a plain
+# Uniform region weights (exp(-20) * similarity is 0 to float precision) make the region embedding a plain
 # sum that can be counted by hand: S(c) = 0.1 <k0, T_c> + 0.9 <normalise(sum_b f(b)), T_c> (global_weight 0.1
 # for wca and lgca alike). Grid crops of scale 1 on a 3:1 panorama are its thirds L, M, R (three of each); on a
 # square image every crop is the whole image. With global saliency an M crop (identical to the global view,
@@ -220,7 +220,7 @@ ANALYTIC = ScoringConfig(
     crops=9,
     crop_layout="grid",
     crop_scale=(1.0, 1.0),
-    image_scale=-50.0,
+    image_scale=-20.0,
     global_weight=0.1,
     saliency="global",
     regions=1,

@@ -24,7 +24,6 @@ from pipeline.evaluation.sweep import Setting
 from pipeline.models.load import load_model
 from pipeline.models.text_vectors import text_vectors
 from pipeline.scoring.regions import box_iou
-from pipeline.scoring.views import ViewFormat
 from pipeline.stages.vocab import load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +117,7 @@ def test_wca_and_lgca_beat_clip_where_crops_cut_the_object_and_boxes_find_it(mid
         list_labelled(str(mid_scenes), {}),
         vocabulary.classes,
         lambda method, scoring: text_vectors(model, vocabulary, ScoringConfig(method=method, text_scale=scoring.text_scale)),
-        ImageModel(model.encode_image, model.logit_scale, ViewFormat(model.image_size, model.mean, model.std)),
+        ImageModel(model.encode_image, model.logit_scale, model.view),
         ("clip", "wca", "lgca"),
         [Setting({}, ScoringConfig(method="lgca"))],
         observe=observe,

@@ -11,7 +11,6 @@ from pipeline.config import ModelConfig, ScoringConfig
 from pipeline.models.load import LoadedModel, load_model
 from pipeline.scoring.scorer import Scorer
 from pipeline.scoring.text import class_vectors
-from pipeline.scoring.views import ViewFormat
 
 TINY_MODEL = str(Path(__file__).parent / "fixtures" / "lgca-tiny-vit.json")
 CLASSES = ("cat", "dog", "coffee cup", "rocket", "astronaut")
@@ -42,7 +41,7 @@ def scorer_for(
         classes=classes,
         vectors=vectors,
         logit_scale=model.logit_scale,
-        view=ViewFormat(model.image_size, model.mean, model.std),
+        view=model.view,
         config=config,
         device=model.device,
     )

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Any
 
 from pipeline.config import (
     CROP_LAYOUTS,
+    DESCRIPTOR_WEIGHTS,
+    INTERPOLATIONS,
     LGCA_GLOBAL_WEIGHT,
     METHODS,
     PRECISIONS,
+    RESIZE_MODES,
     SALIENCY_RULES,
     DecodeConfig,
     ExecutionConfig,
@@ -19,6 +24,20 @@ from pipeline.config import (
 )
 
 EXIT_CONFIG = 2  # bad configuration or input: nothing ran
+
+# --preset wca: the protocol of WCA's released code, as closely as the engine allows (docs/EVALUATION.md,
+# "Reproducing WCA"). Each value fills a setting left at its default; a flag given with another value wins.
+WCA_PRESET_SCORING: dict[str, Any] = {
+    "method": "wca",
+    "crops": 60,
+    "crop_scale": (0.1, 0.9),  # the code's random_crop(img) never passes its alpha: sides are U[0.1, 0.9]
+    "global_weight": 0.0,  # crops only: the global view only weighs the crops
+    "image_scale": 4.0,
+    "text_scale": 2.0,
+    "descriptor_weights": "mean",  # its CuPL baseline averages the descriptions plainly
+}
+WCA_PRESET_MODEL: dict[str, Any] = {"name": "ViT-B-32", "pretrained": "openai", "precision": "fp16", "quick_gelu": True}
+PRESETS = ("wca",)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +56,33 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", default=ModelConfig.precision, choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU")
     group.add_argument(
         "--cache-dir", default=None, help="weights and text-embedding cache (default: ~/.cache/lgca-label or $LGCA_CACHE_DIR)"
+    )
+    group.add_argument(
+        "--weights-tag",
+        default=None,
+        metavar="TAG",
+        help="for weights from a file or URI: the open_clip tag they were exported from (e.g. openai, webli); "
+        "it sets the preprocessing (mean, std, interpolation, resize mode) and the activation (QuickGELU) the weights "
+        "were trained with. Without it a file gets the architecture default, with a warning where its tags disagree",
+    )
+    group.add_argument(
+        "--image-mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="normalisation mean (overrides the tag's)"
+    )
+    group.add_argument(
+        "--image-std", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="normalisation std (overrides the tag's)"
+    )
+    group.add_argument("--interpolation", default=None, choices=INTERPOLATIONS, help="resize interpolation (overrides the tag's)")
+    group.add_argument(
+        "--resize-mode",
+        default=None,
+        choices=RESIZE_MODES,
+        help="global view: shortest (shorter side to S, centre crop), longest (longer side to S, padded) or squash (overrides the tag's)",
+    )
+    group.add_argument(
+        "--quick-gelu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build the model with QuickGELU (OpenAI's weights were trained with it; a tag sets it)",
     )
     group.add_argument(
         "--compile",
@@ -110,6 +156,21 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=d.seed, help="crop sampling seed, combined with each image key (default: %(default)s)")
     group.add_argument("--topk", type=int, default=d.topk, help="labels kept per image (default: %(default)s)")
     group.add_argument("--micro-batch", type=int, default=d.micro_batch, help="views per encoder call (default: %(default)s)")
+    group.add_argument(
+        "--descriptor-weights",
+        default=d.descriptor_weights,
+        choices=DESCRIPTOR_WEIGHTS,
+        help="how the descriptors method weighs a class's descriptions: softmax against its prompt (METHOD.md) or mean "
+        "(CuPL's plain mean, WCA's baseline); wca and lgca always use softmax (default: %(default)s)",
+    )
+    group.add_argument(
+        "--preset",
+        default=None,
+        choices=PRESETS,
+        help="wca: the protocol of WCA's released code (method wca, 60 crops with sides U[0.1, 0.9], crops only, "
+        "OpenAI ViT-B-32 weights with QuickGELU, fp16, plain-mean CuPL baseline); it fills the settings left at their "
+        "defaults. What still differs is listed in docs/EVALUATION.md",
+    )
 
 
 def add_vocabulary_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -138,36 +199,70 @@ def add_storage_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
     )
 
 
-def scoring_config(args: argparse.Namespace) -> ScoringConfig:
-    return ScoringConfig(
-        method=args.method,
-        crops=args.crops,
-        crop_scale=tuple(args.crop_scale),
-        crop_layout=args.crop_layout,
-        saliency=args.saliency,
-        steps=args.steps,
-        regions=args.regions,
-        growth=args.growth,
-        growth_target=args.growth_target,
-        image_scale=args.image_scale,
-        text_scale=args.text_scale,
-        expand_weight=args.expand_weight,
-        global_weight=args.global_weight,
-        seed=args.seed,
-        topk=args.topk,
-        micro_batch=args.micro_batch,
-    )
+def _preset(args: argparse.Namespace, values: dict, defaults: object, keep: tuple[str, ...] = ()) -> dict:
+    """`values` with each preset setting (but those in `keep`) filled in where the flag was left at its default."""
+    if getattr(args, "preset", None) != "wca":
+        return values
+    preset = WCA_PRESET_MODEL if isinstance(defaults, ModelConfig) else WCA_PRESET_SCORING
+    out = dict(values)
+    for field, value in preset.items():
+        if field in keep:
+            continue
+        default = getattr(defaults, field)
+        if out[field] == default or (isinstance(default, tuple) and tuple(out[field]) == default):
+            out[field] = value
+    return out
+
+
+def scoring_config(args: argparse.Namespace, keep_method: bool = False) -> ScoringConfig:
+    """The scoring configuration of the flags; `keep_method`: the method is set by the caller (`lgca eval`), not a preset."""
+    return ScoringConfig(**_preset(args, _scoring_values(args), ScoringConfig(), ("method",) if keep_method else ()))
+
+
+def _scoring_values(args: argparse.Namespace) -> dict:
+    return {
+        "method": args.method,
+        "crops": args.crops,
+        "crop_scale": tuple(args.crop_scale),
+        "crop_layout": args.crop_layout,
+        "saliency": args.saliency,
+        "steps": args.steps,
+        "regions": args.regions,
+        "growth": args.growth,
+        "growth_target": args.growth_target,
+        "image_scale": args.image_scale,
+        "text_scale": args.text_scale,
+        "expand_weight": args.expand_weight,
+        "global_weight": args.global_weight,
+        "seed": args.seed,
+        "topk": args.topk,
+        "micro_batch": args.micro_batch,
+        "descriptor_weights": args.descriptor_weights,
+    }
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(
-        name=args.model,
-        pretrained=args.pretrained,
-        device=args.device,
-        precision=args.precision,
-        cache_dir=args.cache_dir,
-        compile=args.compile,
+    values = _preset(
+        args,
+        {
+            "name": args.model,
+            "pretrained": args.pretrained,
+            "device": args.device,
+            "precision": args.precision,
+            "cache_dir": args.cache_dir,
+            "compile": args.compile,
+            "weights_tag": args.weights_tag,
+            "image_mean": tuple(args.image_mean) if args.image_mean else None,
+            "image_std": tuple(args.image_std) if args.image_std else None,
+            "interpolation": args.interpolation,
+            "resize_mode": args.resize_mode,
+            "quick_gelu": args.quick_gelu,
+        },
+        ModelConfig(),
     )
+    if getattr(args, "preset", None) == "wca" and values["pretrained"] != "openai" and not values["weights_tag"]:
+        values["weights_tag"] = "openai" if "://" in values["pretrained"] or os.path.isfile(values["pretrained"]) else None
+    return ModelConfig(**values)
 
 
 def vocabulary_config(args: argparse.Namespace) -> VocabularyConfig:

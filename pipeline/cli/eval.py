@@ -116,11 +116,10 @@ def _eval(args: argparse.Namespace) -> int:
     from pipeline.evaluation.tables import format_report
     from pipeline.models.load import default_cache_dir, load_model
     from pipeline.models.text_vectors import text_vectors
-    from pipeline.scoring.views import ViewFormat
 
     loaded = load_model(plan.model, plan.storage_options)
     cache_dir = default_cache_dir(plan.model)
-    view = ViewFormat(loaded.image_size, loaded.mean, loaded.std)
+    view = loaded.view
     evaluation = evaluate(
         plan.images,
         plan.vocabulary.classes,
@@ -200,7 +199,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if args.output:
         _prepare_output(args.output)
     model = model_config(args)
-    base = scoring_config(argparse.Namespace(**{**vars(args), "method": embedding_method(methods)}))
+    base = scoring_config(argparse.Namespace(**{**vars(args), "method": embedding_method(methods)}), keep_method=True)
     skipped: list[tuple[dict[str, Any], str]] = []
     if args.sweep:
         settings, skipped = sweep_settings(base, parse_sweep(args.sweep, methods))

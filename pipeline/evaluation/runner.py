@@ -225,12 +225,14 @@ def evaluate(
         decode = DecodeConfig(min_short_side=short_side_for(model.view.size, alpha))
 
     counter = _CountingEncoder(model.encode_image)
-    vector_cache: dict[tuple[str, float], torch.Tensor] = {}
+    vector_cache: dict[tuple[str, float, str], torch.Tensor] = {}
 
     def vectors(method: str, config: ScoringConfig) -> torch.Tensor:
-        key = (text_method(method), config.text_scale)
+        # only the descriptors method itself averages descriptions plainly; wca and lgca always weigh them
+        weighting = config.descriptor_weights if method == "descriptors" else "softmax"
+        key = (text_method(method), config.text_scale, weighting)
         if key not in vector_cache:
-            vector_cache[key] = class_vectors(key[0], config)
+            vector_cache[key] = class_vectors(key[0], dataclasses.replace(config, descriptor_weights=weighting))
         return vector_cache[key]
 
     seeds = [_seeds(config, runs if crop_methods else 1) for config in configs]

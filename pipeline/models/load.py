@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import math
 import os
 import pickle
 import tempfile
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError, ModelConfig
+from pipeline.models.preprocess import Preprocessing, resolve_preprocessing
+from pipeline.scoring.views import ViewFormat
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +212,7 @@ class LoadedModel:
         autocast_dtype: torch.dtype | None,
         identity: dict[str, str],
         compile_encoder: bool = False,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         self.model = model.eval().to(device)
         # channels-last lets cuDNN pick its faster NHWC kernels for the patch (or ResNet) convolutions
@@ -222,12 +226,31 @@ class LoadedModel:
         self.device = device
         self.autocast_dtype = autocast_dtype
         self.identity = identity
+        self.config_sha256 = ""  # of a model-config JSON, when the architecture came from one
         preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
         size = preprocess.get("size", getattr(model.visual, "image_size", 224))
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.mean = _channels(preprocess.get("mean", (0.48145466, 0.4578275, 0.40821073)))
-        self.std = _channels(preprocess.get("std", (0.26862954, 0.26130258, 0.27577711)))
-        self.logit_scale = float(model.logit_scale.detach().exp().item())
+        self.preprocessing = preprocessing or Preprocessing(
+            mean=_channels(preprocess.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+            std=_channels(preprocess.get("std", (0.26862954, 0.26130258, 0.27577711))),
+            interpolation=str(preprocess.get("interpolation", "bicubic")),
+            resize_mode=str(preprocess.get("resize_mode", "shortest")),
+            fill_color=int(preprocess.get("fill_color", 0)),
+            quick_gelu=False,
+            origin="the model's own preprocessing configuration",
+        )
+        self.mean, self.std = self.preprocessing.mean, self.preprocessing.std
+        self.logit_scale = float(model.logit_scale.detach().float().exp().item())
+        if not math.isfinite(self.logit_scale) or self.logit_scale <= 0:
+            raise ModelError(
+                f"the weights' logit_scale gives a temperature of {self.logit_scale}: they are corrupt or not CLIP weights; check --pretrained"
+            )
+
+    @property
+    def view(self) -> ViewFormat:
+        """The encoder's input format: side, normalisation, interpolation and resize mode of its preprocessing."""
+        p = self.preprocessing
+        return ViewFormat(self.image_size, p.mean, p.std, p.interpolation, p.resize_mode, p.fill_color)
 
     def _autocast(self) -> Any:
         if self.autocast_dtype is None:
@@ -241,9 +264,10 @@ class LoadedModel:
         return F.normalize(features.float(), dim=-1)
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """Sentences to (n, D) normalised float32 embeddings."""
+        """Sentences to (n, D) normalised float32 embeddings, always computed in fp32 (METHOD.md: once per job,
+        so precision costs nothing there, and class vectors must not depend on the image side's autocast)."""
         tokens = self.tokenizer(list(texts)).to(self.device)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             features = self.model.encode_text(tokens)
         return F.normalize(features.float(), dim=-1)
 
@@ -259,18 +283,21 @@ def check_model(config: ModelConfig) -> WeightsSource:
     A local weights file is opened the way the workers will open it (tensors memory-mapped, not read), so
     a file that would run pickled code is refused here, before a cluster starts.
     """
-    source = parse_weights_source(architecture_name(config.name), config.pretrained)
+    architecture = architecture_name(config.name)
+    source = parse_weights_source(architecture, config.pretrained)
+    resolve_preprocessing(architecture, source.kind, config)  # a bad --weights-tag fails here; a missing hint warns
     if source.kind == "file" and not source.value.endswith(".safetensors"):  # safetensors cannot hold code
         read_state_dict(Path(source.value), mmap=True)
     return source
 
 
-def load_model(config: ModelConfig, storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
-    """Load the model `config` names.
+def load_model(config: ModelConfig, storage_options: Mapping[str, Any] | None = None, warn: bool = True) -> LoadedModel:
+    """Load the model `config` names, with the preprocessing and activation its weights were trained with.
 
     Args:
-        config: architecture, weights source, device and precision.
+        config: architecture, weights source, preprocessing hints, device and precision.
         storage_options: fsspec options for a weights URI (credentials stay out of logs).
+        warn: warn about file weights without a preprocessing hint (the driver warned already for a job).
 
     Returns:
         A LoadedModel in eval mode on its device.
@@ -285,14 +312,25 @@ def load_model(config: ModelConfig, storage_options: Mapping[str, Any] | None = 
     device = resolve_device(config.device)
     cache_dir = default_cache_dir(config)
     identity = {"model": architecture, "pretrained": config.pretrained, "weights_sha256": ""}
+    preprocessing = resolve_preprocessing(architecture, source.kind, config, warn=warn)
+    build = {
+        "force_quick_gelu": preprocessing.quick_gelu,
+        "force_preprocess_cfg": {
+            "mean": preprocessing.mean,
+            "std": preprocessing.std,
+            "interpolation": preprocessing.interpolation,
+            "resize_mode": preprocessing.resize_mode,
+            "fill_color": preprocessing.fill_color,
+        },
+    }
     if source.kind == "tag":
-        model = _create_from_tag(open_clip, architecture, source.value, cache_dir)
+        model = _create_from_tag(open_clip, architecture, source.value, cache_dir, build)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.random_seed)
             with warnings.catch_warnings(), _quiet_open_clip():
                 warnings.simplefilter("ignore")
-                model = open_clip.create_model(architecture, pretrained=None)
+                model = open_clip.create_model(architecture, pretrained=None, **build)
         if source.kind == "random":
             log.warning(RANDOM_WEIGHTS_WARNING)
             warnings.warn(RANDOM_WEIGHTS_WARNING, stacklevel=2)
@@ -301,20 +339,26 @@ def load_model(config: ModelConfig, storage_options: Mapping[str, Any] | None = 
             path = Path(source.value) if source.kind == "file" else fetch_weights(source.value, cache_dir, storage_options)
             _load_weights(model, path, architecture)
             identity["weights_sha256"] = file_sha256(path)
-    return LoadedModel(
+    loaded = LoadedModel(
         model=model,
         tokenizer=open_clip.get_tokenizer(architecture),
         device=device,
         autocast_dtype=_autocast_dtype(config.precision, device),
         identity=identity,
         compile_encoder=config.compile,
+        preprocessing=preprocessing,
     )
+    if config.name.endswith(".json"):  # the architecture is the file's content, not its name (text-vector cache key)
+        loaded.config_sha256 = file_sha256(Path(config.name).expanduser())
+    return loaded
 
 
-def _create_from_tag(open_clip: Any, architecture: str, tag: str, cache_dir: Path) -> torch.nn.Module:
+def _create_from_tag(open_clip: Any, architecture: str, tag: str, cache_dir: Path, build: Mapping[str, Any]) -> torch.nn.Module:
     try:
+        # force_quick_gelu: open_clip builds the architecture's activation and only warns when the tag (e.g. openai)
+        # was trained with QuickGELU; the tag's preprocessing comes in through `build` as well
         return open_clip.create_model(
-            architecture, pretrained=tag, cache_dir=str(cache_dir / "open_clip"), weights_only=True, require_pretrained=True
+            architecture, pretrained=tag, cache_dir=str(cache_dir / "open_clip"), weights_only=True, require_pretrained=True, **build
         )
     except Exception as error:
         raise ModelError(

@@ -1,4 +1,4 @@
-"""Class text vectors for a loaded model and vocabulary, cached on disk by model, vocabulary, method and scale."""
+"""Class text vectors for a loaded model and vocabulary, cached on disk under a key of everything they depend on."""
 
 from __future__ import annotations
 
@@ -37,13 +37,22 @@ def text_vectors(
     Each scoring actor of a job computes them with its own model; the cache makes that once per node.
     """
     templates = vocabulary.templates if vocabulary.templates is not None else default_templates()
+    descriptor_weights = scoring.descriptor_weights if scoring.method == "descriptors" else "softmax"
+    # everything the vectors depend on: the weights and architecture (content hashes), the activation, the
+    # sentences, the weighting, and where fp32 ran (CPU and CUDA kernels differ in the last bits)
     key_material = json.dumps(
         {
             "model": model.identity,
+            "model_config_sha256": model.config_sha256,
+            "quick_gelu": model.preprocessing.quick_gelu,
+            "text_precision": "fp32",
+            "device": model.device.type,
             "vocabulary": vocabulary.digest(),
             "templates": list(templates),
+            "prompt": vocabulary.prompt,
             "method": scoring.method,
             "text_scale": scoring.text_scale,
+            "descriptor_weights": descriptor_weights,
         },
         sort_keys=True,
     )
@@ -61,6 +70,7 @@ def text_vectors(
         templates,
         vocabulary.prompt,
         scoring.text_scale,
+        descriptor_weights,
     ).cpu()
     if cache_file is not None:
         _write_cached_vectors(cache_file, vectors)

@@ -146,6 +146,7 @@ def run_facts(output: OutputDir) -> list[tuple[str, str]]:
         ("inputs", ", ".join(m.get("inputs") or [])),
         ("model", f"{model.get('name')} / {model.get('pretrained')} ({model.get('source')})"),
         ("weights sha256", str(model.get("weights_sha256"))),
+        ("preprocessing", _preprocessing(model.get("preprocess"))),
         ("method", str(m.get("method"))),
         ("scoring", _pairs(m.get("scoring") or {}, skip=("method",))),
         ("vocabulary", f"{len(classes)} classes: {shown_classes}"),
@@ -188,3 +189,13 @@ def _compact(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "(" + ", ".join(_compact(v) for v in value) + ")"
     return str(value)
+
+
+def _preprocessing(record: Any) -> str:
+    """The model's preprocessing in one line, as the manifest records it (older outputs have none)."""
+    if not isinstance(record, dict):
+        return "not recorded"
+    return (
+        f"mean {record.get('mean')}, std {record.get('std')}, {record.get('interpolation')}, resize {record.get('resize_mode')}, "
+        f"quick_gelu {record.get('quick_gelu')} ({record.get('origin')})"
+    )

@@ -468,11 +468,15 @@ def _plan_record(plan: Plan | None) -> dict[str, Any] | None:
 
 def _model_record(config: JobConfig) -> dict[str, Any]:
     from pipeline.models.load import architecture_name, file_sha256, parse_weights_source
+    from pipeline.models.preprocess import resolve_preprocessing
 
     model = config.model
     architecture = architecture_name(model.name)
     source = parse_weights_source(architecture, model.pretrained)
     record: dict[str, Any] = {"name": architecture, "pretrained": model.pretrained, "source": source.kind, "weights_sha256": None}
+    # what the workers will use (they resolve it the same way); the driver warned already in check_model
+    record["preprocess"] = resolve_preprocessing(architecture, source.kind, model, warn=False).to_dict()
+    record["precision"] = model.precision
     if source.kind == "file":
         record["weights_sha256"] = file_sha256(Path(source.value))
     if source.kind == "random":

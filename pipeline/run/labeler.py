@@ -10,45 +10,75 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from pipeline.config import ModelConfig, ScoringConfig, VocabularyConfig
+from pipeline.config import DecodeConfig, ModelConfig, ScoringConfig, VocabularyConfig
 from pipeline.models.load import LoadedModel, default_cache_dir, load_model
 from pipeline.models.text_vectors import text_vectors
 from pipeline.scoring.combine import ImageScore
 from pipeline.scoring.scorer import Scorer
-from pipeline.scoring.views import ViewFormat
+from pipeline.stages.decode import DecodedImage, DecodeFailure, decode_image, short_side_for, upright_pixels
 from pipeline.stages.vocab import Vocabulary, load_vocabulary
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 
-def to_pixels(image: ImageLike) -> torch.Tensor:
-    """A uint8 RGB tensor (3, H, W) from a PIL image (EXIF orientation applied), an HWC array, a tensor or a path."""
+def decode_config(model_image_size: int, scoring: ScoringConfig) -> DecodeConfig:
+    """The decoding `lgca run` uses for this model and method: the smallest scale every view needs."""
+    alpha = scoring.crop_scale[0] if scoring.uses_crops else None
+    return DecodeConfig(min_short_side=short_side_for(model_image_size, alpha))
+
+
+def to_pixels(image: ImageLike, decode: DecodeConfig | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A uint8 RGB tensor (3, H, W) and the (width, height) of the upright original.
+
+    Paths and PIL images go through the pipeline's own decoder (`decode_image`, `upright_pixels`): EXIF
+    orientation, 16-bit scaling, transparency over grey and the reduced decode scale are those of `lgca run`,
+    so a file gives the same pixels and the same scores through both. HWC arrays and CHW tensors are used
+    as given (uint8, or float in [0, 1]).
+
+    Raises:
+        ValueError: a file that cannot be decoded (the message says why), or an array of the wrong shape.
+    """
+    decode = decode or DecodeConfig()
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            return to_pixels(ImageOps.exif_transpose(opened).convert("RGB"))
+        with open(image, "rb") as handle:
+            decoded = decode_image(handle.read(), decode)
+        if isinstance(decoded, DecodeFailure):
+            raise ValueError(f"cannot decode {image}: {decoded.message}")
+        return _from_decoded(decoded)
     if isinstance(image, Image.Image):
-        upright = ImageOps.exif_transpose(image).convert("RGB")
-        return to_pixels(torch.from_numpy(np.asarray(upright, dtype=np.uint8).copy()).permute(2, 0, 1))
+        if 0 in image.size:
+            raise ValueError(f"the image has no pixels (size {image.size})")
+        image.load()
+        return _from_decoded(upright_pixels(image.copy(), decode.min_short_side))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB array, got shape {image.shape}")
-        array = np.ascontiguousarray(image)
-        if not array.flags.writeable:  # np.asarray(pil_image) is read-only, and torch warns on such arrays
-            array = array.copy()
-        return to_pixels(torch.from_numpy(array).permute(2, 0, 1))
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"the image has no pixels (shape {image.shape})")
+        if np.issubdtype(image.dtype, np.floating):
+            image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        elif image.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 array or floats in [0, 1], got {image.dtype}")
+        # through PIL too, for the same reduced scale (a box filter) as a file of these pixels
+        return _from_decoded(upright_pixels(Image.fromarray(np.ascontiguousarray(image)), decode.min_short_side))
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
         if image.shape[1] == 0 or image.shape[2] == 0:
             raise ValueError(f"the image has no pixels (shape {tuple(image.shape)})")
-        if image.dtype == torch.uint8:
-            return image.contiguous()
         if image.is_floating_point():
-            return (image.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
-        raise ValueError(f"expected a uint8 or float tensor, got {image.dtype}")
+            image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+        elif image.dtype != torch.uint8:
+            raise ValueError(f"expected a uint8 or float tensor, got {image.dtype}")
+        return to_pixels(image.detach().cpu().permute(1, 2, 0).contiguous().numpy(), decode)
     raise TypeError(f"cannot label a {type(image).__name__}; pass a PIL image, an array, a tensor or a path")
+
+
+def _from_decoded(decoded: DecodedImage) -> tuple[torch.Tensor, tuple[int, int]]:
+    pixels = decoded.pixels if decoded.pixels.flags.writeable else decoded.pixels.copy()  # torch warns on read-only arrays
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), (decoded.width, decoded.height)
 
 
 def content_key(pixels: torch.Tensor) -> str:
@@ -71,12 +101,13 @@ class Labeler:
         self.model = model
         self.vocabulary = vocabulary
         self.scoring = scoring
+        self.decode = decode_config(model.image_size, scoring)
         self.scorer = Scorer(
             encode_image=model.encode_image,
             classes=vocabulary.classes,
             vectors=vectors,
             logit_scale=model.logit_scale,
-            view=ViewFormat(model.image_size, model.mean, model.std),
+            view=model.view,
             config=scoring,
             device=model.device,
         )
@@ -93,6 +124,7 @@ class Labeler:
         templates: Sequence[str] | None = None,
         cache_dir: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        **model_options: Any,
     ) -> Labeler:
         """Load a labeler.
 
@@ -105,12 +137,16 @@ class Labeler:
             templates: prompt templates with `{}`; default open_clip's OpenAI ImageNet set.
             cache_dir: weights and text-embedding cache.
             storage_options: fsspec options for remote labels or weights.
+            model_options: further ModelConfig fields, e.g. weights_tag="openai" for weights exported from that
+                tag, or image_mean, image_std, interpolation, resize_mode, quick_gelu.
 
         Raises:
             ConfigError: bad vocabulary, model or parameters.
         """
         scoring = scoring or ScoringConfig()
-        model_config = ModelConfig(name=model, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
+        model_config = ModelConfig(
+            name=model, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir, **model_options
+        )
         vocabulary = _vocabulary_from(labels, templates, storage_options)
         loaded = load_model(model_config, storage_options)
         vectors = text_vectors(loaded, vocabulary, scoring, default_cache_dir(model_config))
@@ -122,17 +158,23 @@ class Labeler:
         keys: Sequence[str] | None = None,
         batch_size: int = 32,
     ) -> list[ImageScore]:
-        """Score images; `keys` fix each image's crops (default: a hash of its pixels, or its path)."""
+        """Score images; `keys` fix each image's crops (default: a hash of its pixels, or its path).
+
+        A result whose `error` is set has no label: its scores were not finite.
+        """
         if isinstance(images, (Image.Image, str, os.PathLike)) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3):
             raise TypeError(f"label() takes a sequence of images, got a single {type(images).__name__}; wrap it in a list")
-        pixels = [to_pixels(image) for image in images]
+        converted = [to_pixels(image, self.decode) for image in images]
+        pixels = [p for p, _ in converted]
+        sizes = [size for _, size in converted]
         if keys is not None and len(keys) != len(pixels):
             raise ValueError(f"{len(pixels)} images but {len(keys)} keys")
         if keys is None:
             keys = [str(image) if isinstance(image, (str, os.PathLike)) else content_key(p) for image, p in zip(images, pixels)]
         results: list[ImageScore] = []
         for start in range(0, len(pixels), batch_size):
-            results.extend(self.scorer.score(pixels[start : start + batch_size], keys[start : start + batch_size]))
+            window = slice(start, start + batch_size)
+            results.extend(self.scorer.score(pixels[window], keys[window], sizes[window]))
         return results
 
 

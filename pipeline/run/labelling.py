@@ -216,11 +216,10 @@ class ScoringActor:
         from pipeline.models.load import default_cache_dir, load_model
         from pipeline.models.text_vectors import text_vectors
         from pipeline.scoring.scorer import Scorer
-        from pipeline.scoring.views import ViewFormat
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
-        self.model = load_model(model_config, storage_options)
+        self.model = load_model(model_config, storage_options, warn=False)  # the driver warned about a missing hint
         # Each actor embeds the vocabulary with its own model (once per node, then from the disk cache):
         # a separate job-wide task would load the model a second time before any actor could start.
         vectors = text_vectors(self.model, vocabulary, scoring, default_cache_dir(model_config))
@@ -232,7 +231,7 @@ class ScoringActor:
             classes=vocabulary.classes,
             vectors=vectors,
             logit_scale=self.model.logit_scale,
-            view=ViewFormat(self.model.image_size, self.model.mean, self.model.std),
+            view=self.model.view,
             config=scoring,
             device=self.model.device,
         )
@@ -297,13 +296,14 @@ class ScoringActor:
         sizes = [(columns["width"][i].as_py(), columns["height"][i].as_py()) for i in indices]
         try:
             scores = self.scorer.score(pixels, keys, sizes)
-            return {i: _prediction(score) for i, score in zip(indices, scores)}
+            return {i: score.error or _prediction(score) for i, score in zip(indices, scores)}
         except Exception as error:  # isolate the image that broke the batch; the others still get scored
             log.warning("batch scoring failed (%s); scoring its %d images one by one", error, len(indices))
         out: dict[int, dict[str, Any] | str] = {}
         for i, image, key, size in zip(indices, pixels, keys, sizes):
             try:
-                out[i] = _prediction(self.scorer.score([image], [key], [size])[0])
+                score = self.scorer.score([image], [key], [size])[0]
+                out[i] = score.error or _prediction(score)
             except Exception as error:
                 out[i] = f"scoring failed: {type(error).__name__}: {error}"
         return out

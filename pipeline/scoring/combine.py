@@ -39,6 +39,7 @@ class ImageScore:
     margin: float  # top-1 probability minus top-2 probability
     boxes: list[SalientBox]
     view_shares: tuple[float, float, float]  # share of S carried by (global view, local crops, grown boxes)
+    error: str | None = None  # set when the scores are not finite: the image gets a score_error row, no label
 
 
 def region_weights(
@@ -112,13 +113,46 @@ def view_shares(weights: torch.Tensor, grown: torch.Tensor, global_weight: float
     return [(float(global_weight), float(c), float(g)) for c, g in groups]
 
 
+def region_best_classes(
+    regions: torch.Tensor, order: list[list[int]], vectors: torch.Tensor, logit_scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each reported region's best class and that class's probability for the region alone.
+
+    Only the regions in `order` are scored (with C = 21,000 classes, every region of a batch would cost
+    hundreds of MB), and only the best class and its probability leave the device, in one transfer.
+
+    Args:
+        regions: (B, P, D) f(b).
+        order: per image, the pool indices to report.
+        vectors: (C, D) class vectors.
+        logit_scale: the model's temperature.
+
+    Returns:
+        (B, R) best class indices and (B, R) their probabilities, R the longest `order`; rows padded at the end.
+    """
+    batch = regions.shape[0]
+    width = max((len(indices) for indices in order), default=0)
+    if width == 0:
+        return np.zeros((batch, 0), dtype=np.int64), np.zeros((batch, 0), dtype=np.float32)
+    index = np.zeros((batch, width), dtype=np.int64)
+    for b, indices in enumerate(order):
+        index[b, : len(indices)] = indices
+    picked = regions.gather(1, torch.from_numpy(index).to(regions.device)[..., None].expand(-1, -1, regions.shape[2]))
+    logits = logit_scale * (picked @ vectors.T).float()  # (B, R, C)
+    top, best = logits.max(dim=-1)
+    probability = torch.exp(top - torch.logsumexp(logits, dim=-1))  # softmax at the argmax, without the (B, R, C) softmax
+    both = torch.stack([best.float(), probability], dim=0).cpu().numpy()
+    return both[0].astype(np.int64), both[1].astype(np.float32)
+
+
 def salient_boxes(
     order: list[int],
     boxes: np.ndarray,
     levels: np.ndarray,
     parents: np.ndarray,
     saliency: np.ndarray,
-    region_probs: np.ndarray,
+    best: np.ndarray,
+    best_probability: np.ndarray,
     classes: Sequence[str],
 ) -> list[SalientBox]:
     """The salient boxes of one image, each with its best class for the region alone.
@@ -126,16 +160,15 @@ def salient_boxes(
     Args:
         order: pool indices of the boxes to report, in output order; a box's parent comes before it.
         boxes, levels, parents, saliency: (P, 4), (P,), (P,) and (P,) over the image's pool.
-        region_probs: (P, C) class probabilities of each region alone.
-        classes: class names, in the order of `region_probs`' columns.
+        best, best_probability: (>= len(order),) from `region_best_classes`, in the order of `order`.
+        classes: class names.
 
     Returns:
         One SalientBox per entry of `order`; parents are positions in this list.
     """
     position = {pool_index: out_index for out_index, pool_index in enumerate(order)}
     out = []
-    for pool_index in order:
-        best = int(region_probs[pool_index].argmax())
+    for out_index, pool_index in enumerate(order):
         parent = int(parents[pool_index])
         x0, y0, x1, y1 = (float(v) for v in boxes[pool_index])
         out.append(
@@ -147,48 +180,75 @@ def salient_boxes(
                 level=int(levels[pool_index]),
                 parent=position[parent] if parent >= 0 else -1,
                 saliency=float(saliency[pool_index]),
-                label=classes[best],
-                score=float(region_probs[pool_index, best]),
+                label=classes[int(best[out_index])],
+                score=float(best_probability[out_index]),
             )
         )
     return out
 
 
-def image_score(
-    key: str,
+def image_scores(
+    keys: Sequence[str],
     similarity: torch.Tensor,
     classes: Sequence[str],
     logit_scale: float,
     topk: int,
-    boxes: list[SalientBox],
-    shares: tuple[float, float, float],
-) -> ImageScore:
-    """The result of one image from its scores S(x, c).
+    boxes: Sequence[list[SalientBox]],
+    shares: Sequence[tuple[float, float, float]],
+) -> list[ImageScore]:
+    """The results of a batch from its scores S(x, c): one softmax and one transfer for the whole batch.
 
     Args:
-        key: the image's key.
-        similarity: (C,) S(x, c).
-        classes: class names, in the order of `similarity`.
+        keys: the images' keys.
+        similarity: (B, C) S(x, c).
+        classes: class names, in the order of `similarity`'s columns.
         logit_scale: the model's temperature, applied before the class softmax.
         topk: how many leading classes to list.
-        boxes: the image's salient boxes (empty for all methods but lgca).
-        shares: from `view_shares`.
+        boxes: per image its salient boxes (empty for all methods but lgca).
+        shares: per image, from `view_shares`.
 
     Returns:
-        The ImageScore; ties in probability keep class order.
+        One ImageScore per image; ties in probability keep class order. An image whose scores are not finite
+        (NaN or infinite embeddings) gets an ImageScore with `error` set and no label, never a label.
     """
     probabilities = torch.softmax(logit_scale * similarity.float(), dim=-1).cpu().numpy()
-    ranked = np.argsort(-probabilities, kind="stable")
-    order = ranked[:topk]
-    second = float(probabilities[ranked[1]]) if len(ranked) > 1 else 0.0
+    out = []
+    for b, key in enumerate(keys):
+        row = probabilities[b]
+        if not np.isfinite(row).all():
+            out.append(_not_finite(key, row, shares[b]))
+            continue
+        ranked = np.argsort(-row, kind="stable")
+        order = ranked[:topk]
+        second = float(row[ranked[1]]) if len(ranked) > 1 else 0.0
+        out.append(
+            ImageScore(
+                key=key,
+                probabilities=row,
+                label=classes[order[0]],
+                score=float(row[order[0]]),
+                topk_labels=[classes[i] for i in order],
+                topk_scores=[float(row[i]) for i in order],
+                margin=float(row[order[0]]) - second,
+                boxes=list(boxes[b]),
+                view_shares=shares[b],
+            )
+        )
+    return out
+
+
+def _not_finite(key: str, row: np.ndarray, shares: tuple[float, float, float]) -> ImageScore:
+    bad = int((~np.isfinite(row)).sum())
     return ImageScore(
         key=key,
-        probabilities=probabilities,
-        label=classes[order[0]],
-        score=float(probabilities[order[0]]),
-        topk_labels=[classes[i] for i in order],
-        topk_scores=[float(probabilities[i]) for i in order],
-        margin=float(probabilities[order[0]]) - second,
-        boxes=boxes,
+        probabilities=row,
+        label="",
+        score=float("nan"),
+        topk_labels=[],
+        topk_scores=[],
+        margin=float("nan"),
+        boxes=[],
         view_shares=shares,
+        error=f"scores are not finite ({bad} of {len(row)} class probabilities are NaN or infinite): the image embedding "
+        "or the temperatures overflowed; try --precision fp32",
     )

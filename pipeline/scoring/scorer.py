@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ScoringConfig
-from pipeline.scoring.combine import ImageScore, SalientBox, image_score, region_weights, salient_boxes, view_score, view_shares
+from pipeline.scoring.combine import (
+    ImageScore,
+    image_scores,
+    region_best_classes,
+    region_weights,
+    salient_boxes,
+    view_score,
+    view_shares,
+)
 from pipeline.scoring.expansion import expand_regions
 from pipeline.scoring.regions import sample_crops
 from pipeline.scoring.views import ImageEncoder, ViewCutter, ViewFormat, ViewSet, encode_views
@@ -134,7 +142,7 @@ class Scorer:
         with torch.inference_mode():
             if method not in ("wca", "lgca"):
                 sims = views.global_emb @ vectors.T  # (B, C)
-                return [self._result(key, row, [], (1.0, 0.0, 0.0)) for key, row in zip(views.keys, sims)]
+                return self._results(views.keys, sims, [[] for _ in views.keys], [(1.0, 0.0, 0.0)] * len(views.keys))
             pool = views.region_emb.shape[1] if method == "lgca" else views.crops
             if method == "lgca" and self.config.grown_views and pool == views.crops:
                 raise ValueError("these views hold no grown regions; embed them with an lgca scorer")
@@ -181,7 +189,6 @@ class Scorer:
     ) -> list[ImageScore]:
         """S(x, c) from the global view and the first `pool` regions (`view_score`)."""
         cfg = self.config
-        batch = len(views.keys)
         regions = views.region_emb[:, :pool]
         levels = views.levels[:, :pool]
         grown = torch.from_numpy(levels > 0).to(self.device)
@@ -189,18 +196,18 @@ class Scorer:
         combined = view_score(views.global_emb, regions, weights, vectors, global_weight)  # (B, C)
         shares = view_shares(weights, grown, global_weight if pool else 1.0)
         if not with_boxes:
-            return [self._result(key, row, [], share) for key, row, share in zip(views.keys, combined, shares)]
-        region_probs = torch.softmax(self.logit_scale * (regions @ vectors.T), dim=-1).float().cpu().numpy()  # (B, P, C)
+            return self._results(views.keys, combined, [[] for _ in views.keys], shares)
+        best, best_probability = region_best_classes(regions, views.selected, vectors, self.logit_scale)
         saliency = views.saliency.float().cpu().numpy()
-        return [
-            self._result(
-                views.keys[b],
-                combined[b],
-                salient_boxes(views.selected[b], views.boxes[b], levels[b], views.parents[b], saliency[b], region_probs[b], self.classes),
-                shares[b],
+        boxes = [
+            salient_boxes(
+                views.selected[b], views.boxes[b], levels[b], views.parents[b], saliency[b], best[b], best_probability[b], self.classes
             )
-            for b in range(batch)
+            for b in range(len(views.keys))
         ]
+        return self._results(views.keys, combined, boxes, shares)
 
-    def _result(self, key: str, similarity: torch.Tensor, boxes: list[SalientBox], shares: tuple[float, float, float]) -> ImageScore:
-        return image_score(key, similarity, self.classes, self.logit_scale, self.config.topk, boxes, shares)
+    def _results(
+        self, keys: Sequence[str], similarity: torch.Tensor, boxes: list, shares: Sequence[tuple[float, float, float]]
+    ) -> list[ImageScore]:
+        return image_scores(keys, similarity, self.classes, self.logit_scale, self.config.topk, boxes, shares)

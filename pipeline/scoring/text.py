@@ -63,11 +63,14 @@ def class_vectors(
     templates: Sequence[str],
     prompt: str,
     text_scale: float,
+    descriptor_weights: str = "softmax",
 ) -> torch.Tensor:
     """Class vectors T_c for one method.
 
     clip: g(p_c). ensemble: mean of template embeddings (CLIP's ensemble). descriptors, wca, lgca: the
-    description embeddings weighted by softmax_j(exp(text_scale) * <t_cj, g(p_c)>).
+    description embeddings weighted by softmax_j(exp(text_scale) * <t_cj, g(p_c)>); with
+    `descriptor_weights="mean"` the descriptors method averages them instead (CuPL's plain mean, the
+    descriptor baseline of WCA's code).
 
     Args:
         method: one of clip, ensemble, descriptors, wca, lgca.
@@ -75,6 +78,7 @@ def class_vectors(
         encode_text: maps n strings to (n, D) embeddings.
         descriptions, templates, prompt: as in `class_sentences`.
         text_scale: the description-weight temperature.
+        descriptor_weights: softmax or mean, for the descriptors method.
 
     Returns:
         (C, D) float32 class vectors, L2-normalised, in the order of `classes`.
@@ -89,7 +93,7 @@ def class_vectors(
     flat = [s for group in sentences for s in group]
     embedded = encode_texts(encode_text, flat)
     groups = torch.split(embedded, [len(group) for group in sentences])
-    if method == "ensemble":
+    if method == "ensemble" or (method == "descriptors" and descriptor_weights == "mean"):
         return F.normalize(torch.stack([group.mean(dim=0) for group in groups]), dim=-1)
     prompt_vecs = encode_texts(encode_text, prompts)
     vectors = []

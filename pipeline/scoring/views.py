@@ -8,18 +8,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) normalised pixels -> (B, D)
 
 
 @dataclass(frozen=True)
 class ViewFormat:
-    """How a view is turned into encoder input: square side and per-channel normalisation."""
+    """How a view is turned into encoder input: the model's preprocessing (open_clip's PreprocessCfg)."""
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bicubic"  # bicubic | bilinear | nearest
+    resize_mode: str = "shortest"  # shortest: centre square to S | longest: longer side to S, padded | squash
+    fill_color: int = 0  # pixel value of the padding of `longest`
 
 
 @dataclass
@@ -92,7 +94,12 @@ class ViewCutter:
         return [(next(uploaded) if image.device.type == "cpu" else image.to(self.device)).float() for image in images]
 
     def global_views(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The model's own preprocessing: shorter side to S (bicubic, antialiased), centre crop S x S.
+        """The model's own preprocessing of the whole image, as open_clip's `image_transform` for its resize mode.
+
+        shortest: the centred square of side min(H, W) (what resizing the shorter side to S and centre-cropping
+        keeps) resized to S x S; squash: the whole image to S x S; longest: the longer side to S, centred on a
+        canvas of `fill_color`. Only the kept region is resized, so no intermediate larger than S x S exists
+        whatever the aspect ratio.
 
         Args:
             pixels: float (3, H, W) images on the device, from `upload`.
@@ -101,21 +108,28 @@ class ViewCutter:
             (B, 3, S, S) normalised views.
         """
         size = self.view.size
-        views = []
-        for image in pixels:
+        out = torch.empty((len(pixels), 3, size, size), device=self.device)
+        for index, image in enumerate(pixels):
             height, width = image.shape[-2:]
-            scale = size / min(height, width)
-            new_h, new_w = max(size, int(height * scale)), max(size, int(width * scale))
-            resized = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-            top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
-            views.append(resized[:, :, top : top + size, left : left + size])
-        return self._normalise(torch.cat(views))
+            if self.view.resize_mode == "squash":
+                out[index] = self._resize(image, size, size)[0]
+            elif self.view.resize_mode == "longest":
+                scale = size / max(height, width)
+                new_h, new_w = max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
+                top, left = (size - new_h) // 2, (size - new_w) // 2
+                out[index].fill_(float(self.view.fill_color))
+                out[index, :, top : top + new_h, left : left + new_w] = self._resize(image, new_h, new_w)[0]
+            else:
+                side = min(height, width)
+                top, left = int(round((height - side) / 2)), int(round((width - side) / 2))
+                out[index] = self._resize(image[:, top : top + side, left : left + side], size, size)[0]
+        return self._normalise(out)
 
     def crop_views(self, pixels: Sequence[torch.Tensor], owners: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
-        """Cut and resize boxes of the images to S x S, one roi_align per image.
+        """Cut boxes out of the images and resize each to S x S with the model's interpolation (antialiased).
 
-        roi_align averages ceil(box / S) samples per output pixel, so large boxes are low-pass filtered
-        before they are resampled, as an antialiased resize would.
+        Boxes are square in the original image, so every resize mode gives the same view of them; the pixel
+        region is rounded to whole pixels (at least one), and only that region is ever resized.
 
         Args:
             pixels: float (3, H, W) images on the device, from `upload`.
@@ -127,16 +141,23 @@ class ViewCutter:
         """
         size = self.view.size
         out = torch.empty((len(owners), 3, size, size), device=self.device)
-        for owner in np.unique(owners):
-            rows = np.nonzero(owners == owner)[0]
-            image = pixels[owner]
-            height, width = image.shape[-2:]
-            scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-            pixel_boxes = (torch.from_numpy(boxes[rows]).float() * scale).to(self.device)
-            out[torch.from_numpy(rows).to(self.device)] = roi_align(
-                image[None], [pixel_boxes], output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True
-            )
+        shapes = np.array([image.shape[-2:] for image in pixels], dtype=np.float64).reshape(-1, 2)[owners]  # (M, 2) H, W
+        # pixel regions computed on the host from host boxes: no device round trip, no per-box synchronisation
+        x0 = np.clip(np.floor(boxes[:, 0] * shapes[:, 1] + 0.5), 0, shapes[:, 1] - 1).astype(np.int64)
+        y0 = np.clip(np.floor(boxes[:, 1] * shapes[:, 0] + 0.5), 0, shapes[:, 0] - 1).astype(np.int64)
+        x1 = np.maximum(np.clip(np.floor(boxes[:, 2] * shapes[:, 1] + 0.5), 0, shapes[:, 1]).astype(np.int64), x0 + 1)
+        y1 = np.maximum(np.clip(np.floor(boxes[:, 3] * shapes[:, 0] + 0.5), 0, shapes[:, 0]).astype(np.int64), y0 + 1)
+        for row, owner in enumerate(owners):
+            region = pixels[int(owner)][:, y0[row] : y1[row], x0[row] : x1[row]]
+            out[row] = self._resize(region, size, size)[0]
         return self._normalise(out)
+
+    def _resize(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(3, h, w) to (1, 3, height, width) with the model's interpolation; antialiased where it downsamples."""
+        mode = self.view.interpolation
+        if mode == "nearest":
+            return F.interpolate(image[None], size=(height, width), mode="nearest")
+        return F.interpolate(image[None], size=(height, width), mode=mode, antialias=True, align_corners=False)
 
     def _normalise(self, views: torch.Tensor) -> torch.Tensor:
         return (views.clamp_(0.0, 255.0) - self._mean) / self._std

@@ -173,20 +173,37 @@ def _decode_opened(image: Image.Image, config: DecodeConfig, started: float) -> 
     # further stages and report it as a failure, as DecodeConfig.timeout_s promises.
     _check_budget(started, config, "decoding")
 
+    decoded = upright_pixels(image, config.min_short_side, (stored_width, stored_height))
+    _check_budget(started, config, "conversion to RGB")
+    return decoded
+
+
+def upright_pixels(image: Image.Image, min_short_side: int, stored_size: tuple[int, int] | None = None) -> DecodedImage:
+    """A loaded PIL image as the pipeline sees it: EXIF orientation applied, 16-bit scaled to 8 bits,
+    transparency composited over grey, box-reduced while the shorter side stays >= `min_short_side`.
+
+    `decode_image` ends here, and the Python API passes PIL images through it, so a file gives the same
+    pixels through every door. `image` may be modified (oriented in place).
+
+    Args:
+        image: a loaded image, possibly drafted at a reduced JPEG scale.
+        min_short_side: the smallest shorter side the views need.
+        stored_size: the full-resolution size as stored, before a draft; default the image's size.
+    """
+    stored_width, stored_height = stored_size or image.size
     loaded_size = image.size
     _exif_transpose(image)
     swapped = image.size != loaded_size  # orientations 5-8 swap the axes
     width, height = (stored_height, stored_width) if swapped else (stored_width, stored_height)
 
     converted = _to_rgb_or_rgba(image)
-    factor = max(1, min(converted.size) // config.min_short_side)
+    factor = max(1, min(converted.size) // min_short_side)
     if factor > 1:
         # Box filter over factor x factor blocks; the size rounds up, so the shorter side stays >= min_short_side.
         converted = converted.reduce(factor)
     if converted.mode == "RGBA":
         converted = _over_grey(converted)
     pixels = np.ascontiguousarray(np.asarray(converted, dtype=np.uint8))  # (H, W, 3)
-    _check_budget(started, config, "conversion to RGB")
     return DecodedImage(pixels=pixels, width=width, height=height)
 
 
