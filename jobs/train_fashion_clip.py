@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.evaluation.scenes import CLASSES, FASHION_MNIST_DIR, load_fashion_mnist, training_views  # noqa: E402
+from pipeline.models.load import architecture_name  # noqa: E402
 
 FASHION = ROOT / "examples" / "fashion"
 BACKGROUND = (  # captions of views with no whole object: the class the vocabulary never names
@@ -69,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     config = Path(args.config)
-    open_clip.add_model_config(config)
-    model = open_clip.create_model(config.stem)
-    tokenizer = open_clip.get_tokenizer(config.stem)
+    architecture = architecture_name(str(config))  # registers it, keeping a preprocess_cfg if it has one
+    model = open_clip.create_model(architecture)
+    tokenizer = open_clip.get_tokenizer(architecture)
     train = load_fashion_mnist("train", args.data)
     descriptions = json.loads(Path(args.descriptors).read_text())
     templates = [line for line in Path(args.templates).read_text().splitlines() if line.strip()]

@@ -380,3 +380,13 @@ def test_the_manifest_records_and_the_summary_shows_the_preprocessing(tmp_path):
     shown = _preprocessing(json.loads(json.dumps(record)))  # as read back from _manifest.json
     assert "squash" in shown and "webli" in shown and "mean [0.5, 0.5, 0.5]" in shown
     assert _preprocessing(None) == "not recorded"
+
+
+def test_a_model_config_json_declares_its_own_preprocessing(tmp_path):
+    config = json.loads(Path(TINY_MODEL).read_text())
+    config["preprocess_cfg"] = {"interpolation": "bilinear", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    path = tmp_path / "declared.json"
+    path.write_text(json.dumps(config))
+    model = load_model(ModelConfig(name=str(path), pretrained="random", device="cpu"))  # open_clip never sees the key
+    assert (model.view.interpolation, model.view.mean, model.view.std) == ("bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert "preprocess_cfg of the declared model config" in model.preprocessing.origin

@@ -64,7 +64,7 @@ def architecture_name(name: str) -> str:
         path = Path(name).expanduser()
         if not path.is_file():
             raise ModelError(f"model config file {name} does not exist; pass an open_clip name such as ViT-B-32")
-        open_clip.add_model_config(path)
+        _register_model_config(open_clip, path)
         return path.stem
     known = open_clip.list_models()
     if name not in known:
@@ -72,6 +72,32 @@ def architecture_name(name: str) -> str:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ModelError(f"unknown open_clip architecture {name!r}.{hint} Valid names: {', '.join(known)}")
     return name
+
+
+# `preprocess_cfg` of model-config JSON files by architecture: how the model was trained to see images (as in
+# open_clip's hub configs); open_clip's model classes do not accept the key, so it is kept here instead
+JSON_PREPROCESS: dict[str, dict[str, Any]] = {}
+
+
+def _register_model_config(open_clip: Any, path: Path) -> None:
+    """Register a model-config JSON with open_clip, keeping its optional `preprocess_cfg` for the preprocessing."""
+    import json
+
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelError(f"model config file {path} is not readable JSON: {error}") from None
+    preprocess = config.pop("preprocess_cfg", None) if isinstance(config, dict) else None
+    if preprocess is None:
+        open_clip.add_model_config(path)
+        return
+    if not isinstance(preprocess, dict):
+        raise ModelError(f"model config file {path}: `preprocess_cfg` must be a mapping (mean, std, interpolation, resize_mode)")
+    JSON_PREPROCESS[path.stem] = dict(preprocess)
+    with tempfile.TemporaryDirectory() as folder:  # open_clip registers by file stem, so the name is kept
+        stripped = Path(folder) / path.name
+        stripped.write_text(json.dumps(config))
+        open_clip.add_model_config(stripped)
 
 
 def parse_weights_source(architecture: str, pretrained: str) -> WeightsSource:

@@ -74,9 +74,9 @@ def resolve_preprocessing(architecture: str, source_kind: str, config: ModelConf
     """
     import open_clip
 
-    from pipeline.models.load import ModelError
+    from pipeline.models.load import JSON_PREPROCESS, ModelError
 
-    base = dict((open_clip.get_model_config(architecture) or {}).get("preprocess_cfg") or {})
+    base = dict(JSON_PREPROCESS.get(architecture) or {})  # a model-config JSON's own `preprocess_cfg`
     quick_gelu_default = bool((open_clip.get_model_config(architecture) or {}).get("quick_gelu", False))
     tag = config.pretrained if source_kind == "tag" else config.weights_tag
     if config.weights_tag and source_kind == "tag":
@@ -93,6 +93,8 @@ def resolve_preprocessing(architecture: str, source_kind: str, config: ModelConf
     elif len(groups) == 1 and source_kind != "random":
         base.update(dict(zip(("mean", "std", "interpolation", "resize_mode", "quick_gelu"), next(iter(groups)))))
         origin = f"open_clip configuration shared by every tag of {architecture}"
+    elif architecture in JSON_PREPROCESS:
+        origin = f"preprocess_cfg of the {architecture} model config"
     else:
         origin = f"{architecture} architecture default"
     explicit = {
