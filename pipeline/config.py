@@ -204,8 +204,12 @@ class VocabularyConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """How image bytes become pixels: on the CPU workers, or (JPEGs) on the scoring GPU."""
+    """How inputs are read, and how their bytes become pixels: on the CPU workers, or (JPEGs) on the scoring GPU."""
 
+    # Bounds on reading one file, before any decoding: the largest real photos (100-megapixel JPEGs, 50-megapixel
+    # PNGs) stay under 64 MiB, and a decode task holds several files at once.
+    max_bytes: int = 64 * 1024 * 1024
+    read_timeout_s: float = 120.0  # a read (retries included) still running then becomes a read_error
     max_pixels: int = 178_956_970  # declared width * height above this is refused (decompression bombs)
     min_short_side: int = 224  # decode at the smallest scale whose shorter side is still at least this
     timeout_s: float = 30.0  # per-image decode budget on the CPU; a slower image becomes a decode_error
@@ -213,6 +217,8 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         _require(self.device in DECODE_DEVICES, f"decode device {self.device!r} is unknown; choose one of {', '.join(DECODE_DEVICES)}")
+        _require(self.max_bytes > 0, f"max bytes must be > 0, got {self.max_bytes}")
+        _require(self.read_timeout_s > 0, f"read timeout must be > 0, got {self.read_timeout_s}")
         _require(self.max_pixels > 0, f"max pixels must be > 0, got {self.max_pixels}")
         _require(self.min_short_side > 0, f"min short side must be > 0, got {self.min_short_side}")
         _require(self.timeout_s > 0, f"decode timeout must be > 0, got {self.timeout_s}")
@@ -251,6 +257,7 @@ class JobConfig:
     decode: DecodeConfig = DecodeConfig()
     execution: ExecutionConfig = ExecutionConfig()
     resume: bool = False  # skip inputs that already have a committed output row
+    retry_failed: bool = False  # with resume: label again the rows of committed shards that failed
     overwrite: bool = False  # delete an existing output first
 
     def __post_init__(self) -> None:
@@ -258,6 +265,7 @@ class JobConfig:
         _require(bool(self.inputs), "no inputs given; pass one or more directories, globs, s3:// prefixes or manifests")
         _require(bool(self.output), "no output given; pass --output DIR")
         _require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pick one")
+        _require(self.resume or not self.retry_failed, "--retry-failed works on an existing output; add --resume")
         _require(
             not (self.decode.device == "gpu" and self.model.device == "cpu"),
             "--decode gpu decodes on the scoring GPU, but --device cpu scores on the CPU; use --decode cpu or auto",
@@ -321,13 +329,13 @@ JOB_SECTIONS = {
     "decode": DecodeConfig,
     "execution": ExecutionConfig,
 }
-JOB_SCALARS = ("inputs", "output", "resume", "overwrite", "storage_options")
+JOB_SCALARS = ("inputs", "output", "resume", "retry_failed", "overwrite", "storage_options")
 
 
 def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[JobConfig, dict[str, Any]]:
     """A JobConfig and non-secret storage options from a parsed job spec (YAML or JSON).
 
-    The spec mirrors JobConfig: top-level `inputs`, `output`, `resume`, `overwrite`, `storage_options`,
+    The spec mirrors JobConfig: top-level `inputs`, `output`, `resume`, `retry_failed`, `overwrite`, `storage_options`,
     and one mapping per section (`vocabulary`, `model`, `scoring`, `decode`, `execution`).
 
     Raises:
@@ -354,7 +362,7 @@ def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[Job
     )
     output = spec.get("output")
     _require(isinstance(output, str) and bool(output), f"{where}: `output` must be a path or URI")
-    for flag in ("resume", "overwrite"):
+    for flag in ("resume", "retry_failed", "overwrite"):
         _require(isinstance(spec.get(flag, False), bool), f"{where}: `{flag}` must be true or false")
     storage = spec.get("storage_options") or {}
     _require(isinstance(storage, Mapping), f"{where}: `storage_options` must be a mapping")
@@ -369,6 +377,7 @@ def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[Job
         inputs=tuple(inputs),
         output=output,
         resume=spec.get("resume", False),
+        retry_failed=spec.get("retry_failed", False),
         overwrite=spec.get("overwrite", False),
         **sections,
     )

@@ -8,13 +8,16 @@ import signal
 FAULT_ENV = "LGCA_FAULT_POINT"
 # With a path here, the fault fires once: the first process to create the file is killed, retries pass.
 FAULT_ONCE_ENV = "LGCA_FAULT_ONCE"
+# With text here, a point given a subject (an input's path) fires only for subjects containing it.
+FAULT_MATCH_ENV = "LGCA_FAULT_MATCH"
 # Where a job can be killed (docs/RELIABILITY.md). The driver: after the plan is written, with pieces staged
 # but no shard committed, once a shard is committed, after _manifest.json but before _SUCCESS. A worker:
-# while committing a shard, its part file written but not yet published.
-FAULT_POINTS = ("listed", "staged", "scoring", "before_success", "committing")
+# while committing a shard, its part file written but not yet published; about to decode an input (a poison
+# input that kills its decode worker every time, with LGCA_FAULT_MATCH naming it).
+FAULT_POINTS = ("listed", "staged", "scoring", "before_success", "committing", "decoding")
 
 
-def fault_point(name: str) -> None:
+def fault_point(name: str, subject: str | None = None) -> None:
     """Kill this process with SIGKILL, as a crash or an OOM kill would, if LGCA_FAULT_POINT names `name`.
 
     No cleanup runs (no finally blocks, no atexit): what is left on disk is what a real crash leaves.
@@ -22,8 +25,12 @@ def fault_point(name: str) -> None:
 
     Args:
         name: one of FAULT_POINTS.
+        subject: what the point is about (an input's path), matched against LGCA_FAULT_MATCH.
     """
     if os.environ.get(FAULT_ENV) != name:
+        return
+    match = os.environ.get(FAULT_MATCH_ENV)
+    if match and (subject is None or match not in subject):
         return
     once = os.environ.get(FAULT_ONCE_ENV)
     if once:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # 500 and 503 answer as S3 does (InternalError, SlowDown); drop closes the socket before the request reaches
-# the server; lost forwards it, then closes the socket instead of answering (done, but the client can't know).
-FAULTS = ("500", "503", "drop", "lost")
+# the server; lost forwards it, then closes the socket instead of answering (done, but the client can't know);
+# truncate forwards it and answers with the full Content-Length but half the body, then closes (a dropped body).
+FAULTS = ("500", "503", "drop", "lost", "truncate")
 # Headers that belong to one hop (RFC 9110 section 7.6.1) or that the proxy sets itself.
 _HOP_HEADERS = {
     "connection",
@@ -194,6 +195,11 @@ def _handler_for(proxy: FaultProxy) -> type:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 passed = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_HEADERS]
+                if fault == "truncate" and len(data) > 1:
+                    self.close_connection = True
+                    self._answer(response.status, passed + [("Content-Length", str(len(data)))], data[: len(data) // 2], set_length=False)
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 if self.command == "HEAD":  # no body, but the object's size must reach the client
                     passed.append(("Content-Length", response.getheader("Content-Length", "0")))
                     data = b""

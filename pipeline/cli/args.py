@@ -276,7 +276,13 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         vocabulary=vocabulary_config(args),
         model=model_config(args),
         scoring=scoring_config(args),
-        decode=DecodeConfig(max_pixels=args.max_pixels, timeout_s=args.decode_timeout, device=args.decode),
+        decode=DecodeConfig(
+            max_bytes=args.max_bytes,
+            read_timeout_s=args.read_timeout,
+            max_pixels=args.max_pixels,
+            timeout_s=args.decode_timeout,
+            device=args.decode,
+        ),
         execution=ExecutionConfig(
             address=args.address,
             batch_size=args.batch_size,
@@ -287,5 +293,6 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             rows_per_file=args.rows_per_file,
         ),
         resume=args.resume,
+        retry_failed=args.retry_failed,
         overwrite=args.overwrite,
     )

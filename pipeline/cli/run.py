@@ -70,6 +70,11 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="label only the shards of the output's plan that have no committed file")
     mode.add_argument("--overwrite", action="store_true", help="delete existing results in --output first")
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --resume: also label again the rows that failed (read, decode or score errors) in committed shards",
+    )
     args.add_vocabulary_arguments(parser)
     args.add_model_arguments(parser)
     args.add_scoring_arguments(parser)
@@ -92,6 +97,18 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=e.rows_per_file,
         help="images per shard: the unit of work, of resume and of output files, one part-SHARD.parquet each (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-bytes",
+        type=int,
+        default=dec.max_bytes,
+        help="refuse files larger than this many bytes, before reading them; a read_error row (default: %(default)s)",
+    )
+    group.add_argument(
+        "--read-timeout",
+        type=float,
+        default=dec.read_timeout_s,
+        help="seconds allowed to read one file, retries included; a read_error row after that (default: %(default)s)",
     )
     group.add_argument(
         "--max-pixels",

@@ -27,7 +27,7 @@ from pipeline.schema import OK, STATUSES
 from pipeline.stages.decode import short_side_for
 from pipeline.stages.lease import Lease
 from pipeline.stages.plan import Plan, PlanError, PlanSummary, Shard, check_resumable, fingerprint, read_plan
-from pipeline.stages.sink import Output, OutputError, add_counts, commit_shard, committed_counts, part_name
+from pipeline.stages.sink import Output, OutputError, add_counts, commit_shard, committed_counts, failed_rows, part_name
 from pipeline.stages.sources import InputSpec, check_inputs, parse_input
 from pipeline.stages.vocab import Vocabulary, load_vocabulary
 
@@ -157,15 +157,21 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
         plan, plan_seconds = _plan(job, storage_options)
         fault_point("listed")
         committed = job.output.committed() & {shard.id for shard in plan.shards}
-        todo = [shard for shard in plan.shards if shard.id not in committed]
-        already = sum(shard.rows for shard in plan.shards if shard.id in committed)
+        failed = _failed_rows(ray, job, committed, storage_options) if config.retry_failed else {}
+        todo = [shard for shard in plan.shards if shard.id not in committed or shard.id in failed]
+        kept = committed - set(failed)
+        already = sum(shard.rows for shard in plan.shards if shard.id in kept)
         log.info("%d images in %d shards, %d shards to label", plan.images, len(plan.shards), len(todo))
-        progress = Progress(plan.images, len(plan.shards), already, len(committed))
+        if failed:
+            log.info("labelling again %d failed rows in %d committed shards", sum(failed.values()), len(failed))
+        progress = Progress(plan.images, len(plan.shards), already, len(kept))
         label_started = time.time()
-        outcome = _label(ray, job, plan, todo, storage_options, progress, lease) if todo else _Outcome(label_started)
+        outcome = (
+            _label(ray, job, plan, todo, failed, storage_options, progress, lease, attempt["run_id"]) if todo else _Outcome(label_started)
+        )
         progress.close()
         label_ended = time.time()
-        counts = _check_output(ray, job, plan, committed, outcome.counts, storage_options)
+        counts = _check_output(ray, job, plan, kept, outcome.counts, storage_options)
         steady_rows = outcome.rows - outcome.first_rows
         steady_seconds = label_ended - outcome.first_at
         summary = RunSummary(
@@ -292,9 +298,20 @@ class _Outcome:
 
 
 def _label(
-    ray: Any, job: PreparedJob, plan: Plan, todo: list[Shard], storage_options: dict[str, Any], progress: Progress, lease: Lease
+    ray: Any,
+    job: PreparedJob,
+    plan: Plan,
+    todo: list[Shard],
+    failed: Mapping[str, int],
+    storage_options: dict[str, Any],
+    progress: Progress,
+    lease: Lease,
+    run_id: str,
 ) -> _Outcome:
-    """Label the `todo` shards; each is committed by a worker task once its staged pieces cover it."""
+    """Label the `todo` shards; each is committed by a worker task once its staged pieces cover it.
+
+    A shard in `failed` (committed, with that many failed rows) has only its failed rows labelled again.
+    """
     from pipeline.schema import output_schema
 
     execution = job.config.execution
@@ -306,7 +323,7 @@ def _label(
     if model_config.device == "auto":
         model_config = replace(model_config, device="cuda" if num_gpus > 0 else "cpu")
     dataset = build_dataset(
-        [{"shard": shard.id} for shard in todo],
+        [{"shard": shard.id, "retry": shard.id in failed} for shard in todo],
         output=job.config.output,
         storage_options=storage_options,
         listing_schema=plan.schema,
@@ -320,10 +337,12 @@ def _label(
         actors=actors,
         num_gpus=num_gpus,
         num_cpus_per_actor=execution.num_cpus_per_actor,
+        run_id=run_id,
     )
     schema = output_schema(plan.schema)
     commit = ray.remote(num_cpus=COMMIT_TASK_CPUS, max_retries=3)(_commit_task)
-    expected = {shard.id: shard.rows for shard in todo}
+    shard_rows = {shard.id: shard.rows for shard in todo}
+    expected = {shard.id: failed.get(shard.id, shard.rows) for shard in todo}  # rows to stage before the commit
     staged: dict[str, int] = {}  # shards in flight only: dropped once committed
     commits: dict[Any, str] = {}
     outcome = _Outcome(first_at=0.0)
@@ -353,14 +372,14 @@ def _label(
                 continue  # a retried batch of a shard already committed: its rows are in the file
             staged[shard_id] = staged.get(shard_id, 0) + rows
             if staged[shard_id] >= expected[shard_id] and shard_id not in commits.values():
-                commits[commit.remote(job.config.output, storage_options, shard_id, expected[shard_id], schema)] = shard_id
+                commits[commit.remote(job.config.output, storage_options, shard_id, shard_rows[shard_id], schema)] = shard_id
         if commits:
             collect(timeout=0)
         lease.check()
     while commits:
         collect(timeout=None)
     for shard_id in list(expected):  # pieces that arrived after a commit found its shard incomplete
-        commits[commit.remote(job.config.output, storage_options, shard_id, expected[shard_id], schema)] = shard_id
+        commits[commit.remote(job.config.output, storage_options, shard_id, shard_rows[shard_id], schema)] = shard_id
     while commits:
         collect(timeout=None)
     outcome.first_at = outcome.first_at or time.time()
@@ -372,6 +391,24 @@ def _commit_task(output: str, storage_options: dict[str, Any], shard_id: str, ro
 
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
     return commit_shard(fs, root.rstrip("/"), shard_id, rows, schema)
+
+
+def _failed_rows(ray: Any, job: PreparedJob, committed: set[str], storage_options: dict[str, Any]) -> dict[str, int]:
+    """Failed rows per committed shard that has some (--retry-failed): footers read by worker tasks."""
+    task = ray.remote(num_cpus=COMMIT_TASK_CPUS, max_retries=3)(_failed_task)
+    ids = sorted(committed)
+    refs = [task.remote(job.config.output, storage_options, ids[i : i + COUNT_GROUP]) for i in range(0, len(ids), COUNT_GROUP)]
+    failed: dict[str, int] = {}
+    for ref in refs:
+        failed.update(unwrap(ray, ref))
+    return failed
+
+
+def _failed_task(output: str, storage_options: dict[str, Any], shard_ids: list[str]) -> dict[str, int]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    return failed_rows(fs, root.rstrip("/"), shard_ids)
 
 
 def _counts_task(output: str, storage_options: dict[str, Any], shard_ids: list[str]) -> dict[str, int]:

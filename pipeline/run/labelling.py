@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -18,11 +17,13 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError, DecodeConfig, ModelConfig, ScoringConfig
+from pipeline.faults import fault_point
 from pipeline.schema import DECODE_ERROR, OK, READ_ERROR, SCORE_ERROR, empty_prediction, output_schema
 from pipeline.stages.decode import DecodedImage, DecodeFailure, DeferredJpeg, decode_image, defer_jpeg
+from pipeline.stages.journal import DecodeJournal
 from pipeline.stages.plan import read_shard
-from pipeline.stages.sink import SHARD_COLUMN, stage_pieces
-from pipeline.stages.sources import filesystem_for, read_bytes
+from pipeline.stages.sink import SHARD_COLUMN, keep_succeeded_rows, stage_pieces
+from pipeline.stages.sources import filesystem_for, read_all, read_bytes
 from pipeline.stages.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,13 @@ def build_dataset(
     actors: int,
     num_gpus: float,
     num_cpus_per_actor: float,
+    run_id: str = "",
 ) -> Any:
-    """The lazy Ray Dataset that labels `shards` ({"shard": id, "rows": n} each) and yields (shard, rows) per staged piece."""
+    """The lazy Ray Dataset that labels `shards` and yields (shard, rows) per staged piece.
+
+    Each item of `shards` is {"shard": id, "retry": bool}; a retried shard is a committed one whose failed
+    rows alone are labelled again, its other rows kept (`sink.keep_succeeded_rows`).
+    """
     import ray
 
     dataset: Any = ray.data.from_items(shards)  # Any: Ray's map_batches types do not model fn_kwargs
@@ -80,7 +86,7 @@ def build_dataset(
         _read_and_decode,
         batch_size=decode_batch_size,
         batch_format="pyarrow",
-        fn_kwargs={"decode": decode, "storage_options": storage_options, "defer_jpegs": defer_jpegs},
+        fn_kwargs={"decode": decode, "storage_options": storage_options, "defer_jpegs": defer_jpegs, "run_id": run_id},
         num_cpus=1,
         # Reserving decode memory also keeps Ray from fusing decoding into the scoring actors (it fuses
         # stages with equal resource requests): decoding must run on its own CPU tasks, beside the model.
@@ -119,8 +125,10 @@ def _shard_rows(batch: pa.Table, output: str, storage_options: dict[str, Any], s
     64 rows made 1.5 * 10^5 of them; the decode stage cuts each block into its own batches.
     """
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    for shard_id in batch.column("shard").to_pylist():
+    for shard_id, retry in zip(batch.column("shard").to_pylist(), batch.column("retry").to_pylist()):
         table = read_shard(fs, root.rstrip("/"), shard_id, schema)
+        if retry:
+            table = table.take(keep_succeeded_rows(fs, root.rstrip("/"), shard_id))
         yield table.append_column(SHARD_COLUMN, pa.array([shard_id] * table.num_rows, pa.string()))
 
 
@@ -143,50 +151,83 @@ def jpegs_on_device(decode_device: str, model_device: str) -> bool:
     return on_cuda and decode_device in ("gpu", "auto")
 
 
-def _read_and_decode(batch: pa.Table, decode: DecodeConfig, storage_options: dict[str, Any], defer_jpegs: bool = False) -> pa.Table:
+def _read_and_decode(
+    batch: pa.Table, decode: DecodeConfig, storage_options: dict[str, Any], defer_jpegs: bool = False, run_id: str = ""
+) -> pa.Table:
     """Bytes to pixels for one batch of listing rows; every row comes out, failed ones with a status.
 
+    Reads are bounded in size (`max_bytes`) and time (`read_timeout_s`). An input that killed this task's
+    worker twice (the journal, `stages.journal`) becomes a decode_error row instead of killing it again.
     With `defer_jpegs`, JPEGs are only checked here (header, size limit, orientation) and travel as bytes,
     for the scoring actor to decode on its GPU; other files are decoded here as always.
     """
     paths = batch.column("path").to_pylist()
-
-    def fetch(path: str) -> bytes | Exception:
-        try:
-            return read_bytes(path, _read_options(path, storage_options))
-        except Exception as error:  # reported in the row, never raised: one bad object must not stop the job
-            return error
-
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(paths))) as pool:
-        contents = list(pool.map(fetch, paths))
-    columns: dict[str, list[Any]] = {name: [] for name in ("status", "error_message", "width", "height", *TRANSIENT_COLUMNS)}
-    for content in contents:
-        row: dict[str, Any] = dict.fromkeys(columns)
-        if isinstance(content, Exception):
-            row.update(status=READ_ERROR, error_message=f"cannot read: {type(content).__name__}: {content}")
-        else:
-            result: DeferredJpeg | DecodedImage | DecodeFailure | None = defer_jpeg(content, decode) if defer_jpegs else None
-            if result is None:
-                result = decode_image(content, decode)
-            if isinstance(result, DecodeFailure):
-                row.update(status=DECODE_ERROR, error_message=result.message)
-            elif isinstance(result, DeferredJpeg):
-                row.update(status=OK, width=result.width, height=result.height, jpeg=content, orientation=result.orientation)
+    with DecodeJournal.open(run_id, batch.column("key").to_pylist()) as journal:
+        contents = _read_contents(paths, decode, storage_options, journal)
+        columns: dict[str, list[Any]] = {name: [] for name in ("status", "error_message", "width", "height", *TRANSIENT_COLUMNS)}
+        for index, content in enumerate(contents):
+            row: dict[str, Any] = dict.fromkeys(columns)
+            if journal.poisoned(index):
+                row.update(status=DECODE_ERROR, error_message=_poison_message(journal.kills(index)))
+            elif isinstance(content, Exception):
+                row.update(status=READ_ERROR, error_message=f"cannot read: {type(content).__name__}: {content}")
             else:
-                row.update(
-                    status=OK,
-                    width=result.width,
-                    height=result.height,
-                    pixels=result.pixels.tobytes(),
-                    pixel_height=result.pixels.shape[0],
-                    pixel_width=result.pixels.shape[1],
-                )
-        for name, value in row.items():
-            columns[name].append(value)
+                journal.decoding(index)
+                fault_point("decoding", paths[index])
+                row.update(_decoded_row(content, decode, defer_jpegs))
+            for name, value in row.items():
+                columns[name].append(value)
+        journal.decoded_all()
     types = {"status": pa.string(), "error_message": pa.string(), "pixels": pa.large_binary(), "jpeg": pa.large_binary()}
     for name, values in columns.items():
         batch = batch.append_column(name, pa.array(values, types.get(name, pa.int32())))
     return batch
+
+
+def _read_contents(
+    paths: list[str], decode: DecodeConfig, storage_options: dict[str, Any], journal: DecodeJournal
+) -> list[bytes | Exception]:
+    def read(path: str) -> bytes:
+        return read_bytes(path, _read_options(path, storage_options), max_bytes=decode.max_bytes)
+
+    readable = [i for i in range(len(paths)) if not journal.poisoned(i)]
+    if not journal.read_one_at_a_time:
+        journal.reading_all()
+        found = read_all([paths[i] for i in readable], read, READ_THREADS, decode.read_timeout_s)
+    else:  # the last attempt died during parallel reads: one at a time, so the journal names the culprit
+        found = []
+        for i in readable:
+            journal.reading(i)
+            found.extend(read_all([paths[i]], read, 1, decode.read_timeout_s))
+    contents: list[bytes | Exception] = [b""] * len(paths)  # poisoned inputs keep b"": their rows never read it
+    for i, content in zip(readable, found):
+        contents[i] = content
+    return contents
+
+
+def _decoded_row(content: bytes, decode: DecodeConfig, defer_jpegs: bool) -> dict[str, Any]:
+    result: DeferredJpeg | DecodedImage | DecodeFailure | None = defer_jpeg(content, decode) if defer_jpegs else None
+    if result is None:
+        result = decode_image(content, decode)
+    if isinstance(result, DecodeFailure):
+        return {"status": DECODE_ERROR, "error_message": result.message}
+    if isinstance(result, DeferredJpeg):
+        return {"status": OK, "width": result.width, "height": result.height, "jpeg": content, "orientation": result.orientation}
+    return {
+        "status": OK,
+        "width": result.width,
+        "height": result.height,
+        "pixels": result.pixels.tobytes(),
+        "pixel_height": result.pixels.shape[0],
+        "pixel_width": result.pixels.shape[1],
+    }
+
+
+def _poison_message(kills: int) -> str:
+    return (
+        f"reading or decoding this file killed its worker process {kills} times (out of memory, or a crash in a "
+        "decoder); it was not tried again. Check the file, or lower --max-bytes / --max-pixels"
+    )
 
 
 def _read_options(path: str, storage_options: dict[str, Any]) -> dict[str, Any]:

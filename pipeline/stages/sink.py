@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError
 from pipeline.faults import fault_point
+from pipeline.schema import OK
 from pipeline.stages.plan import PLAN_DIR, ROW_COLUMN, put_atomically
 
 SUCCESS = "_SUCCESS"
@@ -178,11 +179,46 @@ def committed_counts(fs: fsspec.AbstractFileSystem, root: str, shard_ids: Iterab
     """Rows per status over the given committed shards, from their footers (no rows are read)."""
     total: dict[str, int] = {}
     for shard_id in shard_ids:
-        with fs.open(f"{root}/{part_name(shard_id)}", "rb") as handle:
-            metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
-        for status, count in json.loads(metadata.get(COUNTS_KEY, b"{}")).items():
-            total[status] = total.get(status, 0) + int(count)
+        add_counts(total, _footer_counts(fs, root, shard_id))
     return total
+
+
+def failed_rows(fs: fsspec.AbstractFileSystem, root: str, shard_ids: Iterable[str]) -> dict[str, int]:
+    """Failed rows (any status but ok) per committed shard that has some, from the footers."""
+    failed = {}
+    for shard_id in shard_ids:
+        count = sum(n for status, n in _footer_counts(fs, root, shard_id).items() if status != OK)
+        if count:
+            failed[shard_id] = count
+    return failed
+
+
+def keep_succeeded_rows(fs: fsspec.AbstractFileSystem, root: str, shard_id: str) -> np.ndarray:
+    """Stage a committed shard's ok rows as a piece, for a commit that replaces its failed rows; their positions.
+
+    Returns:
+        The positions (ROW_COLUMN values) of the shard's failed rows, the ones to label again.
+    """
+    with fs.open(f"{root}/{part_name(shard_id)}", "rb") as handle:
+        table = pq.read_table(handle)
+    table = table.replace_schema_metadata(None)
+    succeeded = pc.equal(table.column("status"), OK)
+    positions = pa.array(range(table.num_rows), pa.int32())  # a part file holds its shard's rows in order
+    table = table.append_column(SHARD_COLUMN, pa.array([shard_id] * table.num_rows, pa.string())).append_column(ROW_COLUMN, positions)
+    kept = table.filter(succeeded)
+    if kept.num_rows:
+        path = f"{root}/{STAGING}/{shard_id}/kept.piece"  # a fixed name: a retried reader writes the same piece again
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(kept, buffer)
+        put_atomically(fs, path, buffer.getvalue().to_pybytes())
+    return positions.filter(pc.invert(succeeded)).to_numpy()
+
+
+def _footer_counts(fs: fsspec.AbstractFileSystem, root: str, shard_id: str) -> dict[str, int]:
+    with fs.open(f"{root}/{part_name(shard_id)}", "rb") as handle:
+        metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
+    return {status: int(count) for status, count in json.loads(metadata.get(COUNTS_KEY, b"{}")).items()}
 
 
 def add_counts(total: dict[str, int], counts: Mapping[str, int]) -> None:

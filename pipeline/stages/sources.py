@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,10 @@ _TRANSIENT_MESSAGE = re.compile(
 
 class SourceError(ConfigError):
     """An input cannot be used as given; the message names the input and the fix."""
+
+
+class RefusedInput(OSError):
+    """A file that is not read: larger than the byte limit, or not a regular file (a FIFO, a device)."""
 
 
 @dataclass(frozen=True)
@@ -131,32 +137,116 @@ def check_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any])
             _check_remote(spec, storage_options)
 
 
-def read_bytes(path: str, storage_options: Mapping[str, Any], retries: int = 3, backoff_s: float = 0.2) -> bytes:
-    """The bytes of one file, retrying transient storage errors.
+def read_bytes(
+    path: str, storage_options: Mapping[str, Any], max_bytes: int | None = None, retries: int = 3, backoff_s: float = 0.2
+) -> bytes:
+    """The bytes of one file, at most `max_bytes` of them, retrying transient storage errors.
+
+    Local files are opened without blocking and must be regular files: a FIFO would wait forever for a
+    writer, and a symlink to /dev/zero would never end. A local file's size is checked before reading; a
+    remote object is fetched with a ranged request for one byte more than the limit, so memory stays bounded
+    whatever the object's size.
 
     Args:
         path: a full URI or local path, as in a listing's `path` column.
         storage_options: fsspec options for remote paths.
-        retries: extra attempts after the first for transient errors (connection, timeout, 5xx,
-            throttling); missing files and denied access are not retried.
+        max_bytes: refuse larger files; None reads any size.
+        retries: extra attempts after the first for transient errors (connection, timeout, a body cut
+            short, 5xx, throttling); missing files, denied access and refused files are not retried.
         backoff_s: wait before the first retry; doubles each retry.
 
     Returns:
         The file's content.
 
     Raises:
+        RefusedInput: larger than `max_bytes`, or not a regular file.
         FileNotFoundError, PermissionError, or the last transient error once the retries are spent.
     """
     fs, fs_path = filesystem_for(path, storage_options)
     attempt = 0
     while True:
         try:
-            return fs.cat_file(fs_path)
+            if isinstance(fs, LocalFileSystem):
+                return _read_local(fs_path, max_bytes)
+            return _read_remote(fs, fs_path, max_bytes)
         except Exception as error:
             if attempt >= retries or not _is_transient(error):
                 raise
         time.sleep(backoff_s * 2**attempt)
         attempt += 1
+
+
+def read_all(paths: Sequence[str], read: Callable[[str], bytes], threads: int, timeout_s: float) -> list[bytes | Exception]:
+    """`read(path)` for every path, `threads` at a time; each result is the bytes or the exception raised.
+
+    A read still running after `timeout_s` is given up: its result is a TimeoutError, and its thread (a
+    daemon, which cannot be interrupted) is left behind while another thread takes its place. A stuck
+    network mount or a store that trickles bytes costs one thread, not the batch.
+    """
+    results: list[bytes | Exception | None] = [None] * len(paths)
+    started: dict[int, float] = {}  # reads running now: index -> start time
+    done = threading.Condition()
+
+    def run(index: int) -> None:
+        try:
+            value: bytes | Exception = read(paths[index])
+        except Exception as error:  # reported in the row, never raised
+            value = error
+        with done:
+            if index in started:  # not given up meanwhile
+                results[index] = value
+                del started[index]
+            done.notify()
+
+    waiting = iter(range(len(paths)))
+    with done:
+        while True:
+            while len(started) < threads and (index := next(waiting, None)) is not None:
+                started[index] = time.monotonic()
+                threading.Thread(target=run, args=(index,), daemon=True, name=f"read-{index}").start()
+            if not started:
+                break
+            now = time.monotonic()
+            for index, since in list(started.items()):
+                if now - since >= timeout_s:
+                    results[index] = TimeoutError(f"the read did not finish within {timeout_s:g} s; raise --read-timeout for slow stores")
+                    del started[index]
+            if started:
+                done.wait(timeout=max(0.01, min(since + timeout_s for since in started.values()) - now))
+    return [result if result is not None else TimeoutError("not read") for result in results]
+
+
+def _read_local(path: str, max_bytes: int | None) -> bytes:
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below like any special file.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as file:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise RefusedInput(f"{path} is {_file_kind(info.st_mode)}, not a regular file; only regular files are read")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise RefusedInput(_too_large(f"{info.st_size} bytes", max_bytes))
+        data = file.read() if max_bytes is None else file.read(max_bytes + 1)  # it may have grown since fstat
+    if max_bytes is not None and len(data) > max_bytes:
+        raise RefusedInput(_too_large(f"more than {max_bytes} bytes", max_bytes))
+    return data
+
+
+def _read_remote(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int | None) -> bytes:
+    if max_bytes is None:
+        return fs.cat_file(path)
+    data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    if len(data) > max_bytes:
+        raise RefusedInput(_too_large(f"more than {max_bytes} bytes", max_bytes))
+    return data
+
+
+def _too_large(size: str, max_bytes: int) -> str:
+    return f"the file holds {size}, above max_bytes={max_bytes}; raise --max-bytes if such files are expected"
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "a directory" if stat.S_ISDIR(mode) else "not a file")
 
 
 def storage_options_from(pairs: Sequence[str]) -> dict[str, Any]:
@@ -298,13 +388,14 @@ def _bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:
 
 
 def _is_transient(error: BaseException) -> bool:
-    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, RefusedInput)):
         return False
     if isinstance(error, (ConnectionError, TimeoutError)):
         return True
-    # botocore/aiohttp raise their own Connection*/Timeout* classes, not always OSErrors.
+    # botocore/aiohttp raise their own classes, not always OSErrors: a connection dropped mid-body is aiohttp's
+    # ClientPayloadError (ContentLengthError), botocore's ResponseStreamingError or IncompleteReadError.
     name = type(error).__name__.lower()
-    if any(word in name for word in ("connection", "timeout", "throttl", "disconnect")):
+    if any(word in name for word in ("connection", "timeout", "throttl", "disconnect", "payload", "streaming", "incompleteread")):
         return True
     return isinstance(error, OSError) and _TRANSIENT_MESSAGE.search(str(error)) is not None
 
