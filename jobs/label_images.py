@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -14,9 +15,15 @@ from typing import Any
 # Submitted jobs run this file from the shipped working dir: its code must win over an installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, JobConfig
-from pipeline.run.submit import load_spec
+try:
+    from pipeline.config import ConfigError, JobConfig
+    from pipeline.run.submit import in_ray_working_dir_copy, load_spec, missing_package_hint, refuse_relative_output
+except ModuleNotFoundError as missing:  # this file travelled without the package beside it
+    sys.exit(
+        f"label_images.py: error: {missing}; run it from a checkout of lgca-label (jobs/ beside pipeline/), or submit with `lgca submit`"
+    )
 
+EXIT_FAILED = 1  # the job ran and failed
 EXIT_CONFIG = 2  # unusable spec or arguments: nothing ran
 
 USAGE = """\
@@ -57,17 +64,19 @@ def job_from_arguments(argv: Sequence[str]) -> tuple[JobConfig, dict[str, Any]]:
         config, storage_options = load_spec(args.spec)
         if args.resume or args.overwrite:
             config = replace(config, resume=args.resume, overwrite=args.overwrite)
-        return config, storage_options
+        from pipeline.stages.sources import gather_storage_options
+
+        # a spec holds no secrets: those come from LGCA_STORAGE_OPTIONS (e.g. a secret in the job's environment)
+        return config, {**storage_options, **gather_storage_options([])}
     if not argv or argv[0] in ("-h", "--help"):
         _spec_parser().print_help()
         raise SystemExit(0 if argv else EXIT_CONFIG)
 
-    from pipeline.cli.args import job_config
+    from pipeline.cli.args import job_config, storage_options
     from pipeline.cli.main import build_parser
-    from pipeline.stages.sources import storage_options_from
 
     args = build_parser().parse_args(["run", *argv])
-    return job_config(args), storage_options_from(args.storage_option)
+    return job_config(args), storage_options(args)
 
 
 def on_cluster(config: JobConfig) -> JobConfig:
@@ -95,17 +104,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments (default: sys.argv[1:]).
 
     Returns:
-        0 on success, 2 when the spec or arguments are unusable (nothing ran).
+        0 on success, 2 when the spec or arguments are unusable (nothing ran), 1 when a module is missing on the
+        cluster (the message names the fix).
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.run.job import run
-
     try:
+        from pipeline.run.job import run  # torch, open_clip, pyarrow: the first imports a bare cluster lacks
+
         config, storage_options = job_from_arguments(list(sys.argv[1:] if argv is None else argv))
+        if in_ray_working_dir_copy():
+            refuse_relative_output(config.output)
         summary = run(on_cluster(config), storage_options)
     except ConfigError as error:
         print(f"label_images.py: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as error:  # the driver's or a worker's import, as Ray passes it on
+        hint = missing_package_hint(error)
+        if hint is None:
+            raise
+        traceback.print_exc()
+        print(f"label_images.py: error: {hint}", file=sys.stderr)
+        return EXIT_FAILED
     print(summary.line(), flush=True)
     return 0
 

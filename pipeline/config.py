@@ -29,6 +29,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the fix."""
 
 
+class RunFailed(Exception):
+    """Work had started and the run could not finish (exit 1); committed results stay for --resume."""
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -210,6 +214,8 @@ class DecodeConfig:
     # PNGs) stay under 64 MiB, and a decode task holds several files at once.
     max_bytes: int = 64 * 1024 * 1024
     read_timeout_s: float = 120.0  # a read (retries included) still running then becomes a read_error
+    # URL schemes inputs and manifest rows may use: a manifest must not make workers fetch any address it names
+    allowed_schemes: tuple[str, ...] = ("file", "s3")
     max_pixels: int = 178_956_970  # declared width * height above this is refused (decompression bombs)
     min_short_side: int = 224  # decode at the smallest scale whose shorter side is still at least this
     timeout_s: float = 30.0  # per-image decode budget on the CPU; a slower image becomes a decode_error
@@ -217,6 +223,8 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         _require(self.device in DECODE_DEVICES, f"decode device {self.device!r} is unknown; choose one of {', '.join(DECODE_DEVICES)}")
+        object.__setattr__(self, "allowed_schemes", tuple(str(scheme).lower().removesuffix("://") for scheme in self.allowed_schemes))
+        _require(bool(self.allowed_schemes), "no URL scheme allowed; keep the defaults (file, s3) or add --allow-scheme")
         _require(self.max_bytes > 0, f"max bytes must be > 0, got {self.max_bytes}")
         _require(self.read_timeout_s > 0, f"read timeout must be > 0, got {self.read_timeout_s}")
         _require(self.max_pixels > 0, f"max pixels must be > 0, got {self.max_pixels}")
@@ -228,7 +236,7 @@ class DecodeConfig:
 class ExecutionConfig:
     """How the job is spread over a Ray cluster."""
 
-    address: str | None = None  # existing Ray cluster (ray://... or auto); None starts a local one
+    address: str | None = None  # existing Ray cluster: HOST:PORT of its GCS, or auto on a node; None starts a local one
     batch_size: int = 32  # images per scoring call
     concurrency: int | None = None  # scoring actors; default: one per GPU, or 1 on CPU
     num_gpus: float | None = None  # GPUs per actor, fractional allowed; default: 1 when the cluster has GPUs, else 0

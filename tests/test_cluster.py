@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -22,15 +23,23 @@ import yaml
 from PIL import Image
 
 import pipeline.cli.cluster
+import pipeline.run.job
+from pipeline import __version__
 from pipeline.cli.main import main as lgca_main
+from pipeline.config import ConfigError
+from pipeline.run.cluster_address import check_address, join_failure
 from pipeline.run.submit import (
+    COMMIT_VARIABLE,
     ENTRYPOINT_SCRIPT,
     WORKING_DIR_EXCLUDES,
     ClusterError,
     entrypoint,
+    in_ray_working_dir_copy,
+    missing_package_hint,
     pinned_requirements,
     probe,
     runtime_env,
+    working_tree_commit,
 )
 
 from .ray_head import RAY, RayHead
@@ -43,6 +52,7 @@ CLASSES = ("cat", "dog", "rocket")
 IMAGE_SIZES = {"wide.png": (96, 64), "tall.jpg": (64, 96), "square.png": (50, 50), "pano.jpg": (120, 40), "small.png": (40, 36)}
 BROKEN = "broken.jpg"  # bytes that are no image: its row must come out as decode_error
 JOB_TIMEOUT_S = 240
+FAST_FAIL_S = 30  # a cold `lgca` process imports torch and Ray: ~10 s here, more on a loaded 2-core machine
 RAYJOB = REPO / "infra" / "kuberay" / "rayjob.yaml"
 
 
@@ -191,6 +201,8 @@ def test_lgca_submit_wait_labels_every_image(cluster: TokenRayHead, images: Path
     assert "lgca: 6 images (0 already done), 6 rows written: 5 ok, 1 errors (decode_error 1)" in result.stdout
     assert f"job {job_id} SUCCEEDED" in result.stderr
     rows = _check_rows(output, images)
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert manifest["code_version"] == f"{__version__}+{working_tree_commit(REPO)}", "the job ran a copy without .git"
     print(f"lgca submit --wait: {time.monotonic() - started:.1f}s")
 
     # the command the cluster ran is the RayJob manifest's, up to the spec path
@@ -201,6 +213,7 @@ def test_lgca_submit_wait_labels_every_image(cluster: TokenRayHead, images: Path
     assert submitted["entrypoint"].replace(str(spec), rayjob_spec) == rayjob_command
     runtime = submitted["runtime_env"]
     assert runtime["working_dir"].startswith("gcs://") and "pip" not in runtime
+    assert runtime["env_vars"] == {COMMIT_VARIABLE: working_tree_commit(REPO)}
 
     # status, logs and stop of the finished job
     status = _run([LGCA, "status", job_id, "--address", cluster.dashboard_url], cluster.env(), timeout=60)
@@ -382,9 +395,211 @@ def test_submit_sends_the_entrypoint_and_code(
     monkeypatch.chdir(REPO)
     status = lgca_main(["submit", "--address", "http://head:8265", "--submission-id", "lgca-x", "--pip-pin", *arguments])
     assert status == 0
-    assert capsys.readouterr().out.splitlines() == ["lgca-x"]
+    printed = capsys.readouterr()
+    assert printed.out.splitlines() == ["lgca-x"]
+    assert "about 5 GB per node" in printed.err, "--pip-pin says what it costs"
     assert client.submitted["entrypoint"] == expected
     assert client.submitted["submission_id"] == "lgca-x"
     runtime = client.submitted["runtime_env"]
     assert runtime["working_dir"] == str(REPO) and runtime["excludes"] == WORKING_DIR_EXCLUDES
     assert runtime["pip"]["packages"] == pinned_requirements()
+    commit = working_tree_commit(REPO)
+    assert commit and runtime["env_vars"] == {COMMIT_VARIABLE: commit}, "the job records the shipped tree's commit"
+
+
+# ---------------------------------------------------------------- what `lgca run --address` and the job refuse
+
+
+def _lgca_run(images: Path, output: Path, address: str) -> list[str]:
+    labels = output.parent / "labels.txt"
+    labels.write_text("\n".join(CLASSES) + "\n")
+    return [
+        LGCA,
+        "run",
+        str(images),
+        "--labels",
+        str(labels),
+        "--output",
+        str(output),
+        "--model",
+        TINY_MODEL,
+        "--pretrained",
+        "random",
+        "--address",
+        address,
+    ]
+
+
+def _without_token(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+
+
+ADDRESS_CASES = {
+    # case: (address from the head, environment from the head's, words the message must hold)
+    "dashboard-port": (
+        lambda h: f"127.0.0.1:{h.dashboard_port}",
+        lambda h: h.env(),
+        ["answers HTTP", "GCS", "lgca submit --address http://"],
+    ),
+    "ray-client": (lambda h: f"ray://{h.address}", lambda h: h.env(), ["Ray Client", "lgca submit", "6379"]),
+    "no-token": (
+        lambda h: h.address,
+        lambda h: _without_token(h.env()),
+        ["requires token authentication", "RAY_AUTH_TOKEN", "address itself is right"],
+    ),
+    "wrong-token": (lambda h: h.address, lambda h: {**h.env(), "RAY_AUTH_TOKEN": "0" * 64}, ["rejected this process's auth token"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ADDRESS_CASES))
+def test_lgca_run_refuses_an_unusable_address_in_seconds(cluster: TokenRayHead, images: Path, tmp_path: Path, case: str) -> None:
+    """Against a real head. Before, the dashboard port hung, ray:// went to Ray Client (under which Ray Data fails),
+    and a token problem waited 20 s to blame the address; now exit 2 names the fix before any cluster work."""
+    address, environment, words = ADDRESS_CASES[case]
+    output = tmp_path / "out"
+    ray_tmp = tmp_path / "ray-tmp"
+    env = {**environment(cluster), "RAY_TMPDIR": str(ray_tmp)}  # a Ray started here would create this folder
+    env.pop("RAY_ADDRESS", None)
+    started = time.monotonic()
+    result = _run(_lgca_run(images, output, address(cluster)), env, timeout=90)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    for word in words:
+        assert word in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "check --address" not in result.stderr, result.stderr[-2000:]
+    assert not output.exists() and not ray_tmp.exists(), "nothing may start before the address is known to work"
+    assert elapsed < FAST_FAIL_S, elapsed
+    print(f"lgca run --address ({case}): exit 2 in {elapsed:.1f}s")
+
+
+def test_the_right_token_passes_the_address_check(cluster: TokenRayHead) -> None:
+    code = "import sys; from pipeline.run.cluster_address import check_address; check_address(sys.argv[1], 3.0)"
+    env = cluster.env()
+    env.pop("RAY_ADDRESS")
+    result = _run([sys.executable, "-c", code, cluster.address], env, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("address", "words"),
+    [
+        ("ray://127.0.0.1:1", ["Ray Client", "lgca submit --address http://HEAD:8265"]),
+        ("http://127.0.0.1:1", ["dashboard URL", "lgca submit --address http://127.0.0.1:1"]),
+        ("127.0.0.1:1", ["cannot reach", "check --address", "6379"]),
+    ],
+    ids=["ray-client", "dashboard-url", "nothing-listens"],
+)
+def test_address_shapes_are_refused_without_ray(address: str, words: list[str]) -> None:
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as refused:
+        pipeline.run.job._check_address(address)
+    for word in words:
+        assert word in str(refused.value)
+    assert time.monotonic() - started < 5
+    check_address("auto", 1.0)  # a cluster node's own address is ray.init's to resolve
+    check_address(None, 1.0)
+
+
+def test_join_failure_tells_a_missing_token_from_a_wrong_address() -> None:
+    from ray.exceptions import AuthenticationError
+
+    missing = join_failure("auto", AuthenticationError("Token authentication is enabled but no authentication token was found"), 1.0)
+    assert "no authentication token was found" in missing and "RAY_AUTH_TOKEN" in missing and "check --address" not in missing
+    unreachable = join_failure("127.0.0.1:1", ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1"), 1.0)
+    assert "check --address" in unreachable
+
+
+def _spec_with_output(tmp_path: Path, output: str) -> Path:
+    spec = {"inputs": ["s3://bucket/images/"], "output": output, "vocabulary": {"labels": "s3://bucket/labels.txt"}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("form", ["spec", "run-arguments"])
+def test_submit_refuses_a_relative_output(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, form: str
+) -> None:
+    def no_connection(address: str) -> None:
+        raise AssertionError("a relative output must be refused before connecting")
+
+    monkeypatch.setattr(pipeline.cli.cluster, "connect", no_connection)
+    monkeypatch.chdir(REPO)
+    if form == "spec":
+        arguments = ["--spec", str(_spec_with_output(tmp_path, "out/labels"))]
+    else:
+        arguments = ["--", "s3://bucket/images/", "--labels", "s3://bucket/labels.txt", "--output", "out/labels"]
+    assert lgca_main(["submit", "--address", "http://head:8265", *arguments]) == 2
+    message = capsys.readouterr().err
+    assert "output out/labels is a relative path" in message and "Ray deletes" in message
+    assert str(REPO / "out" / "labels") in message, "the message offers the absolute path"
+
+
+def _label_images_module() -> Any:
+    spec = importlib.util.spec_from_file_location("label_images", REPO / ENTRYPOINT_SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_job_in_rays_copy_of_the_working_dir_refuses_a_relative_output(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    label_images = _label_images_module()
+    copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    spec = _spec_with_output(copy, "out/labels")
+    monkeypatch.setattr(pipeline.run.job, "run", lambda *a: pytest.fail("the job must not run"))
+    monkeypatch.chdir(copy)
+    assert in_ray_working_dir_copy() and not in_ray_working_dir_copy(REPO)
+    assert label_images.main(["--spec", str(spec)]) == 2
+    assert "is a relative path" in capsys.readouterr().err
+
+
+def _ray_wrapped(error: BaseException, how: str) -> BaseException:
+    from ray.exceptions import RaySystemError, RayTaskError
+
+    if how == "driver":
+        return error
+    if how == "task":  # a worker's exception as ray.get raises it: an instance of both RayTaskError and the cause's type
+        return RayTaskError("_read_and_decode", f"Traceback ...\n{type(error).__name__}: {error}", error).as_instanceof_cause()
+    return RaySystemError(error)  # an object a worker could not deserialise: "System error: No module named ..."
+
+
+@pytest.mark.parametrize("how", ["driver", "task", "system"])
+@pytest.mark.parametrize(("module", "fix"), [("pipeline", "lgca submit"), ("open_clip", "infra/Dockerfile")], ids=["code", "dependency"])
+def test_job_names_the_fix_for_a_module_missing_on_the_cluster(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, how: str, module: str, fix: str
+) -> None:
+    label_images = _label_images_module()
+    error = _ray_wrapped(ModuleNotFoundError(f"No module named '{module}'", name=module), how)
+
+    def missing(*args: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(pipeline.run.job, "run", missing)
+    assert label_images.main(["--spec", str(_spec_with_output(tmp_path, "s3://bucket/out/"))]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"`{module}`" in last and fix in last, last
+    assert missing_package_hint(ValueError("not an import")) is None
+
+
+def test_job_lets_other_errors_through(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    label_images = _label_images_module()
+
+    def broken(*args: Any) -> None:
+        raise ValueError("a bug, not a missing module")
+
+    monkeypatch.setattr(pipeline.run.job, "run", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        label_images.main(["--spec", str(_spec_with_output(tmp_path, "s3://bucket/out/"))])
+
+
+def test_code_version_names_the_shipped_commit_without_git(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git binary: a submitted job's copy has no .git either
+    monkeypatch.delenv(COMMIT_VARIABLE, raising=False)
+    assert pipeline.run.job._code_version() == __version__
+    monkeypatch.setenv(COMMIT_VARIABLE, "abc1234")
+    assert pipeline.run.job._code_version() == f"{__version__}+abc1234"
+    assert working_tree_commit(tmp_path) == ""

@@ -15,12 +15,22 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.config import DecodeConfig
+from pipeline.cli.args import storage_options as cli_storage_options
+from pipeline.config import ConfigError, DecodeConfig
 from pipeline.run.job import run
 from pipeline.run.labelling import _read_and_decode
+from pipeline.run.resources import NodeShape, check_resources
 from pipeline.schema import DECODE_ERROR, OK, READ_ERROR
 from pipeline.stages.journal import JOURNAL_DIR_ENV, DecodeJournal
-from pipeline.stages.sources import RefusedInput, read_all, read_bytes
+from pipeline.stages.sources import (
+    STORAGE_OPTIONS_ENV,
+    RefusedInput,
+    check_scheme,
+    gather_storage_options,
+    read_all,
+    read_bytes,
+    schemes_of,
+)
 
 from .fault_proxy import FaultProxy, Rule
 from .test_job import _job, _labels, _photos, _read
@@ -180,7 +190,153 @@ def test_retry_failed_labels_failed_rows_again_and_keeps_the_others(tmp_path, ra
 
 
 def test_retry_failed_needs_resume():
-    from pipeline.config import ConfigError
-
     with pytest.raises(ConfigError, match="add --resume"):
         _job(["x"], "y", "z", retry_failed=True)
+
+
+# ---------------------------------------------------------------- resources no node can offer
+
+
+def _shapes(*nodes: tuple[float, float], autoscaled: tuple[float, float, int] | None = None) -> list[NodeShape]:
+    shapes = [NodeShape(cpus, gpus, 16 * 2**30) for cpus, gpus in nodes]
+    if autoscaled:
+        shapes.append(NodeShape(autoscaled[0], autoscaled[1], 64 * 2**30, count=autoscaled[2], live=False))
+    return shapes
+
+
+def _check(shapes: list[NodeShape], **asked: object) -> None:
+    settings = {"gpus_per_actor": None, "cpus_per_actor": 1.0, "actors": None, "device": "auto", "decode_device": "cpu"}
+    check_resources(shapes, decode_memory=2**30, **{**settings, **asked})
+
+
+def test_resources_no_node_can_offer_are_refused_naming_the_flag():
+    cpu_only = _shapes((2, 0))
+    with pytest.raises(ConfigError, match="asks for 1 GPU and 1 CPU .* use --num-gpus 0 to score on CPUs"):
+        _check(cpu_only, gpus_per_actor=1.0)
+    with pytest.raises(ConfigError, match="asks for 0 GPU and 4 CPU .* the nodes offer 2 CPU, 0 GPU, 16 GiB"):
+        _check(cpu_only, cpus_per_actor=4.0)
+    with pytest.raises(ConfigError, match="--device cuda needs a GPU"):
+        _check(cpu_only, device="cuda")
+    with pytest.raises(ConfigError, match="--decode gpu decodes on the scoring GPU"):
+        _check(cpu_only, decode_device="gpu")
+    with pytest.raises(ConfigError, match="--concurrency 3 .* at most 2"):
+        _check(_shapes((8, 1), (8, 1)), gpus_per_actor=1.0, actors=3)
+    with pytest.raises(ConfigError, match="can run a decode task"):
+        _check([NodeShape(1, 1, 2**28), NodeShape(4, 0, 2**28)], gpus_per_actor=1.0)
+
+
+def test_resources_that_fit_or_that_the_autoscaler_can_add_pass():
+    _check(_shapes((2, 0)))  # the defaults on a laptop
+    _check(_shapes((16, 4)), gpus_per_actor=0.5, actors=8)  # fractional GPUs: 8 actors on 4 GPUs
+    head = _shapes((0, 0), autoscaled=(4, 1, 16))  # a CPU-free head; GPU workers come on demand
+    _check(head, gpus_per_actor=1.0, actors=16, device="cuda", decode_device="gpu")
+    _check(_shapes((0, 0), autoscaled=(4, 1, -1)), gpus_per_actor=1.0, actors=1000)  # no upper bound
+    with pytest.raises(ConfigError, match="up to 16 more of 4 CPU, 1 GPU, 64 GiB from the autoscaler"):
+        _check(head, gpus_per_actor=2.0)
+
+
+@pytest.mark.parametrize("asked", [("--num-gpus", "1"), ("--num-cpus-per-actor", "4")], ids=["gpu-on-cpu-cluster", "cpus-beyond-node"])
+def test_unsatisfiable_resources_fail_in_seconds_on_a_real_cluster(asked, tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="lg", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    started = time.time()
+    result = subprocess.run(_run_args(tmp_path, *asked), env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.time() - started
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "no node of this cluster can hold a scoring actor" in result.stderr and "Traceback" not in result.stderr
+    assert elapsed < 90, elapsed  # a local Ray's start-up on 2 loaded cores; it used to wait forever
+    assert not any((tmp_path / "out").glob("part-*"))
+    _report("unsatisfiable resources", asked=" ".join(asked), seconds=round(elapsed, 1))
+
+
+# ---------------------------------------------------------------- URLs a manifest may name
+
+
+class _CountingServer:
+    """An HTTP server on loopback that counts the requests it gets and answers each with a small JPEG."""
+
+    def __init__(self, body: bytes) -> None:
+        import http.server
+        import threading
+
+        counter = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                counter.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.requests = 0
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+def test_http_rows_are_refused_without_a_request_and_url_passwords_never_reach_the_output(tmp_path, ray_local):
+    images = tmp_path / "images"
+    names = _photos(images, 2)
+    server = _CountingServer((images / names[0]).read_bytes())
+    password = "hunter2-canary"
+    try:
+        manifest = tmp_path / "manifest.csv"
+        manifest.write_text(
+            "path\n"
+            + "".join(f"images/{name}\n" for name in names)
+            + f"{server.url}/fetch-me.jpg\n"
+            + f"http://bob:{password}@127.0.0.1:1/secret.jpg\n"
+        )
+        run(_job([manifest], tmp_path / "out", _labels(tmp_path)))
+    finally:
+        server.close()
+    assert server.requests == 0
+    table = _read(str(tmp_path / "out"))
+    rows = {row["path"]: row for row in table.select(["path", "status", "error_message"]).to_pylist()}
+    refused = rows[f"{server.url}/fetch-me.jpg"]
+    assert refused["status"] == READ_ERROR and "add --allow-scheme http" in refused["error_message"]
+    masked = rows["http://bob:***@127.0.0.1:1/secret.jpg"]
+    assert masked["status"] == READ_ERROR and "carried a password" in masked["error_message"]
+    assert sum(row["status"] == OK for row in rows.values()) == len(names)
+    for path in (tmp_path / "out").rglob("*"):  # Parquet, plan, keys, manifest: the password is nowhere
+        assert not path.is_file() or password.encode() not in path.read_bytes(), path
+
+
+def test_scheme_check_allows_what_the_user_enables():
+    assert schemes_of("/data/a.jpg") == schemes_of("file:///data/a.jpg") == ["file"]
+    assert schemes_of("s3a://b/k") == ["s3"] and schemes_of("simplecache::s3://b/k") == ["simplecache", "s3"]
+    check_scheme("https://example.com/a.jpg", ("file", "s3", "https"))
+    with pytest.raises(RefusedInput, match="add --allow-scheme simplecache"):
+        check_scheme("simplecache::s3://b/k", ("file", "s3"))
+    with pytest.raises(RefusedInput, match=r"uses the URL scheme gs://, .* add --allow-scheme gs"):
+        check_scheme("gs://bucket/a.jpg", ("file", "s3"))
+
+
+def test_storage_options_come_from_a_file_the_environment_and_flags_in_that_order(tmp_path):
+    from pipeline.cli.main import build_parser
+
+    options_file = tmp_path / "storage.yaml"
+    options_file.write_text("key: from-file\nsecret: file-secret\nclient_kwargs: {region_name: eu-west-1}\n")
+    environ = {STORAGE_OPTIONS_ENV: '{"secret": "env-secret", "client_kwargs": {"verify": false}}'}
+    options = gather_storage_options(["endpoint_url=http://127.0.0.1:9000"], str(options_file), environ)
+    assert options == {
+        "key": "from-file",
+        "secret": "env-secret",
+        "client_kwargs": {"region_name": "eu-west-1", "verify": False},
+        "endpoint_url": "http://127.0.0.1:9000",
+    }
+    parsed = build_parser().parse_args(["summary", "out/", "--storage-options-file", str(options_file)])
+    assert cli_storage_options(parsed)["secret"] in ("file-secret", os.environ.get(STORAGE_OPTIONS_ENV, ""))
+    (tmp_path / "list.yaml").write_text("- not a mapping\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        gather_storage_options([], str(tmp_path / "list.yaml"), {})
+    with pytest.raises(ConfigError, match="is not a JSON object"):
+        gather_storage_options([], None, {STORAGE_OPTIONS_ENV: "key=x"})

@@ -24,6 +24,7 @@ RAYJOB = INFRA / "kuberay" / "rayjob.yaml"
 RAYCLUSTER = INFRA / "kuberay" / "raycluster.yaml"
 SERVICE_ACCOUNT = INFRA / "kuberay" / "serviceaccount.yaml"
 LAUNCHER = INFRA / "aws" / "cluster.yaml"
+CONSTRAINTS = REPO / "constraints.txt"
 OPERATIONS = REPO / "docs" / "OPERATIONS.md"
 SPECS = sorted((REPO / "jobs" / "specs").glob("*.yaml"))
 YAML_FILES = sorted(INFRA.rglob("*.yaml")) + SPECS
@@ -254,6 +255,40 @@ def test_dockerfile_contents() -> None:
             assert {c["workingDir"] for c in pod["containers"]} == {workdir}, "the entrypoint's relative path needs the image's WORKDIR"
 
 
+def _pins() -> dict[str, str]:
+    """constraints.txt as {normalised name: version}."""
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[re.sub(r"[-_.]+", "-", name.lower())] = version
+    return pins
+
+
+def test_dockerfile_installs_the_pinned_versions() -> None:
+    """A clean resolve fails on boto3 (s3fs pins botocore) or drifts to another torch and CUDA: every install is pinned."""
+    instructions = _dockerfile()
+    runs = [args for instruction, args in instructions if instruction == "RUN"]
+    installs = [command for run in runs for command in run.split("&&") if "pip install" in command]
+    assert installs, "the Dockerfile installs the package with pip"
+    pins = _pins()
+    for command in installs:
+        words = shlex.split(command)
+        assert "--constraint" in words or "-c" in words, f"unconstrained pip install: {command}"
+        constraint = words[words.index("--constraint" if "--constraint" in words else "-c") + 1]
+        assert constraint == "constraints.txt", f"pip installs with {constraint}, not the repository's constraints.txt"
+        for requirement in words[words.index("install") + 1 :]:
+            if requirement.startswith("-") or requirement == constraint or requirement == ".":
+                continue
+            assert re.sub(r"[-_.]+", "-", requirement.lower()) in pins, f"{requirement} is installed but not pinned in constraints.txt"
+    copied = [shlex.split(args) for instruction, args in instructions if instruction == "COPY"]
+    assert any("constraints.txt" in words for words in copied), "the image must hold constraints.txt to install with it"
+    assert "!constraints.txt" in DOCKERIGNORE.read_text().splitlines(), "the build context must keep constraints.txt"
+    assert pins["ray"] == _dockerfile_arg("RAY_VERSION"), "constraints.txt and the base image must agree on Ray"
+    for name in ("boto3", "botocore", "s3fs", "aiobotocore", "torch", "open-clip-torch"):
+        assert name in pins, f"constraints.txt must pin {name}"
+
+
 # ---------------------------------------------------------------- KubeRay
 
 
@@ -358,3 +393,23 @@ def test_launcher_config_contents() -> None:
         assert "Name" in node["node_config"]["IamInstanceProfile"] or "Arn" in node["node_config"]["IamInstanceProfile"]
     assert nodes[config["head_node_type"]]["resources"] == {"CPU": 0}
     assert any("import ray, torch, pipeline.run.job" in command for command in config["setup_commands"])
+
+
+def test_launcher_pins_an_ami_whose_driver_runs_cuda_13() -> None:
+    """Without an ImageId Ray boots an Ubuntu 18.04 Deep Learning AMI, whose driver cannot run the image's CUDA 13 torch."""
+    config = yaml.safe_load(LAUNCHER.read_text())
+    for name, node in config["available_node_types"].items():
+        image = node["node_config"].get("ImageId", "")
+        assert image.lower() not in ("", "latest_dlami"), f"{name} sets no ImageId: Ray would pick its default AMI"
+        assert image == "AMI_ID" or re.fullmatch(r"ami-[0-9a-f]{8,17}", image), f"{name}: ImageId {image!r} is no AMI id"
+    text = LAUNCHER.read_text()
+    assert "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id" in text, "say how to look it up"
+    assert "driver >= 580" in text and "driver >= 580" in DOCKERFILE.read_text(), "name the driver CUDA 13.0 needs"
+    assert _pins()["torch"].startswith("2.14."), "torch moved: check which CUDA its wheels need, and the driver above"
+    assert "AMI_ID" in OPERATIONS.read_text()
+
+
+def test_operations_say_which_commands_ship_code() -> None:
+    text = " ".join(OPERATIONS.read_text().split())
+    assert "`lgca run --address HEAD:6379` runs the driver here" in text and "**It ships no code**" in text
+    assert "ships this repository's code as the job's `working_dir`" in text

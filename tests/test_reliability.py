@@ -462,6 +462,10 @@ def _case_unreachable_address(tmp_path, request):
     return _run_args(tmp_path, "--address", "127.0.0.1:1"), "check --address"
 
 
+def _case_address_not_host_port(tmp_path, request):
+    return _run_args(tmp_path, "--address", "not-an-address"), "is not HOST:PORT"
+
+
 def _case_wrong_s3_credentials(tmp_path, request):
     s3_server = request.getfixturevalue("s3_server")
     bucket = request.getfixturevalue("s3_bucket")
@@ -480,15 +484,70 @@ def _case_output_inside_input(tmp_path, request):
     return _run_args(tmp_path, output=str(tmp_path / "images" / "out")), "Choose an --output outside the inputs"
 
 
+def _case_output_inside_glob_input(tmp_path, request):
+    _photos(tmp_path / "images", 2)
+    glob = str(tmp_path / "images" / "**" / "*.jpg")
+    return _run_args(tmp_path, inputs=[glob], output=str(tmp_path / "images" / "out")), "Choose an --output outside the inputs"
+
+
+def _case_password_in_input_url(tmp_path, request):
+    return _run_args(tmp_path, inputs=["s3://bob:hunter2@bucket/images/"]), "the URL carried a password"
+
+
+def _case_scheme_not_allowed(tmp_path, request):
+    return _run_args(tmp_path, inputs=["http://127.0.0.1:1/images/"]), "add --allow-scheme http"
+
+
+def _case_incomplete_model_json(tmp_path, request):
+    (tmp_path / "incomplete.json").write_text('{"embed_dim": 32}')
+    return _run_args(tmp_path, "--model", str(tmp_path / "incomplete.json")), "lacks vision_cfg, text_cfg"
+
+
+def _case_unbuildable_model_json(tmp_path, request):
+    config = json.loads(Path(TINY_MODEL).read_text())
+    config["vision_cfg"]["layers"] = "two"
+    (tmp_path / "unbuildable.json").write_text(json.dumps(config))
+    return _run_args(tmp_path, "--model", str(tmp_path / "unbuildable.json")), "does not build an open_clip model"
+
+
+def _case_fake_safetensors(tmp_path, request):
+    (tmp_path / "fake.safetensors").write_text("these are not weights\n")
+    return _run_args(tmp_path, "--pretrained", str(tmp_path / "fake.safetensors")), "not a valid safetensors file"
+
+
+def _case_cuda_without_cuda(tmp_path, request):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal where no CUDA device exists")
+    return _run_args(tmp_path, "--device", "cuda"), "CUDA is not available here; use --device cpu or auto"
+
+
+def _case_manifest_repeats_a_column(tmp_path, request):
+    names = _photos(tmp_path / "images", 1)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"path,key,path\nimages/{names[0]},a,images/{names[0]}\n")
+    return _run_args(tmp_path, inputs=[str(manifest)]), "repeats column name(s) path"
+
+
 CONFIG_CASES = {
     "malformed-yaml-spec": _case_malformed_yaml,
     "wrong-type-in-spec": _case_wrong_type,
     "unknown-key-in-spec": _case_unknown_key,
     "empty-vocabulary": _case_empty_vocabulary,
     "unreachable-ray-address": _case_unreachable_address,
+    "address-not-host-port": _case_address_not_host_port,
     "wrong-s3-credentials": _case_wrong_s3_credentials,
     "unwritable-output": _case_unwritable_output,
     "output-inside-input": _case_output_inside_input,
+    "output-inside-glob-input": _case_output_inside_glob_input,
+    "password-in-input-url": _case_password_in_input_url,
+    "scheme-not-allowed": _case_scheme_not_allowed,
+    "incomplete-model-json": _case_incomplete_model_json,
+    "unbuildable-model-json": _case_unbuildable_model_json,
+    "fake-safetensors": _case_fake_safetensors,
+    "cuda-without-cuda": _case_cuda_without_cuda,
+    "manifest-repeats-a-column": _case_manifest_repeats_a_column,
 }
 
 

@@ -23,7 +23,8 @@ from pipeline.config import (
     VocabularyConfig,
 )
 
-EXIT_CONFIG = 2  # bad configuration or input: nothing ran
+EXIT_CONFIG = 2  # bad configuration or input: nothing was labelled
+EXIT_FAILED = 1  # the run started labelling and could not finish: what was committed stays for --resume
 
 # --preset wca: the protocol of WCA's released code, as closely as the engine allows (docs/EVALUATION.md,
 # "Reproducing WCA"). Each value fills a setting left at its default; a flag given with another value wins.
@@ -195,8 +196,22 @@ def add_storage_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="fsspec/s3fs option, repeatable (e.g. endpoint_url=http://minio:9000); never recorded in outputs",
+        help="fsspec/s3fs option, repeatable (e.g. endpoint_url=http://minio:9000); never recorded in outputs. Flags are "
+        "visible to every user of the machine (ps): give secrets in --storage-options-file or LGCA_STORAGE_OPTIONS instead",
     )
+    parser.add_argument(
+        "--storage-options-file",
+        metavar="FILE",
+        help="JSON or YAML mapping of storage options (keep it readable by you only); LGCA_STORAGE_OPTIONS (a JSON "
+        "object) is read next, then --storage-option flags, each winning over the one before",
+    )
+
+
+def storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The storage options of a command: --storage-options-file, then LGCA_STORAGE_OPTIONS, then --storage-option."""
+    from pipeline.stages.sources import gather_storage_options
+
+    return gather_storage_options(args.storage_option, getattr(args, "storage_options_file", None))
 
 
 def _preset(args: argparse.Namespace, values: dict, defaults: object, keep: tuple[str, ...] = ()) -> dict:
@@ -277,6 +292,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         model=model_config(args),
         scoring=scoring_config(args),
         decode=DecodeConfig(
+            allowed_schemes=(*DecodeConfig().allowed_schemes, *args.allow_scheme),
             max_bytes=args.max_bytes,
             read_timeout_s=args.read_timeout,
             max_pixels=args.max_pixels,

@@ -24,8 +24,10 @@ from pipeline.run.submit import (
     entrypoint,
     load_spec,
     pinned_requirements,
+    refuse_relative_output,
     runtime_env,
     wait_for,
+    working_tree_commit,
 )
 
 EPILOG = """\
@@ -37,13 +39,19 @@ examples:
   lgca submit --spec jobs/specs/gpu-fleet.yaml --resume     # finish an interrupted run
 
 The job runs `python jobs/label_images.py ...` in --working-dir as shipped to the cluster (code only:
-.git, .venv, tests and outputs are left out). Paths in the spec or arguments are read on the cluster,
-so use s3:// URIs or paths that exist there. Credentials never travel with the job: the cluster reads
-them from its environment, instance profile or service account.
+.git, .venv, tests and outputs are left out; the job records the tree's git commit). Paths in the spec
+or arguments are read on the cluster, so use s3:// URIs or paths that exist there; a relative output is
+refused, because Ray deletes the job's copy of the working dir when the job ends. Credentials never
+travel with the job: the cluster reads them from its environment, instance profile or service account.
 
 Exit status: 0 submitted (with --wait: the job SUCCEEDED), 1 the job failed or was stopped,
 2 the spec, the arguments or the address are unusable (nothing was submitted).
 """
+PIP_PIN_NOTE = (
+    "lgca: note: --pip-pin: each node installs the {count} pinned dependencies it lacks at those versions into the job's "
+    "environment (torch with its CUDA libraries alone: about 5 GB per node, on first use); nodes on the infra/Dockerfile "
+    "image already have them"
+)
 
 
 def run_arguments_config(run_args: Sequence[str]) -> JobConfig:
@@ -106,17 +114,20 @@ def _submit(args: argparse.Namespace) -> int:
     if bool(args.spec) == bool(args.run_args):
         raise ConfigError("pass either --spec FILE or `-- <lgca run arguments>` (exactly one)")
     if args.spec:
-        load_spec(args.spec)  # fail here, before anything reaches the cluster
+        config, _ = load_spec(args.spec)  # fail here, before anything reaches the cluster
     elif args.resume:
         raise ConfigError("--resume before `--` applies to --spec only; put --resume after `--` with the run arguments")
     else:
-        run_arguments_config(args.run_args)
+        config = run_arguments_config(args.run_args)
+    refuse_relative_output(config.output)
     working_dir = _check_working_dir(args.working_dir)
     if args.spec:
         script_args = ["--spec", _spec_argument(Path(args.spec), working_dir)] + (["--resume"] if args.resume else [])
     else:
         script_args = list(args.run_args)
     pip = pinned_requirements() if args.pip_pin else []
+    if pip:
+        print(PIP_PIN_NOTE.format(count=len(pip)), file=sys.stderr)
     client = connect(args.address)
     submission_id = args.submission_id or _new_submission_id()
     command = entrypoint(script_args)
@@ -124,7 +135,7 @@ def _submit(args: argparse.Namespace) -> int:
         client.submit_job(
             entrypoint=command,
             submission_id=submission_id,
-            runtime_env=runtime_env(working_dir, pip),
+            runtime_env=runtime_env(working_dir, pip, working_tree_commit(working_dir)),
             metadata={"tool": "lgca-label", "version": __version__},
         )
     except RuntimeError as error:
@@ -216,8 +227,9 @@ def add_cluster_commands(subparsers: Any) -> None:
     submit.add_argument(
         "--pip-pin",
         action="store_true",
-        help="also pip-install this package's dependencies, pinned to the versions installed here "
-        "(not needed on clusters running the infra/Dockerfile image)",
+        help="also pip-install this package's dependencies, pinned to the versions installed here, into each node's job "
+        "environment: a node without the same versions downloads them (torch with its CUDA libraries: about 5 GB per node). "
+        "Not needed on clusters running the infra/Dockerfile image",
     )
     submit.add_argument("--resume", action="store_true", help="with --spec: label only images without a committed row")
     submit.add_argument("--submission-id", default=None, help="job id to use (default: lgca-DATE-TIME-RANDOM)")

@@ -17,6 +17,7 @@ from pipeline.cli.args import (
     add_vocabulary_arguments,
     model_config,
     scoring_config,
+    storage_options,
     vocabulary_config,
 )
 from pipeline.config import METHODS, ConfigError, ExecutionConfig, ModelConfig
@@ -185,7 +186,6 @@ def _plan(args: argparse.Namespace) -> _Plan:
     from pipeline.evaluation.labelled import check_classes, limit_images, list_labelled, require_scorable, unused_classes_warning
     from pipeline.evaluation.runner import embedding_method
     from pipeline.evaluation.sweep import Setting, describe_changes, parse_sweep, sweep_settings
-    from pipeline.stages.sources import storage_options_from
     from pipeline.stages.vocab import load_vocabulary
 
     methods = _requested_methods(args)
@@ -195,7 +195,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
             raise EvaluationError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.confusions < 0:
         raise EvaluationError(f"--confusions must be >= 0, got {args.confusions}")
-    options = storage_options_from(args.storage_option)
+    options = storage_options(args)
     if args.output:
         _prepare_output(args.output)
     model = model_config(args)

@@ -9,12 +9,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline import __version__
-from pipeline.cli.args import EXIT_CONFIG
+from pipeline.cli.args import EXIT_CONFIG, EXIT_FAILED
 from pipeline.cli.cluster import add_cluster_commands
 from pipeline.cli.eval import add_eval_command
 from pipeline.cli.review import add_curation_commands
 from pipeline.cli.run import add_plan_command, add_run_command
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, RunFailed
 
 DESCRIPTION = """\
 Zero-shot image labelling with LGCA (Localized-Globalized Cross-Alignment) on Ray Data.
@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"lgca: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    except RunFailed as error:
+        print(f"lgca: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

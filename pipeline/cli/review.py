@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.cli.args import add_storage_arguments, storage_options
 from pipeline.config import ConfigError
 from pipeline.review.formats import FORMATS, PREDICTION_FORMATS
 from pipeline.schema import STATUSES
@@ -58,17 +59,6 @@ def add_curation_commands(subparsers: Any) -> None:
     _add_export(subparsers)
 
 
-def _add_storage(parser: argparse.ArgumentParser) -> None:
-    # The same flag as `lgca run`; defined here so this module does not import cli (which imports it).
-    parser.add_argument(
-        "--storage-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec/s3fs option, repeatable (e.g. endpoint_url=http://minio:9000)",
-    )
-
-
 def _add_report(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "report",
@@ -102,7 +92,7 @@ def _add_report(subparsers: Any) -> None:
         default=200_000,
         help="ok rows embedded in the gallery; above it each label keeps its lowest-confidence share (default: %(default)s)",
     )
-    _add_storage(parser)
+    add_storage_arguments(parser)
     parser.set_defaults(handler=_report)
 
 
@@ -116,7 +106,7 @@ def _add_summary(subparsers: Any) -> None:
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="output directory of lgca run, local or s3://")
     parser.add_argument("--max-labels", type=int, metavar="N", default=30, help="label rows shown, the rest summed (default: %(default)s)")
     parser.add_argument("--error-examples", type=int, metavar="N", default=5, help="examples shown per error status (default: %(default)s)")
-    _add_storage(parser)
+    add_storage_arguments(parser)
     parser.set_defaults(handler=_summary)
 
 
@@ -147,16 +137,15 @@ def _add_export(subparsers: Any) -> None:
         help="rewrite image paths starting with OLD to start with NEW, repeatable "
         "(e.g. /data/photos/=/data/local-files/?d=photos/ for Label Studio local storage)",
     )
-    _add_storage(parser)
+    add_storage_arguments(parser)
     parser.set_defaults(handler=_export)
 
 
 def _report(args: argparse.Namespace) -> int:
     from pipeline.review.output_dir import open_output
     from pipeline.review.report import write_report
-    from pipeline.stages.sources import storage_options_from
 
-    options = storage_options_from(args.storage_option)
+    options = storage_options(args)
     output = open_output(args.output_dir, options)
     summary = write_report(
         output,
@@ -177,9 +166,8 @@ def _summary(args: argparse.Namespace) -> int:
     from pipeline.review.output_dir import open_output
     from pipeline.review.stats import collect_stats
     from pipeline.review.summary import format_summary
-    from pipeline.stages.sources import storage_options_from
 
-    output = open_output(args.output_dir, storage_options_from(args.storage_option))
+    output = open_output(args.output_dir, storage_options(args))
     stats = collect_stats(output, error_examples=args.error_examples)
     sys.stdout.write(format_summary(output, stats, max_labels=args.max_labels, examples=args.error_examples))
     return 0
@@ -188,9 +176,8 @@ def _summary(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from pipeline.review.export import export
     from pipeline.review.output_dir import default_filter, open_output
-    from pipeline.stages.sources import storage_options_from
 
-    options = storage_options_from(args.storage_option)
+    options = storage_options(args)
     output = open_output(args.output_dir, options)
     row_filter = default_filter(args.format, args.min_score, _split(args.labels), _split(args.status), args.max_score)
     summary = export(output, args.format, args.out, row_filter, _prefixes(args.path_prefix), options)

@@ -20,8 +20,9 @@ INPUT is a directory (recursive), a glob, an s3:// prefix, one image, or a manif
 with a `path` column; its other columns are copied to the output). Credentials come from the usual
 AWS variables or files, or --storage-option key=value; they are never written to the output.
 
-Exit status: 0 when every input has a row (failed images included, with their status), 2 when the
-configuration is unusable (nothing ran), 1 on an unexpected failure (rerun with --resume).
+Exit status: 0 when every input has a row (failed images included, with their status; --resume
+--retry-failed labels those again), 2 when the configuration or the inputs are unusable (nothing was
+labelled), 1 when labelling started and could not finish (rerun with --resume).
 """
 
 
@@ -80,7 +81,12 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     args.add_scoring_arguments(parser)
     e, dec = ExecutionConfig(), DecodeConfig()
     group = parser.add_argument_group("execution")
-    group.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto, ray://head:10001); default: start a local one")
+    group.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join: HEAD:6379 (the head's GCS, not the dashboard) or auto on a cluster node; default: start a "
+        "local one. Ships no code: the nodes need lgca-label installed (the infra/Dockerfile image), else use `lgca submit`",
+    )
     group.add_argument("--batch-size", type=int, default=e.batch_size, help="images per scoring call (default: %(default)s)")
     group.add_argument("--concurrency", type=int, default=None, help="scoring actors (default: one per GPU, else 1)")
     group.add_argument(
@@ -111,6 +117,14 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds allowed to read one file, retries included; a read_error row after that (default: %(default)s)",
     )
     group.add_argument(
+        "--allow-scheme",
+        action="append",
+        default=[],
+        metavar="SCHEME",
+        help="also read inputs and manifest rows with this URL scheme (e.g. gs, https), repeatable; only file and s3 "
+        "are read by default, so a manifest cannot make the workers fetch any address it names",
+    )
+    group.add_argument(
         "--max-pixels",
         type=int,
         default=dec.max_pixels,
@@ -131,18 +145,16 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(namespace: argparse.Namespace) -> int:
     from pipeline.run.job import run
-    from pipeline.stages.sources import storage_options_from
 
     config = args.job_config(namespace)
-    summary = run(config, storage_options_from(namespace.storage_option))
+    summary = run(config, args.storage_options(namespace))
     print(summary.line(), flush=True)
     return 0
 
 
 def _plan(namespace: argparse.Namespace) -> int:
     from pipeline.run.job import plan_only
-    from pipeline.stages.sources import storage_options_from
 
-    summary = plan_only(args.job_config(namespace), storage_options_from(namespace.storage_option))
+    summary = plan_only(args.job_config(namespace), args.storage_options(namespace))
     print(summary.line(), flush=True)
     return 0

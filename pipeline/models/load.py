@@ -77,6 +77,7 @@ def architecture_name(name: str) -> str:
 # `preprocess_cfg` of model-config JSON files by architecture: how the model was trained to see images (as in
 # open_clip's hub configs); open_clip's model classes do not accept the key, so it is kept here instead
 JSON_PREPROCESS: dict[str, dict[str, Any]] = {}
+REQUIRED_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # open_clip ignores a file without them
 
 
 def _register_model_config(open_clip: Any, path: Path) -> None:
@@ -87,7 +88,15 @@ def _register_model_config(open_clip: Any, path: Path) -> None:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ModelError(f"model config file {path} is not readable JSON: {error}") from None
-    preprocess = config.pop("preprocess_cfg", None) if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise ModelError(f"model config file {path} holds {type(config).__name__}, not a mapping with embed_dim, vision_cfg and text_cfg")
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
+    if missing:
+        raise ModelError(
+            f"model config file {path} lacks {', '.join(missing)}; an open_clip model config needs embed_dim, vision_cfg and "
+            "text_cfg (see open_clip's model_configs/ for examples)"
+        )
+    preprocess = config.pop("preprocess_cfg", None)
     if preprocess is None:
         open_clip.add_model_config(path)
         return
@@ -310,11 +319,36 @@ def check_model(config: ModelConfig) -> WeightsSource:
     a file that would run pickled code is refused here, before a cluster starts.
     """
     architecture = architecture_name(config.name)
+    if config.name.endswith(".json"):
+        _build_on_meta(architecture, config.name)
     source = parse_weights_source(architecture, config.pretrained)
     resolve_preprocessing(architecture, source.kind, config)  # a bad --weights-tag fails here; a missing hint warns
-    if source.kind == "file" and not source.value.endswith(".safetensors"):  # safetensors cannot hold code
+    if source.kind == "file" and source.value.endswith(".safetensors"):
+        _check_safetensors_header(Path(source.value))
+    elif source.kind == "file":  # safetensors cannot hold code; a torch checkpoint can
         read_state_dict(Path(source.value), mmap=True)
     return source
+
+
+def _build_on_meta(architecture: str, path: str) -> None:
+    """Build a model-config JSON's model without memory (the meta device): a bad value fails here, not in every actor."""
+    import open_clip
+
+    try:
+        with torch.device("meta"), _quiet_open_clip():
+            open_clip.create_model(architecture, pretrained=None, device="meta")
+    except Exception as error:
+        raise ModelError(f"model config file {path} does not build an open_clip model: {type(error).__name__}: {error}") from None
+
+
+def _check_safetensors_header(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:  # reads the header only
+            handle.keys()
+    except Exception as error:
+        raise ModelError(f"cannot read weights {path}: it is not a valid safetensors file ({error})") from None
 
 
 def load_model(config: ModelConfig, storage_options: Mapping[str, Any] | None = None, warn: bool = True) -> LoadedModel:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,22 +16,24 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.config import ConfigError, DecodeConfig, JobConfig
+from pipeline.config import ConfigError, DecodeConfig, JobConfig, RunFailed
 from pipeline.faults import fault_point
-from pipeline.run.labelling import build_dataset, jpegs_on_device
+from pipeline.run.labelling import DECODE_TASK_MEMORY, build_dataset, jpegs_on_device
 from pipeline.run.planning import build_plan, unwrap
 from pipeline.run.progress import Progress
+from pipeline.run.resources import check_resources, cluster_shapes
 from pipeline.schema import OK, STATUSES
 from pipeline.stages.decode import short_side_for
 from pipeline.stages.lease import Lease
+from pipeline.stages.listing import check_manifest_columns
 from pipeline.stages.plan import Plan, PlanError, PlanSummary, Shard, check_resumable, fingerprint, read_plan
 from pipeline.stages.sink import Output, OutputError, add_counts, commit_shard, committed_counts, failed_rows, part_name
-from pipeline.stages.sources import InputSpec, check_inputs, parse_input
+from pipeline.stages.sources import InputSpec, check_inputs, glob_root, parse_input
 from pipeline.stages.vocab import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
 
-ADDRESS_PROBE_TIMEOUT_S = 3.0  # TCP connect to --address before anything else: ray.init waits minutes on a dead one
+ADDRESS_PROBE_TIMEOUT_S = 3.0  # per probe of --address before any work: ray.init waits minutes on a dead one, forever on a dashboard
 COMMIT_TASK_CPUS = 0  # a commit merges a few MB of staged rows; with a CPU share it would wait behind the decode tasks
 COUNT_GROUP = 200  # committed shards whose footers one task reads at the end of a resumed run
 
@@ -102,13 +102,18 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
         ConfigError: with a message naming the fix (bad labels, model, inputs or output; a resume whose
             configuration differs from its plan's).
     """
-    from pipeline.models.load import check_model, model_image_size  # torch: kept out of the decode workers' imports
+    from pipeline.models.load import check_model, model_image_size, resolve_device  # torch: kept out of the decode workers' imports
 
     vocabulary = load_vocabulary(config.vocabulary, storage_options)
     check_model(config.model)
+    if config.execution.address is None:  # a local cluster: its workers have this machine's devices
+        resolve_device(config.model.device)
     specs = [parse_input(text) for text in config.inputs]
-    check_inputs(specs, storage_options)
-    _refuse_output_inside_inputs(config)
+    check_inputs(specs, storage_options, config.decode.allowed_schemes)
+    for spec in specs:
+        if spec.kind == "manifest":
+            check_manifest_columns(spec, storage_options)
+    _refuse_output_inside_inputs(config, specs)
     _check_address(config.execution.address)
     mode = "resume" if config.resume else "overwrite" if config.overwrite else "new"
     output = Output.open(config.output, storage_options, mode)
@@ -144,6 +149,7 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
     Raises:
         ConfigError: the configuration is unusable (raised before the cluster starts), another job holds
             the output, or the inputs hold no images or repeat a key (found while planning).
+        RunFailed: labelling had started and could not finish (another job took the output, shards missing).
     """
     storage_options = dict(storage_options or {})
     started = time.time()
@@ -151,6 +157,16 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
     job = prepare(config, storage_options)
     with Lease(job.output.fs, job.output.root, config.output) as lease:
         ray = _init_ray(config)
+        execution = config.execution
+        check_resources(
+            cluster_shapes(ray),
+            gpus_per_actor=execution.num_gpus,
+            cpus_per_actor=execution.num_cpus_per_actor,
+            actors=execution.concurrency,
+            device=config.model.device,
+            decode_device=config.decode.device,
+            decode_memory=DECODE_TASK_MEMORY,
+        )
         _begin(job)
         attempt = _attempt(job, started_at)
         job.output.write_manifest(_manifest(job, job.plan, attempt, {}, 0))  # the attempt is on record even if it dies
@@ -166,12 +182,17 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
             log.info("labelling again %d failed rows in %d committed shards", sum(failed.values()), len(failed))
         progress = Progress(plan.images, len(plan.shards), already, len(kept))
         label_started = time.time()
-        outcome = (
-            _label(ray, job, plan, todo, failed, storage_options, progress, lease, attempt["run_id"]) if todo else _Outcome(label_started)
-        )
-        progress.close()
-        label_ended = time.time()
-        counts = _check_output(ray, job, plan, kept, outcome.counts, storage_options)
+        try:
+            outcome = (
+                _label(ray, job, plan, todo, failed, storage_options, progress, lease, attempt["run_id"])
+                if todo
+                else _Outcome(label_started)
+            )
+            progress.close()
+            label_ended = time.time()
+            counts = _check_output(ray, job, plan, kept, outcome.counts, storage_options)
+        except ConfigError as error:  # labelling had started: not "nothing ran" (exit 2)
+            raise RunFailed(str(error)) from error
         steady_rows = outcome.rows - outcome.first_rows
         steady_seconds = label_ended - outcome.first_at
         summary = RunSummary(
@@ -241,11 +262,10 @@ def _init_ray(config: JobConfig) -> Any:
                 log_to_driver=verbose,
                 logging_level=logging.INFO if verbose else logging.ERROR,
             )
-        except (ConnectionError, RuntimeError) as error:
-            raise ConfigError(
-                f"cannot join the Ray cluster at {config.execution.address}: {str(error).splitlines()[0]}; "
-                "check --address (host:port of the head's GCS, or 'auto' on a cluster node)"
-            ) from None
+        except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as error:
+            from pipeline.run.cluster_address import join_failure
+
+            raise ConfigError(join_failure(config.execution.address, error, ADDRESS_PROBE_TIMEOUT_S)) from None
     import ray.data  # configures its loggers: the console handler is then there to quiet
 
     if not verbose:
@@ -523,10 +543,10 @@ def _model_record(config: JobConfig) -> dict[str, Any]:
     return record
 
 
-def _refuse_output_inside_inputs(config: JobConfig) -> None:
+def _refuse_output_inside_inputs(config: JobConfig, specs: list[InputSpec]) -> None:
     output = _normalised(config.output)
-    for text in config.inputs:
-        root = _normalised(text)
+    for text, spec in zip(config.inputs, specs):
+        root = _normalised(glob_root(spec.uri) if spec.kind == "glob" else text)  # a glob reads below its fixed part
         if output == root or output.startswith(root.rstrip("/") + "/"):
             raise OutputError(
                 f"output {config.output} lies inside input {text}; the job would read its own output. Choose an --output outside the inputs"
@@ -534,19 +554,10 @@ def _refuse_output_inside_inputs(config: JobConfig) -> None:
 
 
 def _check_address(address: str | None) -> None:
-    """Fail in seconds when an explicit `host:port` or `ray://host:port` address does not answer."""
-    if not address or address in ("auto", "local"):
-        return
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        return  # not host:port; ray.init reports it
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_PROBE_TIMEOUT_S).close()
-    except OSError as error:
-        raise ConfigError(
-            f"cannot reach the Ray cluster at {address} ({error}); check --address (host:port of the head's GCS, "
-            "ray://host:10001 for Ray Client, or 'auto' on a cluster node)"
-        ) from None
+    """Fail in seconds, before any cluster work, on an address ray.init would hang on or reject (see cluster_address)."""
+    from pipeline.run.cluster_address import check_address
+
+    check_address(address, ADDRESS_PROBE_TIMEOUT_S)
 
 
 def _normalised(location: str) -> str:
@@ -556,16 +567,12 @@ def _normalised(location: str) -> str:
 
 
 def _code_version() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    import os
+
+    from pipeline.run.submit import COMMIT_VARIABLE, working_tree_commit
+
+    # Submitted jobs and the image run copies without .git: `lgca submit` and the image build name the commit.
+    commit = os.environ.get(COMMIT_VARIABLE, "").strip() or working_tree_commit(Path(__file__).parent)
     return f"{__version__}+{commit}" if commit else __version__
 
 

@@ -23,7 +23,7 @@ from pipeline.stages.decode import DecodedImage, DecodeFailure, DeferredJpeg, de
 from pipeline.stages.journal import DecodeJournal
 from pipeline.stages.plan import read_shard
 from pipeline.stages.sink import SHARD_COLUMN, keep_succeeded_rows, stage_pieces
-from pipeline.stages.sources import filesystem_for, read_all, read_bytes
+from pipeline.stages.sources import check_scheme, filesystem_for, read_all, read_bytes
 from pipeline.stages.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ def _read_contents(
     paths: list[str], decode: DecodeConfig, storage_options: dict[str, Any], journal: DecodeJournal
 ) -> list[bytes | Exception]:
     def read(path: str) -> bytes:
+        check_scheme(path, decode.allowed_schemes)  # before any request: a manifest must not choose what workers fetch
         return read_bytes(path, _read_options(path, storage_options), max_bytes=decode.max_bytes)
 
     readable = [i for i in range(len(paths)) if not journal.poisoned(i)]

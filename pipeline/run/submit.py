@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
+import re
 import shlex
+import subprocess
 import sys
 import time
 import urllib.error
@@ -38,6 +40,9 @@ WORKING_DIR_EXCLUDES = [
 PINNED_DISTRIBUTION = "lgca-label"
 UNPINNED = ("ray",)  # the cluster's own Ray runs every worker; a second copy from pip would not match it
 SECRET_WORDS = ("secret", "token", "password", "key")  # the rule job_from_spec applies to spec storage options
+COMMIT_VARIABLE = "LGCA_CODE_COMMIT"  # the shipped tree's commit: the job records it as code_version (no .git travels)
+RAY_WORKING_DIR_COPIES = "working_dir_files"  # Ray unpacks a job's working_dir into runtime_resources/<this>/_ray_pkg_HASH
+MISSING_MODULE = re.compile(r"No module named '([\w.]+)'")  # also in the text of Ray's wrappers of a worker's error
 
 
 class ClusterError(ConfigError):
@@ -123,12 +128,14 @@ def pinned_requirements(distribution: str = PINNED_DISTRIBUTION) -> list[str]:
     return pins
 
 
-def runtime_env(working_dir: Path, pip: Sequence[str] = ()) -> dict[str, Any]:
-    """The runtime_env of a labelling job: the code in `working_dir`, and optionally pip packages.
+def runtime_env(working_dir: Path, pip: Sequence[str] = (), commit: str | None = None) -> dict[str, Any]:
+    """The runtime_env of a labelling job: the code in `working_dir`, optionally pip packages and its commit.
 
     Args:
         working_dir: the repository root (it must hold jobs/label_images.py).
         pip: requirements to install on the workers; empty when the image already has them.
+        commit: the git commit of `working_dir`, recorded by the job as its code_version; "" outside git (it then
+            hides the image's commit, which is not the shipped code's), None to leave the variable alone.
 
     Returns:
         A runtime_env dict for `JobSubmissionClient.submit_job`.
@@ -136,7 +143,80 @@ def runtime_env(working_dir: Path, pip: Sequence[str] = ()) -> dict[str, Any]:
     env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES)}
     if pip:
         env["pip"] = {"packages": list(pip), "pip_check": False}
+    if commit is not None:
+        env["env_vars"] = {COMMIT_VARIABLE: commit}
     return env
+
+
+def working_tree_commit(path: Path) -> str:
+    """The short git commit of the checkout holding `path`; empty outside git or without a git binary."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def refuse_relative_output(output: str) -> None:
+    """Refuse a relative local output for a job that runs in Ray's copy of the working dir.
+
+    Ray unpacks the shipped working dir into a temporary folder and deletes it after the job: results written
+    there by a relative path are lost.
+
+    Args:
+        output: the job's `output`.
+
+    Raises:
+        ConfigError: `output` is a relative local path; the message names what to use instead.
+    """
+    if "://" in output or output.startswith(("/", "~")):
+        return
+    raise ConfigError(
+        f"output {output} is a relative path: a submitted job runs in Ray's temporary copy of the working dir, which Ray "
+        "deletes after the job, results included. Use an s3:// URI or an absolute path every node can write "
+        f"(e.g. {Path(output).resolve()} for a head on this machine or a shared filesystem)"
+    )
+
+
+def in_ray_working_dir_copy(cwd: Path | None = None) -> bool:
+    """Whether `cwd` (default: the current directory) is a working_dir that Ray unpacked for a submitted job."""
+    return (cwd or Path.cwd()).parent.name == RAY_WORKING_DIR_COPIES
+
+
+def missing_package_hint(error: BaseException) -> str | None:
+    """How to give the cluster the code or dependency whose import failed in `error` or its causes, else None.
+
+    A worker's ModuleNotFoundError reaches the driver wrapped by Ray (RayTaskError, or RaySystemError
+    "System error: No module named ..."), so the messages along the chain count, not only the types.
+
+    Args:
+        error: what the job raised.
+
+    Returns:
+        One sentence naming the missing module and the fix, or None when no import failed.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        match = MISSING_MODULE.search(str(cause))
+        name = getattr(cause, "name", None) if isinstance(cause, ModuleNotFoundError) else None
+        name = name or (match.group(1) if match else None)
+        if name:
+            return _install_hint(name.split(".")[0])
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _install_hint(module: str) -> str:
+    if module == "pipeline":
+        return (
+            "the cluster's Python cannot import lgca-label's code (`pipeline`): submit with `lgca submit`, which ships this "
+            "working tree, or run every node on the infra/Dockerfile image; `lgca run --address` ships no code"
+        )
+    return (
+        f"the cluster's Python lacks `{module}`, a dependency of lgca-label: run every node on the infra/Dockerfile image, "
+        "or submit with `lgca submit --pip-pin` (installs the dependencies, pinned to this machine's versions, on each node)"
+    )
 
 
 # ---------------------------------------------------------------- talking to the job server

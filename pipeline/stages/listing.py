@@ -19,7 +19,17 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.schema import OUTPUT_COLUMNS
-from pipeline.stages.sources import IMAGE_EXTENSIONS, LOCAL_PROTOCOLS, InputSpec, SourceError, filesystem_for, full_uri, glob_root, is_local
+from pipeline.stages.sources import (
+    IMAGE_EXTENSIONS,
+    LOCAL_PROTOCOLS,
+    InputSpec,
+    SourceError,
+    filesystem_for,
+    full_uri,
+    glob_root,
+    is_local,
+    redact_url,
+)
 
 # Columns the pipeline writes, and a row's place in its shard: a manifest column of one of these names is refused.
 RESERVED_COLUMNS = (*(name for name in OUTPUT_COLUMNS if name not in ("key", "path")), "_row", "_shard")
@@ -363,20 +373,50 @@ def _resolve_manifest_path(raw: str, fs: fsspec.AbstractFileSystem, manifest_dir
     return full_uri(fs, posixpath.normpath(posixpath.join(manifest_dir, raw)).lstrip("/"))
 
 
+def check_manifest_columns(spec: InputSpec, storage_options: Mapping[str, Any]) -> None:
+    """Fail fast on a manifest whose header is unusable, reading its header (CSV) or footer (Parquet) only.
+
+    Raises:
+        SourceError: the manifest cannot be read, lacks a `path` column, repeats a column name, or uses an
+            output column's name.
+    """
+    fs, path = filesystem_for(spec.uri, storage_options)
+    try:
+        if path.lower().endswith(".parquet"):
+            with fs.open(path, "rb") as handle:
+                names = pq.read_schema(handle).names
+        else:
+            with fs.open(path, "rb", compression="infer") as handle:
+                names = pa_csv.open_csv(handle).schema.names
+    except FileNotFoundError as error:
+        raise SourceError(f"manifest {spec.uri} does not exist; check the path") from error
+    except (pa.ArrowInvalid, EOFError, UnicodeDecodeError) as error:
+        raise SourceError(f"manifest {spec.uri} could not be read ({error}); write it as Parquet or UTF-8 CSV with a header") from error
+    _check_columns(spec, names)
+
+
+def _check_columns(spec: InputSpec, names: Sequence[str]) -> None:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SourceError(f"manifest {spec.uri} repeats column name(s) {', '.join(repeated)}; give each column its own name")
+    if "path" not in names:
+        raise SourceError(
+            f"manifest {spec.uri} has no 'path' column (found: {', '.join(names) or 'none'}); "
+            "add a column 'path' with one image path or URI per row"
+        )
+    reserved = [name for name in names if name in RESERVED_COLUMNS]
+    if reserved:
+        raise SourceError(f"manifest {spec.uri} has column(s) {', '.join(reserved)}, which the output already uses; rename them")
+
+
 def _list_manifest(spec: InputSpec, storage_options: Mapping[str, Any], row_groups: tuple[int, ...] | None = None) -> pa.Table:
     fs, path = filesystem_for(spec.uri, storage_options)
     table = _read_manifest_table(spec, fs, path, row_groups)
-    if "path" not in table.column_names:
-        raise SourceError(
-            f"manifest {spec.uri} has no 'path' column (found: {', '.join(table.column_names) or 'none'}); "
-            "add a column 'path' with one image path or URI per row"
-        )
-    reserved = [name for name in table.column_names if name in RESERVED_COLUMNS]
-    if reserved:
-        raise SourceError(f"manifest {spec.uri} has column(s) {', '.join(reserved)}, which the output already uses; rename them")
+    _check_columns(spec, table.column_names)
     if table.num_rows == 0 and row_groups is None:
         raise SourceError(f"manifest {spec.uri} has no rows; add images or drop the input")
-    raw_paths = _string_column(table, "path", spec)
+    # A password in a row's URL is masked here, before the plan stores it: the row then fails to read, saying why.
+    raw_paths = pa.chunked_array([pa.array([redact_url(path) for path in _string_column(table, "path", spec).to_pylist()], pa.string())])
     keys = _string_column(table, "key", spec) if "key" in table.column_names else raw_paths
     local = is_local(spec.uri)
     manifest_dir = os.path.dirname(path) if local else posixpath.dirname(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -9,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -26,6 +28,12 @@ _WILDCARDS = ("*", "?", "[")
 _SECRET_WORDS = ("secret", "token", "key", "password", "credential")
 _NOT_SECRET_WORDS = ("endpoint", "url", "region")
 _REDACTED = "***"
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^/@\s]+@")
+_REDACTED_PASSWORD = f":{_REDACTED}@"
+_PASSWORD_REFUSED = (
+    "the URL carried a password, which is never stored or used; give credentials through --storage-options-file or "
+    "LGCA_STORAGE_OPTIONS instead"
+)
 # The existence probe gives up quickly: a wrong endpoint or credentials must fail in seconds, not
 # after botocore's and s3fs's retry loops (minutes against an unreachable host).
 _PROBE_S3_CONFIG = {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1, "mode": "standard"}}
@@ -113,7 +121,7 @@ def filesystem_for(uri: str, storage_options: Mapping[str, Any]) -> tuple[fsspec
     return fsspec.core.url_to_fs(uri, **options)
 
 
-def check_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]) -> None:
+def check_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any], allowed_schemes: Sequence[str] | None = None) -> None:
     """Fail fast if an input's root is missing or unreadable, before any work is scheduled.
 
     For a glob the folder before the first wildcard must exist; whether the pattern matches is
@@ -123,13 +131,22 @@ def check_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any])
     Args:
         specs: parsed inputs.
         storage_options: fsspec options for remote inputs (endpoint_url, key, secret, ...).
+        allowed_schemes: URL schemes inputs may use (DecodeConfig.allowed_schemes); None allows any.
 
     Raises:
-        SourceError: no inputs; an input does not exist, is not readable, its bucket is missing, or its
-            store rejects the credentials or cannot be reached. The message names the fix.
+        SourceError: no inputs; an input's URL scheme is not allowed or its URL carries a password; an input
+            does not exist, is not readable, its bucket is missing, or its store rejects the credentials or
+            cannot be reached. The message names the fix.
     """
     if not specs:
         raise SourceError("no inputs given; pass one or more directories, globs, files, s3:// prefixes or manifests")
+    for spec in specs:
+        if has_password(spec.uri):
+            raise SourceError(f"input {redact_url(spec.uri)}: {_PASSWORD_REFUSED}")
+        try:
+            check_scheme(spec.uri, allowed_schemes or schemes_of(spec.uri))
+        except RefusedInput as error:
+            raise SourceError(f"input {error}") from None
     for spec in specs:
         if is_local(spec.uri):
             _check_local(spec)
@@ -283,6 +300,53 @@ def storage_options_from(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+STORAGE_OPTIONS_ENV = "LGCA_STORAGE_OPTIONS"  # a JSON object of storage options, for secrets kept out of `ps`
+
+
+def gather_storage_options(pairs: Sequence[str], file: str | None = None, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Storage options from a file, the LGCA_STORAGE_OPTIONS variable and `--storage-option` pairs, later ones winning.
+
+    Flags are visible to every user of the machine (`ps`); a file (JSON or YAML mapping, readable by its owner
+    only) or the environment variable (a JSON object) keep secrets out of the process list.
+
+    Raises:
+        SourceError: the file or the variable does not hold a mapping, or a pair is malformed.
+    """
+    options: dict[str, Any] = {}
+    if file:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(file).expanduser().read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as error:
+            raise SourceError(f"--storage-options-file {file} is not readable JSON or YAML: {error}") from None
+        _require_mapping(loaded, f"--storage-options-file {file}")
+        options = _merged(options, loaded)
+    text = environ.get(STORAGE_OPTIONS_ENV, "").strip()
+    if text:
+        try:
+            loaded = json.loads(text)
+        except ValueError as error:
+            raise SourceError(f"{STORAGE_OPTIONS_ENV} is not a JSON object: {error}") from None
+        _require_mapping(loaded, STORAGE_OPTIONS_ENV)
+        options = _merged(options, loaded)
+    return _merged(options, storage_options_from(pairs))
+
+
+def _require_mapping(value: Any, where: str) -> None:
+    if not isinstance(value, Mapping):
+        raise SourceError(
+            f'{where} must hold a mapping of storage options (e.g. {{"key": ..., "secret": ...}}), got {type(value).__name__}'
+        )
+
+
+def _merged(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for name, value in extra.items():
+        out[name] = _merged(out[name], value) if isinstance(value, Mapping) and isinstance(out.get(name), Mapping) else value
+    return out
+
+
 def redact(options: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of storage options safe to log or write into a manifest.
 
@@ -303,11 +367,44 @@ def redact(options: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, Mapping):
             out[name] = redact(value)
         elif isinstance(value, str):
-            # http://user:password@host -> http://user:***@host
-            out[name] = re.sub(r"(://[^/:@]+:)[^/@]+@", rf"\1{_REDACTED}@", value)
+            out[name] = redact_url(value)
         else:
             out[name] = value
     return out
+
+
+def check_scheme(uri: str, allowed: Sequence[str]) -> None:
+    """Refuse `uri`, before any request, if it carried a password or uses a URL scheme not in `allowed`.
+
+    Every layer of a chained URL (simplecache::s3://...) must be allowed.
+
+    Raises:
+        RefusedInput: naming the scheme and the flag that allows it.
+    """
+    if _REDACTED_PASSWORD in uri:
+        raise RefusedInput(_PASSWORD_REFUSED)
+    for scheme in schemes_of(uri):
+        if scheme not in allowed:
+            raise RefusedInput(
+                f"{redact_url(uri)} uses the URL scheme {scheme}://, which this job does not read; add --allow-scheme {scheme} if you trust it"
+            )
+
+
+def schemes_of(uri: str) -> list[str]:
+    """The URL schemes of `uri`, outermost first: file for local paths, s3 for s3a, else as written."""
+    protocol = fsspec.core.split_protocol(uri)[0]
+    if protocol in LOCAL_PROTOCOLS:
+        return ["file"]
+    return ["s3" if part in _S3_PROTOCOLS else ("file" if part in LOCAL_PROTOCOLS else part.lower()) for part in str(protocol).split("::")]
+
+
+def redact_url(text: str) -> str:
+    """`text` with the password of every URL in it masked: http://user:password@host -> http://user:***@host."""
+    return _URL_PASSWORD.sub(rf"\1{_REDACTED}@", text)
+
+
+def has_password(uri: str) -> bool:
+    return _URL_PASSWORD.search(uri) is not None
 
 
 def is_local(uri: str) -> bool:
