@@ -445,11 +445,20 @@ FULL_JOB = JobConfig(
         growth_target=0.8,
         descriptor_weights="mean",
     ),
-    decode=DecodeConfig(max_pixels=1000, min_short_side=128, timeout_s=5.0, device="gpu"),
+    decode=DecodeConfig(
+        max_bytes=10_000,
+        read_timeout_s=9.0,
+        allowed_schemes=("file", "s3", "gs"),
+        max_pixels=1000,
+        min_short_side=128,
+        timeout_s=5.0,
+        device="gpu",
+    ),
     execution=ExecutionConfig(
         address="auto", batch_size=8, concurrency=2, num_gpus=0.5, num_cpus_per_actor=2.0, decode_batch_size=4, rows_per_file=100
     ),
     resume=True,
+    retry_failed=True,
 )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import torch
 
 from pipeline.cli.args import storage_options as cli_storage_options
 from pipeline.config import ConfigError, DecodeConfig
@@ -32,6 +33,7 @@ from pipeline.stages.sources import (
     schemes_of,
 )
 
+from .analytic import COLOURS, encode_colour_text
 from .fault_proxy import FaultProxy, Rule
 from .test_job import _job, _labels, _photos, _read
 from .test_reliability import _report, _run_args
@@ -340,3 +342,56 @@ def test_storage_options_come_from_a_file_the_environment_and_flags_in_that_orde
         gather_storage_options([], str(tmp_path / "list.yaml"), {})
     with pytest.raises(ConfigError, match="is not a JSON object"):
         gather_storage_options([], None, {STORAGE_OPTIONS_ENV: "key=x"})
+
+
+# ---------------------------------------------------------------- large vocabularies
+
+
+@pytest.mark.parametrize("method, weights", [("clip", "softmax"), ("ensemble", "softmax"), ("descriptors", "mean"), ("lgca", "softmax")])
+def test_class_vectors_in_groups_match_one_group_and_report_every_sentence(method, weights, monkeypatch):
+    from pipeline.scoring import text
+
+    descriptions = {"red": ("a red thing", "crimson"), "blue": ("the sky",)}
+    templates = ("a {} object", "a photo of {}", "{}")
+
+    def vectors() -> tuple[torch.Tensor, int]:
+        counted: list[int] = []
+        result = text.class_vectors(
+            method, COLOURS, encode_colour_text, descriptions, templates, "a {}", 1.0, weights, progress=counted.append
+        )
+        return result, sum(counted)
+
+    whole, whole_count = vectors()
+    monkeypatch.setattr(text, "GROUP_SENTENCES", 2)  # every class in a group of its own
+    grouped, grouped_count = vectors()
+    torch.testing.assert_close(grouped, whole)
+    expected = text.sentence_count(method, COLOURS, descriptions, templates, weights)
+    assert whole_count == grouped_count == expected > len(COLOURS) - 1
+
+
+def test_a_large_vocabulary_is_embedded_once_with_progress_and_stored_beside_the_plan(tmp_path, ray_local, caplog, monkeypatch):
+    import logging
+
+    from pipeline.run import embedding
+
+    images = tmp_path / "images"
+    _photos(images, 3)
+    cache = tmp_path / "node-cache"
+    small = _job([images], tmp_path / "per-actor", _labels(tmp_path))
+    small = replace(small, model=replace(small.model, cache_dir=str(cache / "a")))
+    run(small)  # below the threshold: each actor embeds (and caches on its node)
+    assert list((cache / "a" / "text").glob("*.safetensors"))
+    monkeypatch.setattr(embedding, "LARGE_VOCABULARY_SENTENCES", 10)
+    monkeypatch.setattr(embedding, "PROGRESS_EVERY_S", 0.05)
+    large = replace(small, output=str(tmp_path / "once"), model=replace(small.model, cache_dir=str(cache / "b")))
+    with caplog.at_level(logging.INFO, logger="pipeline.run.embedding"):
+        run(large)
+    messages = [record.getMessage() for record in caplog.records if record.name == "pipeline.run.embedding"]
+    assert any(m.startswith("embedding ") and " sentences for 5 classes once" in m for m in messages), messages
+    assert any(m.startswith("vocabulary embedded in") for m in messages), messages
+    stored = list((tmp_path / "once" / "_plan" / "text-vectors").glob("*.safetensors"))
+    assert len(stored) == 1
+    assert not (cache / "b" / "text").exists()  # the actors loaded the stored vectors instead of embedding
+    per_actor, once = _read(small.output), _read(large.output)
+    assert per_actor.column("label").to_pylist() == once.column("label").to_pylist()
+    assert per_actor.column("score").to_pylist() == pytest.approx(once.column("score").to_pylist(), abs=1e-5)

@@ -18,6 +18,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.config import ConfigError, DecodeConfig, JobConfig, RunFailed
 from pipeline.faults import fault_point
+from pipeline.run.embedding import embed_vocabulary_once
 from pipeline.run.labelling import DECODE_TASK_MEMORY, build_dataset, jpegs_on_device
 from pipeline.run.planning import build_plan, unwrap
 from pipeline.run.progress import Progress
@@ -342,6 +343,16 @@ def _label(
     model_config = job.config.model
     if model_config.device == "auto":
         model_config = replace(model_config, device="cuda" if num_gpus > 0 else "cpu")
+    vectors_uri = embed_vocabulary_once(
+        ray,
+        output=job.config.output,
+        model_config=model_config,
+        scoring=job.config.scoring,
+        vocabulary=job.vocabulary,
+        storage_options=storage_options,
+        num_gpus=num_gpus,
+        num_cpus=execution.num_cpus_per_actor,
+    )
     dataset = build_dataset(
         [{"shard": shard.id, "retry": shard.id in failed} for shard in todo],
         output=job.config.output,
@@ -358,6 +369,7 @@ def _label(
         num_gpus=num_gpus,
         num_cpus_per_actor=execution.num_cpus_per_actor,
         run_id=run_id,
+        vectors_uri=vectors_uri,
     )
     schema = output_schema(plan.schema)
     commit = ray.remote(num_cpus=COMMIT_TASK_CPUS, max_retries=3)(_commit_task)

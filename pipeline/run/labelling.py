@@ -59,6 +59,7 @@ def build_dataset(
     num_gpus: float,
     num_cpus_per_actor: float,
     run_id: str = "",
+    vectors_uri: str | None = None,
 ) -> Any:
     """The lazy Ray Dataset that labels `shards` and yields (shard, rows) per staged piece.
 
@@ -106,6 +107,7 @@ def build_dataset(
             "decode": decode,
             "storage_options": storage_options,
             "cpu_threads": max(1, (os.cpu_count() or 1) // actors) if num_gpus == 0 else None,
+            "vectors_uri": vectors_uri,
         },
     )  # Ray Data's actor pools restart dead actors and retry their batches by default (max_restarts=-1)
     return dataset.map_batches(
@@ -252,19 +254,26 @@ class ScoringActor:
         decode: DecodeConfig,
         storage_options: dict[str, Any],
         cpu_threads: int | None,
+        vectors_uri: str | None = None,
     ) -> None:
         import torch
 
         from pipeline.models.load import default_cache_dir, load_model
-        from pipeline.models.text_vectors import text_vectors
+        from pipeline.models.text_vectors import text_vectors, vectors_from_bytes
         from pipeline.scoring.scorer import Scorer
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.model = load_model(model_config, storage_options, warn=False)  # the driver warned about a missing hint
-        # Each actor embeds the vocabulary with its own model (once per node, then from the disk cache):
-        # a separate job-wide task would load the model a second time before any actor could start.
-        vectors = text_vectors(self.model, vocabulary, scoring, default_cache_dir(model_config))
+        if vectors_uri:  # a large vocabulary, embedded once for the job (run.embedding)
+            fs, path = fsspec.core.url_to_fs(vectors_uri, **storage_options)
+            vectors = vectors_from_bytes(fs.cat_file(path), len(vocabulary.classes))
+            if vectors is None:
+                raise RuntimeError(f"the class vectors at {vectors_uri} are not for this vocabulary of {len(vocabulary.classes)} classes")
+        else:
+            # A small vocabulary: each actor embeds it with its own model (once per node, then from the disk
+            # cache); a separate task would load the model a second time before any actor could start.
+            vectors = text_vectors(self.model, vocabulary, scoring, default_cache_dir(model_config))
         self.scoring = scoring
         self.decode = decode
         self.identity = self.model.identity

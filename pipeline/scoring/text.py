@@ -11,6 +11,7 @@ import torch.nn.functional as F
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]  # n strings -> (n, D)
 
 TEXT_CHUNK = 256  # sentences per text-encoder call
+GROUP_SENTENCES = 8192  # sentences whose embeddings are held at once while computing class vectors
 
 
 def encode_texts(encode_text: TextEncoder, texts: Sequence[str]) -> torch.Tensor:
@@ -64,13 +65,16 @@ def class_vectors(
     prompt: str,
     text_scale: float,
     descriptor_weights: str = "softmax",
+    progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Class vectors T_c for one method.
 
     clip: g(p_c). ensemble: mean of template embeddings (CLIP's ensemble). descriptors, wca, lgca: the
     description embeddings weighted by softmax_j(exp(text_scale) * <t_cj, g(p_c)>); with
     `descriptor_weights="mean"` the descriptors method averages them instead (CuPL's plain mean, the
-    descriptor baseline of WCA's code).
+    descriptor baseline of WCA's code). Classes are embedded a group at a time (GROUP_SENTENCES), so memory
+    holds one group's sentence embeddings, not the whole vocabulary's (10^5 classes x 80 templates would be
+    16 GB at D=512).
 
     Args:
         method: one of clip, ensemble, descriptors, wca, lgca.
@@ -79,25 +83,56 @@ def class_vectors(
         descriptions, templates, prompt: as in `class_sentences`.
         text_scale: the description-weight temperature.
         descriptor_weights: softmax or mean, for the descriptors method.
+        progress: called with the number of sentences embedded since the last call (see `sentence_count`).
 
     Returns:
         (C, D) float32 class vectors, L2-normalised, in the order of `classes`.
     """
+    report = progress or (lambda done: None)
     prompts = [prompt.format(name) for name in classes]
     if method == "clip":
-        return encode_texts(encode_text, prompts)
-    if method == "ensemble":
-        sentences = class_sentences(classes, {}, templates, prompt)
-    else:
-        sentences = class_sentences(classes, descriptions, templates, prompt)
-    flat = [s for group in sentences for s in group]
-    embedded = encode_texts(encode_text, flat)
-    groups = torch.split(embedded, [len(group) for group in sentences])
-    if method == "ensemble" or (method == "descriptors" and descriptor_weights == "mean"):
-        return F.normalize(torch.stack([group.mean(dim=0) for group in groups]), dim=-1)
-    prompt_vecs = encode_texts(encode_text, prompts)
+        vectors = []
+        for start in range(0, len(prompts), GROUP_SENTENCES):
+            vectors.append(encode_texts(encode_text, prompts[start : start + GROUP_SENTENCES]))
+            report(len(vectors[-1]))
+        return torch.cat(vectors)
+    sentences = class_sentences(classes, {} if method == "ensemble" else descriptions, templates, prompt)
+    averaged = method == "ensemble" or (method == "descriptors" and descriptor_weights == "mean")
     vectors = []
-    for group, anchor in zip(groups, prompt_vecs):
-        weights = torch.softmax(math.exp(text_scale) * (group @ anchor), dim=0)  # (M,)
-        vectors.append((weights[:, None] * group).sum(dim=0))
+    for group in _groups([len(s) for s in sentences]):
+        embedded = encode_texts(encode_text, [s for i in group for s in sentences[i]])
+        per_class = torch.split(embedded, [len(sentences[i]) for i in group])
+        if averaged:
+            vectors.extend(embedding.mean(dim=0) for embedding in per_class)
+            report(len(embedded))
+            continue
+        anchors = encode_texts(encode_text, [prompts[i] for i in group])
+        for embedding, anchor in zip(per_class, anchors):
+            weights = torch.softmax(math.exp(text_scale) * (embedding @ anchor), dim=0)  # (M,)
+            vectors.append((weights[:, None] * embedding).sum(dim=0))
+        report(len(embedded) + len(anchors))
     return F.normalize(torch.stack(vectors), dim=-1)
+
+
+def sentence_count(
+    method: str, classes: Sequence[str], descriptions: Mapping[str, Sequence[str]], templates: Sequence[str], descriptor_weights: str
+) -> int:
+    """How many sentences `class_vectors` embeds: the sum its `progress` calls reach."""
+    if method == "clip":
+        return len(classes)
+    sentences = sum(len(s) for s in class_sentences(classes, {} if method == "ensemble" else descriptions, templates, "{}"))
+    averaged = method == "ensemble" or (method == "descriptors" and descriptor_weights == "mean")
+    return sentences if averaged else sentences + len(classes)
+
+
+def _groups(sizes: Sequence[int]) -> list[list[int]]:
+    """Consecutive class indices, cut where a group's sentences reach GROUP_SENTENCES (a class is never split)."""
+    groups: list[list[int]] = [[]]
+    total = 0
+    for index, size in enumerate(sizes):
+        if groups[-1] and total + size > GROUP_SENTENCES:
+            groups.append([])
+            total = 0
+        groups[-1].append(index)
+        total += size
+    return [group for group in groups if group]
