@@ -37,6 +37,7 @@ from .analytic import COLOURS, encode_colour_text
 from .fault_proxy import FaultProxy, Rule
 from .test_job import _job, _labels, _photos, _read
 from .test_reliability import _report, _run_args
+from .tiny import TINY_MODEL
 
 # Hostile rows must arrive within this bound: the job itself (tiny model, 2 cores) takes 20-40 s.
 HOSTILE_BOUND_S = 120
@@ -76,6 +77,8 @@ def test_byte_limit_holds_for_local_files_and_s3_objects_without_reading_the_res
         assert read_bytes(path, options, max_bytes=len(data)) == data
         with pytest.raises(RefusedInput, match="above max_bytes=1000"):
             read_bytes(path, options, max_bytes=1000)
+    client.put_object(Bucket=bucket, Key="empty.jpg", Body=b"")  # S3 answers a range on an empty object with 416
+    assert read_bytes(f"{s3_bucket}/empty.jpg", s3_server.storage_options, max_bytes=1000) == b""
 
 
 def test_a_read_that_never_finishes_is_given_up_after_the_timeout():
@@ -237,8 +240,8 @@ def test_resources_that_fit_or_that_the_autoscaler_can_add_pass():
         _check(head, gpus_per_actor=2.0)
 
 
-@pytest.mark.parametrize("asked", [("--num-gpus", "1"), ("--num-cpus-per-actor", "4")], ids=["gpu-on-cpu-cluster", "cpus-beyond-node"])
-def test_unsatisfiable_resources_fail_in_seconds_on_a_real_cluster(asked, tmp_path):
+def test_unsatisfiable_resources_fail_in_seconds_on_a_real_cluster(tmp_path):
+    asked = ("--num-gpus", "1")  # a GPU on a CPU-only cluster; the other requests are covered above
     ray_tmp = tempfile.mkdtemp(prefix="lg", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
@@ -395,3 +398,43 @@ def test_a_large_vocabulary_is_embedded_once_with_progress_and_stored_beside_the
     per_actor, once = _read(small.output), _read(large.output)
     assert per_actor.column("label").to_pylist() == once.column("label").to_pylist()
     assert per_actor.column("score").to_pylist() == pytest.approx(once.column("score").to_pylist(), abs=1e-5)
+
+
+# ---------------------------------------------------------------- exit statuses
+
+
+def test_a_run_that_started_labelling_and_cannot_finish_exits_1_not_2(tmp_path, ray_local, capsys):
+    import threading
+
+    from pipeline.cli.main import main
+
+    images = tmp_path / "images"
+    _photos(images, 6)
+    output = tmp_path / "out"
+    deleted: list[Path] = []
+    stop = threading.Event()
+
+    def delete_the_first_part_file() -> None:  # an operator's cleanup script, racing the job
+        while not stop.is_set() and not deleted:
+            for part in output.glob("part-*.parquet"):
+                part.unlink()
+                deleted.append(part)
+                break
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=delete_the_first_part_file, daemon=True)
+    watcher.start()
+    try:
+        status = main(
+            ["run", str(images), "--labels", str(_labels(tmp_path)), "--output", str(output), "--model", TINY_MODEL]
+            + ["--pretrained", "random", "--rows-per-file", "1", "--crops", "4", "--regions", "1", "--steps", "2"]
+        )
+    finally:
+        stop.set()
+        watcher.join()
+    assert deleted
+    assert status == 1
+    message = capsys.readouterr().err
+    assert "1 of 6 shards have no committed file" in message and "--resume" in message
+    assert not (output / "_SUCCESS").exists()
+    assert run(_job([images], output, _labels(tmp_path), rows_per_file=1, resume=True)).rows_written == 1

@@ -35,8 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _file_config(name: str, tmp_path: Path, **hints) -> ModelConfig:
+    from safetensors.torch import save
+
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(b"")  # the path only: resolving the preprocessing reads no weights
+    weights.write_bytes(save({}))  # a valid header and no tensors: resolving the preprocessing reads no weights
     return ModelConfig(name=name, pretrained=str(weights), **hints)
 
 

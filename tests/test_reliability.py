@@ -168,7 +168,8 @@ def test_driver_killed_at_every_fault_point_then_resume_gives_every_input_once(t
         "--rows-per-file",
         "4",
     ]
-    assert FAULT_POINTS == ("listed", "staged", "scoring", "before_success", "committing")
+    # the driver's points; the workers' (committing, decoding) have tests of their own
+    assert FAULT_POINTS == ("listed", "staged", "scoring", "before_success", "committing", "decoding")
     # staged before scoring: the pieces the second run staged must be dropped by the third
     order = ("listed", "staged", "scoring", "before_success")
     with RayHead() as head:
@@ -498,6 +499,11 @@ def _case_scheme_not_allowed(tmp_path, request):
     return _run_args(tmp_path, inputs=["http://127.0.0.1:1/images/"]), "add --allow-scheme http"
 
 
+def _case_malformed_model_json(tmp_path, request):
+    (tmp_path / "malformed.json").write_text('{"embed_dim": 32, "vision_cfg": ')
+    return _run_args(tmp_path, "--model", str(tmp_path / "malformed.json")), "is not readable JSON"
+
+
 def _case_incomplete_model_json(tmp_path, request):
     (tmp_path / "incomplete.json").write_text('{"embed_dim": 32}')
     return _run_args(tmp_path, "--model", str(tmp_path / "incomplete.json")), "lacks vision_cfg, text_cfg"
@@ -543,6 +549,7 @@ CONFIG_CASES = {
     "output-inside-glob-input": _case_output_inside_glob_input,
     "password-in-input-url": _case_password_in_input_url,
     "scheme-not-allowed": _case_scheme_not_allowed,
+    "malformed-model-json": _case_malformed_model_json,
     "incomplete-model-json": _case_incomplete_model_json,
     "unbuildable-model-json": _case_unbuildable_model_json,
     "fake-safetensors": _case_fake_safetensors,

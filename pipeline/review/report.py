@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 from pipeline.review.output_dir import CurationError, OutputDir
 from pipeline.review.stats import SCORE_BINS, OutputStats, collect_stats, run_facts
 from pipeline.review.text import percent
-from pipeline.review.thumbnails import prepare_thumbnail_dir, write_thumbnails
+from pipeline.review.thumbnails import prepare_thumbnail_dir, read_limits, write_thumbnails
 from pipeline.review.values import number
 from pipeline.schema import OK
 
@@ -104,9 +104,10 @@ def write_report(
         table = output.dataset().to_table(
             columns=["key", "path", "boxes"], filter=(ds.field("status") == OK) & ds.field("key").isin(chosen)
         )
-        # Images the run accepted under a raised --max-pixels must not fail here on the default limit.
-        max_pixels = (output.manifest.get("decode") or {}).get("max_pixels")
-        thumbs = write_thumbnails(table, thumbnail_dir, thumbnail_size, max_pixels, storage_options or {}, workers)
+        # The run's read limits: images it accepted under a raised --max-pixels or --max-bytes must not fail here
+        # on the defaults, and its URL schemes bound what the report fetches.
+        limits = read_limits(output.manifest.get("decode") or {})
+        thumbs = write_thumbnails(table, thumbnail_dir, thumbnail_size, limits, storage_options or {}, workers)
     data = {
         "classes": classes,
         "pageSize": page_size,

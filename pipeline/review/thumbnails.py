@@ -18,7 +18,7 @@ from pipeline.config import DecodeConfig
 from pipeline.review.text import one_line
 from pipeline.review.values import number
 from pipeline.stages.decode import DecodeFailure, decode_image
-from pipeline.stages.sources import read_bytes
+from pipeline.stages.sources import check_scheme, read_bytes
 
 THUMBNAIL_QUALITY = 82  # JPEG quality of thumbnails: small files, boxes stay readable
 THUMBNAIL_NAME = re.compile(r"^[0-9a-f]{16}\.jpg$")  # names this module writes; only these are ever deleted
@@ -68,8 +68,14 @@ def prepare_thumbnail_dir(directory: Path) -> None:
             entry.unlink()
 
 
+def read_limits(decode: Mapping[str, Any]) -> DecodeConfig:
+    """The read and decode limits of a run, from its manifest's `decode` record (defaults where it has none)."""
+    known = {name: decode[name] for name in ("max_bytes", "max_pixels", "allowed_schemes") if decode.get(name)}
+    return DecodeConfig(**known)
+
+
 def write_thumbnails(
-    table: pa.Table, directory: Path, size: int, max_pixels: int | None, storage_options: Mapping[str, Any], workers: int
+    table: pa.Table, directory: Path, size: int, limits: DecodeConfig, storage_options: Mapping[str, Any], workers: int
 ) -> dict[str, dict[str, Any]]:
     """Thumbnails for each row of `table`, written into `directory`, and each row's gallery entry.
 
@@ -77,7 +83,7 @@ def write_thumbnails(
         table: rows with key, path and boxes columns.
         directory: where the thumbnails go; entries link to them relative to its parent.
         size: longer side of a thumbnail in pixels.
-        max_pixels: the run's decompression-bomb limit; None for the default.
+        limits: the run's read limits (`read_limits`): byte and pixel limits, URL schemes.
         storage_options: fsspec options for reading remote images.
         workers: threads reading and shrinking images.
 
@@ -90,7 +96,9 @@ def write_thumbnails(
     def one(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         entry: dict[str, Any] = {"path": row["path"], "boxes": [_box_entry(b) for b in row.get("boxes") or ()]}
         try:
-            data, width, height = make_thumbnail(read_bytes(row["path"], storage_options), size, max_pixels)
+            check_scheme(row["path"], limits.allowed_schemes)
+            content = read_bytes(row["path"], storage_options, max_bytes=limits.max_bytes)
+            data, width, height = make_thumbnail(content, size, limits.max_pixels)
         except Exception as error:  # an unreadable image costs its thumbnail, never the report
             entry["error"] = one_line(f"{type(error).__name__}: {error}", 200)
             return row["key"], entry

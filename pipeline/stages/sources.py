@@ -251,7 +251,12 @@ def _read_local(path: str, max_bytes: int | None) -> bytes:
 def _read_remote(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int | None) -> bytes:
     if max_bytes is None:
         return fs.cat_file(path)
-    data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    try:
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    except OSError as error:
+        if "range is not satisfiable" not in str(error).lower() and "invalidrange" not in str(error).lower():
+            raise
+        data = b""  # a range from byte 0 is unsatisfiable only for an empty object
     if len(data) > max_bytes:
         raise RefusedInput(_too_large(f"more than {max_bytes} bytes", max_bytes))
     return data
