@@ -72,11 +72,11 @@ def job_from_arguments(argv: Sequence[str]) -> tuple[JobConfig, dict[str, Any]]:
         _spec_parser().print_help()
         raise SystemExit(0 if argv else EXIT_CONFIG)
 
-    from pipeline.cli.args import job_config, storage_options
+    from pipeline.cli import args as cli_args
     from pipeline.cli.main import build_parser
 
     args = build_parser().parse_args(["run", *argv])
-    return job_config(args), storage_options(args)
+    return cli_args.job_config(args), cli_args.storage_options(args)
 
 
 def on_cluster(config: JobConfig) -> JobConfig:
