@@ -50,7 +50,8 @@ class SourceError(ConfigError):
 
 
 class RefusedInput(OSError):
-    """A file that is not read: larger than the byte limit, or not a regular file (a FIFO, a device)."""
+    """An input that is not read: larger than the byte limit, not a regular file (a FIFO, a device), a URL
+    scheme not allowed, or a URL that carried a password."""
 
 
 @dataclass(frozen=True)
