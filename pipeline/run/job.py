@@ -426,28 +426,27 @@ def _commit_task(output: str, storage_options: dict[str, Any], shard_id: str, ro
 
 
 def _failed_rows(ray: Any, job: PreparedJob, committed: set[str], storage_options: dict[str, Any]) -> dict[str, int]:
-    """Failed rows per committed shard that has some (--retry-failed): footers read by worker tasks."""
-    task = ray.remote(num_cpus=COMMIT_TASK_CPUS, max_retries=3)(_failed_task)
-    ids = sorted(committed)
-    refs = [task.remote(job.config.output, storage_options, ids[i : i + COUNT_GROUP]) for i in range(0, len(ids), COUNT_GROUP)]
+    """Failed rows per committed shard that has some (--retry-failed), from the footers."""
     failed: dict[str, int] = {}
-    for ref in refs:
-        failed.update(unwrap(ray, ref))
+    for part in _over_footers(ray, failed_rows, job.config.output, storage_options, committed):
+        failed.update(part)
     return failed
 
 
-def _failed_task(output: str, storage_options: dict[str, Any], shard_ids: list[str]) -> dict[str, int]:
+def _over_footers(ray: Any, reader: Any, output: str, storage_options: dict[str, Any], shard_ids: set[str]) -> list[dict[str, int]]:
+    """`reader(fs, root, ids)` over committed shards' footers, COUNT_GROUP shards per worker task; one result per task."""
+    task = ray.remote(num_cpus=COMMIT_TASK_CPUS, max_retries=3)(_footer_task)
+    ids = sorted(shard_ids)
+    refs = [task.remote(reader, output, storage_options, ids[i : i + COUNT_GROUP]) for i in range(0, len(ids), COUNT_GROUP)]
+    return [unwrap(ray, ref) for ref in refs]
+
+
+def _footer_task(reader: Any, output: str, storage_options: dict[str, Any], shard_ids: list[str]) -> dict[str, int]:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    return failed_rows(fs, root.rstrip("/"), shard_ids)
-
-
-def _counts_task(output: str, storage_options: dict[str, Any], shard_ids: list[str]) -> dict[str, int]:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    return committed_counts(fs, root.rstrip("/"), shard_ids)
+    result: dict[str, int] = reader(fs, root.rstrip("/"), shard_ids)
+    return result
 
 
 # ---------------------------------------------------------------- bookkeeping
@@ -468,12 +467,8 @@ def _check_output(
         )
     counts = dict.fromkeys(STATUSES, 0)
     add_counts(counts, this_run)
-    if earlier:
-        count_task = ray.remote(num_cpus=COMMIT_TASK_CPUS, max_retries=3)(_counts_task)
-        ids = sorted(earlier)
-        refs = [count_task.remote(job.config.output, storage_options, ids[i : i + COUNT_GROUP]) for i in range(0, len(ids), COUNT_GROUP)]
-        for ref in refs:
-            add_counts(counts, unwrap(ray, ref))
+    for part in _over_footers(ray, committed_counts, job.config.output, storage_options, earlier):
+        add_counts(counts, part)
     return counts
 
 
