@@ -98,3 +98,55 @@ def test_readme_example_labels_the_demo_scenes_mostly_right(tmp_path):
         [sys.executable, "jobs/show_example.py", str(tmp_path / "example")], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert shown.returncode == 0 and f"{right} of {len(scenes)} scenes labelled with their true class" in shown.stdout
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "argv, first_line, usage",
+    [
+        (
+            ["run", "photos/", "--labels", "labels.txt", "--outptu", "out/"],
+            "lgca run: error: unrecognized argument --outptu (did you mean --output?)",
+            "usage: lgca run INPUT [INPUT ...] --output OUTPUT --labels LABELS [options]",
+        ),
+        (
+            ["report", "out/", "--thumbnail-sise", "64"],
+            "lgca report: error: unrecognized argument --thumbnail-sise (did you mean --thumbnail-size?)",
+            "usage: lgca report OUTPUT_DIR [options]",
+        ),
+        (
+            ["export", "out/", "--format", "cocoo", "--out", "x.json"],
+            "lgca export: error: argument --format: invalid choice: 'cocoo' (choose from 'labelstudio', 'coco', 'fiftyone', 'csv') "
+            "(did you mean 'coco'?)",
+            "usage: lgca export OUTPUT_DIR --format FORMAT --out FILE [options]",
+        ),
+        (
+            ["run", "--labels", "labels.txt"],
+            "lgca run: error: the following arguments are required: INPUT, --output",
+            "usage: lgca run INPUT [INPUT ...] --output OUTPUT --labels LABELS [options]",
+        ),
+        (["summray", "out/"], None, "usage: lgca COMMAND [options]"),
+    ],
+)
+def test_usage_errors_are_three_lines_naming_the_likely_fix(argv, first_line, usage, capsys):
+    from pipeline.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and lines[1] == usage and lines[2].startswith("see 'lgca")
+    if first_line:
+        assert lines[0] == first_line
+    else:
+        assert "invalid choice: 'summray'" in lines[0] and lines[0].endswith("(did you mean 'summary'?)")
+
+
+def test_an_abbreviated_flag_is_not_mistaken_for_an_unknown_one(capsys):
+    from pipeline.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "photos/", "--out", "o/"])  # --out abbreviates --output; --labels is what is missing
+    assert capsys.readouterr().err.splitlines()[0] == "lgca run: error: the following arguments are required: --labels"

@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.cli.args import job_config
+from pipeline.cli.parser import Parser
 from pipeline.cli.run import add_run_command
 from pipeline.config import ConfigError, JobConfig
 from pipeline.run.submit import (
@@ -70,7 +71,7 @@ def run_arguments_config(run_args: Sequence[str]) -> JobConfig:
     """
     from pipeline.stages.sources import storage_options_from
 
-    parser = argparse.ArgumentParser(prog="lgca")
+    parser = Parser(prog="lgca")
     add_run_command(parser.add_subparsers())
     args = parser.parse_args(["run", *run_args])
     storage_options_from(args.storage_option)

@@ -12,6 +12,7 @@ from pipeline import __version__
 from pipeline.cli.args import EXIT_CONFIG, EXIT_FAILED
 from pipeline.cli.cluster import add_cluster_commands
 from pipeline.cli.eval import add_eval_command
+from pipeline.cli.parser import Parser
 from pipeline.cli.review import add_curation_commands
 from pipeline.cli.run import add_plan_command, add_run_command
 from pipeline.config import ConfigError, RunFailed
@@ -25,7 +26,7 @@ Point `lgca run` at images on local disk or S3 and a label vocabulary; get one P
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lgca", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="lgca", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lgca-label {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

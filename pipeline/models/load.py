@@ -323,6 +323,8 @@ def check_model(config: ModelConfig) -> WeightsSource:
         _build_on_meta(architecture, config.name)
     source = parse_weights_source(architecture, config.pretrained)
     resolve_preprocessing(architecture, source.kind, config)  # a bad --weights-tag fails here; a missing hint warns
+    if source.kind == "random":  # said once, here on the driver: the workers load with warn=False
+        log.warning(RANDOM_WEIGHTS_WARNING)
     if source.kind == "file" and source.value.endswith(".safetensors"):
         _check_safetensors_header(Path(source.value))
     elif source.kind == "file":  # safetensors cannot hold code; a torch checkpoint can
@@ -357,7 +359,7 @@ def load_model(config: ModelConfig, storage_options: Mapping[str, Any] | None = 
     Args:
         config: architecture, weights source, preprocessing hints, device and precision.
         storage_options: fsspec options for a weights URI (credentials stay out of logs).
-        warn: warn about file weights without a preprocessing hint (the driver warned already for a job).
+        warn: warn about random weights and about file weights without a preprocessing hint (a job's driver warned already).
 
     Returns:
         A LoadedModel in eval mode on its device.
@@ -392,8 +394,8 @@ def load_model(config: ModelConfig, storage_options: Mapping[str, Any] | None = 
                 warnings.simplefilter("ignore")
                 model = open_clip.create_model(architecture, pretrained=None, **build)
         if source.kind == "random":
-            log.warning(RANDOM_WEIGHTS_WARNING)
-            warnings.warn(RANDOM_WEIGHTS_WARNING, stacklevel=2)
+            if warn:
+                log.warning(RANDOM_WEIGHTS_WARNING)
             identity["pretrained"] = f"random(seed={config.random_seed})"
         else:
             path = Path(source.value) if source.kind == "file" else fetch_weights(source.value, cache_dir, storage_options)
