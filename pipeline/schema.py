@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -49,11 +50,32 @@ PREDICTION_COLUMNS = ("label", "score", "topk_labels", "topk_scores", "margin", 
 
 
 def output_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
-    """The schema of an output file: the fixed columns, then manifest pass-through columns in their order."""
+    """The schema of an output file: the fixed columns, then manifest pass-through columns in their order.
+
+    Its pandas metadata maps integer columns to pandas' nullable integer types: without it pandas reads
+    `width` and `height` (null in failed rows) as float64.
+    """
     fields = list(PREDICTION_FIELDS)
     if passthrough is not None:
         fields.extend(f for f in passthrough if f.name not in OUTPUT_COLUMNS)
-    return pa.schema(fields)
+    return pa.schema(fields, metadata={b"pandas": _pandas_metadata(fields)})
+
+
+def _pandas_metadata(fields: Sequence[pa.Field]) -> bytes:
+    """pyarrow's `pandas` schema metadata naming a nullable dtype (Int32, UInt8, ...) for each integer column;
+    `pyarrow.Table.to_pandas` and `pandas.read_parquet` honour it, other readers ignore it."""
+    columns = [
+        {
+            "name": f.name,
+            "field_name": f.name,
+            "pandas_type": str(f.type),
+            "numpy_type": str(f.type).capitalize().replace("Uint", "UInt"),
+            "metadata": None,
+        }
+        for f in fields
+        if pa.types.is_integer(f.type)
+    ]
+    return json.dumps({"index_columns": [], "column_indexes": [], "columns": columns}).encode()
 
 
 def empty_prediction() -> dict[str, Any]:

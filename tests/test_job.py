@@ -126,6 +126,8 @@ def test_output_reads_in_pandas_duckdb_and_polars(corpus_output):
     output, summary = corpus_output
     frame = pd.read_parquet(output)
     assert len(frame) == summary.inputs and set(frame.status) == {"ok", "decode_error"}
+    assert str(frame["width"].dtype) == str(frame["height"].dtype) == "Int32"  # nullable integers, not float64
+    assert frame["width"].isna().sum() == (frame.status == "decode_error").sum()
     counts = duckdb.sql(f"select status, count(*) from read_parquet('{output}/*.parquet') group by status").fetchall()
     assert sum(n for _, n in counts) == summary.inputs
     boxes = duckdb.sql(f"select max(len(boxes)) from read_parquet('{output}/*.parquet')").fetchall()[0][0]

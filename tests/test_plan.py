@@ -25,6 +25,7 @@ from pipeline.stages.plan import (
     Plan,
     PlanError,
     Shard,
+    changed_manifests,
     changes,
     check_resumable,
     duplicate_check_ranges,
@@ -34,6 +35,7 @@ from pipeline.stages.plan import (
     raise_on_duplicates,
     read_plan,
     read_shard,
+    unify_schemas,
     write_keys,
     write_plan,
     write_shards,
@@ -99,6 +101,29 @@ def test_shards_are_bounded_and_read_back_in_the_plan_schema_with_row_indices(tm
     assert read_plan(fs, root, "x").shards == tuple(shards)
     # nothing the plan writes is a result to a reader globbing the output
     assert not glob.glob(f"{root}/**/*.parquet", recursive=True)
+
+
+def test_manifest_columns_get_one_type_for_the_whole_output(tmp_path):
+    # A column empty in one manifest takes the others' type; integers and floats widen to floats; each shard
+    # reads back in that type, so every part file of the output agrees (pandas, DuckDB, Polars read them all).
+    empty = _listing(["a"], {"note": pa.nulls(1), "weight": pa.array([1], pa.int64())})
+    filled = _listing(["b"], {"note": pa.array([7], pa.int64()), "weight": pa.array([0.5], pa.float64())})
+    schema = unify_schemas([empty.schema, filled.schema])
+    assert schema.field("note").type == pa.int64() and schema.field("weight").type == pa.float64()
+    fs = fsspec.filesystem("file")
+    write_shards(fs, str(tmp_path), "empty", empty, shard_size=10)
+    table = read_shard(fs, str(tmp_path), "empty-00000", schema)
+    assert table.schema.field("note").type == pa.int64() and table.column("weight").to_pylist() == [1.0]
+    with pytest.raises(PlanError, match="give the manifests matching column types"):
+        unify_schemas([filled.schema, _listing(["c"], {"note": pa.array(["seven"])}).schema])
+
+
+def test_a_plan_records_its_manifests_and_names_the_ones_changed_since():
+    plan = Plan(_fingerprint(), (), _listing([]).schema, manifests={"s3://b/m.csv": {"size": 10, "version": "e1"}})
+    again = Plan.from_json(plan.to_json(), "here")
+    assert again.manifests == plan.manifests
+    assert changed_manifests(again, {"s3://b/m.csv": {"size": 10, "version": "e1"}}) == []
+    assert changed_manifests(again, {"s3://b/m.csv": {"size": 14, "version": "e2"}}) == ["s3://b/m.csv (size 10 -> 14)"]
 
 
 @pytest.mark.parametrize("place", ["local", "s3"])

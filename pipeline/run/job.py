@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import time
 import uuid
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,8 +27,8 @@ from pipeline.run.resources import check_resources, cluster_shapes
 from pipeline.schema import OK, STATUSES
 from pipeline.stages.decode import short_side_for
 from pipeline.stages.lease import Lease
-from pipeline.stages.listing import check_manifest_columns
-from pipeline.stages.plan import Plan, PlanError, PlanSummary, Shard, check_resumable, fingerprint, read_plan
+from pipeline.stages.listing import check_manifest_columns, manifest_version
+from pipeline.stages.plan import Plan, PlanError, PlanSummary, Shard, changed_manifests, check_resumable, fingerprint, read_plan
 from pipeline.stages.sink import Output, OutputError, add_counts, commit_shard, committed_counts, failed_rows, part_name
 from pipeline.stages.sources import InputSpec, check_inputs, glob_root, parse_input
 from pipeline.stages.vocab import Vocabulary, load_vocabulary
@@ -94,6 +95,7 @@ class PreparedJob:
     model: dict[str, Any]  # the model's identity, as recorded in the manifest
     fingerprint: dict[str, Any]
     plan: Plan | None  # a resumed output's plan, already checked against this configuration
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)  # manifest URI -> its version now
 
 
 def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJob:
@@ -111,9 +113,11 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
         resolve_device(config.model.device)
     specs = [parse_input(text) for text in config.inputs]
     check_inputs(specs, storage_options, config.decode.allowed_schemes)
+    manifests = {}
     for spec in specs:
         if spec.kind == "manifest":
             check_manifest_columns(spec, storage_options)
+            manifests[spec.uri] = manifest_version(spec, storage_options)
     _refuse_output_inside_inputs(config, specs)
     _check_address(config.execution.address)
     mode = "resume" if config.resume else "overwrite" if config.overwrite else "new"
@@ -127,6 +131,14 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
         plan = read_plan(output.fs, output.root, f"the plan of {config.output}")
         if plan is not None:
             check_resumable(plan, asked, config.output)
+            changed = changed_manifests(plan, manifests)
+            if changed:
+                log.warning(
+                    "manifest %s changed since the plan was made (%s): --resume labels the images the plan lists, not rows "
+                    "added since; label new rows with a new job (another --output), or start over with --overwrite",
+                    ", ".join(changed),
+                    plan.created_at,
+                )
         elif output.committed():
             raise PlanError(
                 f"output {config.output} has results but no plan (_plan/plan.json): it was written by an older version "
@@ -134,7 +146,7 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
             )
     alpha = config.scoring.crop_scale[0] if config.scoring.uses_crops else None
     decode = replace(config.decode, min_short_side=short_side_for(model_image_size(config.model), alpha))
-    return PreparedJob(config, vocabulary, specs, output, mode, decode, model, asked, plan)
+    return PreparedJob(config, vocabulary, specs, output, mode, decode, model, asked, plan, manifests)
 
 
 def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> RunSummary:
@@ -273,6 +285,9 @@ def _init_ray(config: JobConfig) -> Any:
         for handler in logging.getLogger("ray.data").handlers:
             if handler.get_name() == "console":  # Ray Data's notices stay in its session log file
                 handler.setLevel(logging.ERROR)
+        # A tuning hint Ray Data gives as a Python warning whenever a stage gets fewer blocks than its task
+        # limit: true of every small job and of the commit stage by design, and nothing a user can act on.
+        warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = verbose  # this job reports its own progress over the plan
     context.print_on_execution_start = verbose
@@ -304,7 +319,14 @@ def _plan(job: PreparedJob, storage_options: dict[str, Any]) -> tuple[Plan, floa
             print(f"lgca: listing: {units} folders or manifest parts listed, {images:,} images so far", flush=True)
 
     plan = build_plan(
-        job.specs, job.config.output, storage_options, job.config.execution.rows_per_file, job.fingerprint, _now(), on_progress=report
+        job.specs,
+        job.config.output,
+        storage_options,
+        job.config.execution.rows_per_file,
+        job.fingerprint,
+        _now(),
+        on_progress=report,
+        manifests=job.manifests,
     )
     return plan, time.time() - started
 

@@ -59,11 +59,13 @@ def build_plan(
     fingerprint: Mapping[str, Any],
     created_at: str,
     on_progress: Any = None,
+    manifests: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Plan:
     """List every input on the cluster, cut it into shards under `<output>/_plan/`, check keys, write plan.json.
 
     Args:
         on_progress: called with (units listed, images found) as listing goes on.
+        manifests: each manifest's version as the job saw it before listing, recorded in the plan.
 
     Raises:
         SourceError: an input holds no images, a folder cannot be listed, a manifest is unusable.
@@ -121,6 +123,7 @@ def build_plan(
         skipped=tuple(skipped),
         listing_seconds=time.time() - started,
         created_at=created_at,
+        manifests={uri: dict(version) for uri, version in (manifests or {}).items()},
     )
     write_plan(fs, root, plan)
     return plan

@@ -395,6 +395,18 @@ def check_manifest_columns(spec: InputSpec, storage_options: Mapping[str, Any]) 
     _check_columns(spec, names)
 
 
+def manifest_version(spec: InputSpec, storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies this version of a manifest file without reading it: its size and its ETag or modification time.
+
+    A plan records it, so a resume can say that the manifest changed since (its new rows are not labelled).
+    """
+    fs, path = filesystem_for(spec.uri, storage_options)
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    changed = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    return {"size": info.get("size"), "version": str(changed) if changed is not None else None}
+
+
 def _check_columns(spec: InputSpec, names: Sequence[str]) -> None:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:

@@ -59,6 +59,7 @@ class Plan:
     skipped: tuple[str, ...] = ()  # the first few of them
     listing_seconds: float = 0.0
     created_at: str = ""
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)  # manifest URI -> `listing.manifest_version` when listed
 
     @property
     def images(self) -> int:
@@ -75,6 +76,7 @@ class Plan:
             "skipped": list(self.skipped),
             "schema": base64.b64encode(self.schema.serialize().to_pybytes()).decode("ascii"),
             "shards": [[shard.id, shard.rows] for shard in self.shards],
+            "manifests": self.manifests,
         }
         return json.dumps(document, indent=1, sort_keys=True)
 
@@ -94,6 +96,7 @@ class Plan:
                 skipped=tuple(document.get("skipped", ())),
                 listing_seconds=float(document.get("listing_seconds", 0.0)),
                 created_at=str(document.get("created_at", "")),
+                manifests=dict(document.get("manifests") or {}),
             )
         except (ValueError, KeyError, TypeError) as error:
             raise PlanError(f"{where} is not a plan this version can use ({error}); start over with --overwrite") from None
@@ -219,7 +222,7 @@ def read_shard(fs: fsspec.AbstractFileSystem, root: str, shard_id: str, schema: 
     with fs.open(shard_path(root, shard_id), "rb") as handle:
         table = pq.read_table(handle)
     columns = [
-        table.column(name) if name in table.column_names else pa.nulls(table.num_rows, field.type)
+        table.column(name).cast(field.type) if name in table.column_names else pa.nulls(table.num_rows, field.type)
         for name, field in zip(schema.names, schema)
     ]
     table = pa.Table.from_arrays(columns, schema=schema)
@@ -287,14 +290,26 @@ def unify_schemas(schemas: Iterable[pa.Schema]) -> pa.Schema:
     """The plan's listing schema: key and path first, then every manifest column.
 
     Raises:
-        PlanError: two manifests give one column different types.
+        PlanError: two manifests give one column types that do not widen to one (a number and a string).
     """
     try:
-        unified = pa.unify_schemas(list(schemas), promote_options="default")
+        # One type per column for the whole output, fixed here: a column empty in one manifest takes the
+        # others' type, integers and floats widen to floats; part files of one output must agree.
+        unified = pa.unify_schemas(list(schemas), promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
         raise PlanError(f"inputs disagree on a column's type ({error}); give the manifests matching column types") from None
     rest = [f for f in unified if f.name not in ("key", "path")]
     return pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string()), *rest])
+
+
+def changed_manifests(plan: Plan, current: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One phrase per manifest whose size or version differs from when the plan listed it."""
+    out = []
+    for uri, now in current.items():
+        then = plan.manifests.get(uri)
+        if then is not None and dict(then) != dict(now):
+            out.append(f"{uri} (size {then.get('size')} -> {now.get('size')})")
+    return out
 
 
 @dataclass
