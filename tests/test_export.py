@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
+import urllib.parse
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -180,6 +182,34 @@ def test_rewrite_path_takes_the_first_matching_prefix():
     assert rewrite_path("/data/photos/a.jpg", prefixes) == "/data/local-files/?d=photos/a.jpg"
     assert rewrite_path("/data/other/b.jpg", prefixes) == "s3://bucket/other/b.jpg"
     assert rewrite_path("/elsewhere/c.jpg", prefixes) == "/elsewhere/c.jpg"
+
+
+@pytest.mark.parametrize("name", ["my café photo #1.jpg", "a b+c&x=2%41.jpg", "plain.jpg", "nested/dir/x y.png"])
+def test_labelstudio_urls_percent_encode_file_names_and_decode_back_exactly(name, tmp_path):
+    # Label Studio's /data/local-files/ view reads `d` from the query string as Django decodes it (parse_qs);
+    # a raw '#' cut the name there, a raw ' ' or '+' became a different file: 404s.
+    images = tmp_path / "photos"
+    (images / name).parent.mkdir(parents=True, exist_ok=True)
+    paths = sample_images(tmp_path / "grey", 1)
+    (images / name).write_bytes(Path(paths[0]).read_bytes())
+    rows = synthetic_rows(1, [str(images / name)])
+    out = write_output(tmp_path / "out", rows)
+    tasks_path = tmp_path / "tasks.json"
+    export(
+        open_output(str(out)),
+        "labelstudio",
+        str(tasks_path),
+        default_filter("labelstudio"),
+        [(f"{images}/", "/data/local-files/?d=photos/")],
+    )
+    url = json.loads(tasks_path.read_text())[0]["data"]["image"]
+    value = url.split("?d=", 1)[1]
+    assert not set(value) & set(" #&+é=") and re.fullmatch(r"([^%]|%[0-9A-F]{2})*", value)  # encoded once, whole
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["d"] == [f"photos/{name}"]
+    # The other formats keep file paths as they are: they are paths, not URLs.
+    export(open_output(str(out)), "csv", str(tmp_path / "a.csv"), default_filter("csv"), [(f"{images}/", "/mnt/photos/")])
+    with (tmp_path / "a.csv").open(newline="") as handle:
+        assert next(csv.DictReader(handle))["path"] == f"/mnt/photos/{name}"
 
 
 # ---------------------------------------------------------------- the formats on a real run

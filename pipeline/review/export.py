@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
+from urllib.parse import quote
 
 import fsspec
 import pyarrow.dataset as ds
@@ -69,7 +70,7 @@ def export(
     fs, path = filesystem_for(out, storage_options or {})
     path = path.rstrip("/")
     counter = _Counter()
-    rows = counter.count(_rows(output, columns, row_filter.expression(), path_prefixes))
+    rows = counter.count(_rows(output, columns, row_filter.expression(), path_prefixes, as_url=fmt == "labelstudio"))
     if fmt == "fiftyone":
         fs.makedirs(path, exist_ok=True)
         data_path, labels_path, classifications_path = (f"{path}/{name}" for name in FIFTYONE_FILES)
@@ -97,19 +98,22 @@ def export(
     return ExportSummary(fmt, counter.rows, counter.boxes, files)
 
 
-def rewrite_path(path: str, path_prefixes: Sequence[tuple[str, str]]) -> str:
+def rewrite_path(path: str, path_prefixes: Sequence[tuple[str, str]], as_url: bool = False) -> str:
     """`path` with the first matching (old, new) prefix replaced; unchanged when none matches.
 
     Args:
         path: an image path or URI.
         path_prefixes: (old, new) pairs, tried in order.
+        as_url: the result is a URL (Label Studio fetches it): the part after `new` is percent-encoded, so a
+            file named `my photo #1.jpg` is not cut at `#` or `%`, and `&` or `+` do not end a query value.
 
     Returns:
         The rewritten path.
     """
     for old, new in path_prefixes:
         if path.startswith(old):
-            return new + path[len(old) :]
+            rest = path[len(old) :]
+            return new + (quote(rest, safe="/") if as_url else rest)
     return path
 
 
@@ -134,12 +138,16 @@ class _Counter:
 
 
 def _rows(
-    output: OutputDir, columns: Sequence[str], expression: ds.Expression | None, path_prefixes: Sequence[tuple[str, str]]
+    output: OutputDir,
+    columns: Sequence[str],
+    expression: ds.Expression | None,
+    path_prefixes: Sequence[tuple[str, str]],
+    as_url: bool = False,
 ) -> Iterator[dict[str, Any]]:
     for batch in output.batches(columns, expression):
         for row in batch.to_pylist():
             if path_prefixes:
-                row["path"] = rewrite_path(row["path"], path_prefixes)
+                row["path"] = rewrite_path(row["path"], path_prefixes, as_url)
             yield row
 
 
