@@ -14,16 +14,18 @@ from pipeline.schema import STATUSES
 
 REPORT_EPILOG = """\
 examples:
-  lgca report out/ --out report.html
-  lgca report s3://bucket/labels-out/ --out report.html --thumbnails-per-label 48 \\
-      --storage-option endpoint_url=http://minio:9000
+  lgca report out/ --out review/report.html
+  lgca report s3://bucket/labels-out/ --out report.html --max-thumbnails 50000 \\
+      --path-prefix s3://bucket/images/=https://images.example.com/ --storage-option endpoint_url=http://minio:9000
 
-Writes report.html and report_thumbnails/ beside it; open the file in any browser (no server, no
-network). Statistics cover every row. The gallery pages through the ok rows of a label, lowest
-confidence first (all of them up to --max-gallery-rows in total); only the first
---thumbnails-per-label rows of each label get a thumbnail (images are read once, shrunk, and the
-salient boxes drawn over them), so the cost is bounded by labels x thumbnails-per-label, not by the
-number of rows. See docs/CURATION.md.
+Writes report.html and report_files/ (thumbnails, row details) beside it; open the file in any browser:
+no server, no network. The top is the summary (rows by status, labels, confidence histogram, errors);
+below, a gallery of every row (up to --max-gallery-rows) with filters by label, status, score range and
+key, sorting by confidence or margin either way, and a view of one image with all its boxes and top-k.
+Thumbnails are made for up to --max-thumbnails images, each label's least confident rows first (the
+budget bounds the image reads: about 100 images/s per core for photos); rows beyond it show a local
+image itself and a remote one as a placeholder. A report run again keeps the thumbnails it made before.
+See docs/CURATION.md.
 """
 
 EXPORT_EPILOG = f"""\
@@ -62,20 +64,20 @@ def add_curation_commands(subparsers: Any) -> None:
 def _add_report(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "report",
-        help="write a self-contained HTML report of an output directory",
-        description="Write an HTML report of OUTPUT_DIR (the --output of lgca run): run summary, label histogram, "
-        "confidence distribution, errors with examples, and a gallery per label with the salient boxes drawn.",
+        help="write an HTML report of an output directory: summary, filterable gallery, one-image view",
+        description="Write an HTML report of OUTPUT_DIR (the --output of lgca run): rows by status, labels, confidence "
+        "histogram and errors, then a gallery of every row with the salient boxes drawn, to filter, sort and page.",
         epilog=REPORT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="output directory of lgca run, local or s3://")
     parser.add_argument("--out", default="report.html", metavar="FILE", help="HTML file to write, local (default: %(default)s)")
     parser.add_argument(
-        "--thumbnails-per-label",
+        "--max-thumbnails",
         type=int,
         metavar="N",
-        default=24,
-        help="thumbnails per label, for its lowest-confidence rows; 0 for none (default: %(default)s)",
+        default=20_000,
+        help="images thumbnailed at most, each label's least confident rows first; 0 for none (default: %(default)s)",
     )
     parser.add_argument("--page-size", type=int, metavar="N", default=24, help="gallery cards per page (default: %(default)s)")
     parser.add_argument(
@@ -86,11 +88,19 @@ def _add_report(subparsers: Any) -> None:
     )
     parser.add_argument("--workers", type=int, metavar="N", default=8, help="threads reading images for thumbnails (default: %(default)s)")
     parser.add_argument(
+        "--path-prefix",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="rewrite image paths starting with OLD into links starting with NEW, repeatable "
+        "(e.g. s3://bucket/=https://bucket.s3.amazonaws.com/); local files link as file:// URLs without it",
+    )
+    parser.add_argument(
         "--max-gallery-rows",
         type=int,
         metavar="N",
         default=200_000,
-        help="ok rows embedded in the gallery; above it each label keeps its lowest-confidence share (default: %(default)s)",
+        help="rows the gallery holds; above it each label and failure status keeps its share (default: %(default)s)",
     )
     add_storage_arguments(parser)
     parser.set_defaults(handler=_report)
@@ -150,13 +160,14 @@ def _report(args: argparse.Namespace) -> int:
     summary = write_report(
         output,
         args.out,
-        thumbnails_per_label=args.thumbnails_per_label,
+        max_thumbnails=args.max_thumbnails,
         page_size=args.page_size,
         thumbnail_size=args.thumbnail_size,
         error_examples=args.error_examples,
         storage_options=options,
         workers=args.workers,
         max_gallery_rows=args.max_gallery_rows,
+        path_prefixes=_prefixes(args.path_prefix),
     )
     print(summary.line(), flush=True)
     return 0

@@ -1,22 +1,21 @@
-"""Report thumbnails: upright JPEGs decoded as the run decoded them, under stable names, with their boxes as gallery entries."""
+"""Report thumbnails: upright JPEGs decoded as the run decoded them, under stable names, kept between reports."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 from PIL import Image
 
 from pipeline.config import DecodeConfig
+from pipeline.progress import ProgressLine
 from pipeline.review.text import one_line
-from pipeline.review.values import number
 from pipeline.stages.decode import DecodeFailure, decode_image
 from pipeline.stages.sources import check_scheme, read_bytes
 
@@ -24,9 +23,9 @@ THUMBNAIL_QUALITY = 82  # JPEG quality of thumbnails: small files, boxes stay re
 THUMBNAIL_NAME = re.compile(r"^[0-9a-f]{16}\.jpg$")  # names this module writes; only these are ever deleted
 
 
-def thumbnail_name(key: str, path: str) -> str:
-    """File name of a row's thumbnail: stable for the same key and path, safe in any file system."""
-    return hashlib.sha1(f"{key}\0{path}".encode()).hexdigest()[:16] + ".jpg"
+def thumbnail_name(path: str, size: int) -> str:
+    """File name of an image's thumbnail: stable for the same image path and size, safe in any file system."""
+    return hashlib.sha1(f"{size}\0{path}".encode()).hexdigest()[:16] + ".jpg"
 
 
 def make_thumbnail(data: bytes, size: int, max_pixels: int | None = None) -> tuple[bytes, int, int]:
@@ -60,12 +59,12 @@ def make_thumbnail(data: bytes, size: int, max_pixels: int | None = None) -> tup
     return buffer.getvalue(), image.width, image.height
 
 
-def prepare_thumbnail_dir(directory: Path) -> None:
-    """Create `directory`, or empty it of the thumbnails of an earlier report (files named like THUMBNAIL_NAME; nothing else is touched)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for entry in directory.iterdir():
-        if entry.is_file() and THUMBNAIL_NAME.match(entry.name):
-            entry.unlink()
+def remove_stale(directory: Path, pattern: re.Pattern[str], keep: set[str]) -> None:
+    """Delete the files in `directory` named like `pattern` but not in `keep` (what an earlier report wrote); nothing else."""
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            if entry.is_file() and pattern.match(entry.name) and entry.name not in keep:
+                entry.unlink()
 
 
 def read_limits(decode: Mapping[str, Any]) -> DecodeConfig:
@@ -75,49 +74,50 @@ def read_limits(decode: Mapping[str, Any]) -> DecodeConfig:
 
 
 def write_thumbnails(
-    table: pa.Table, directory: Path, size: int, limits: DecodeConfig, storage_options: Mapping[str, Any], workers: int
+    paths: Sequence[str],
+    directory: Path,
+    size: int,
+    limits: DecodeConfig,
+    storage_options: Mapping[str, Any],
+    workers: int,
+    progress: ProgressLine | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Thumbnails for each row of `table`, written into `directory`, and each row's gallery entry.
+    """A thumbnail in `directory` for each image path, made now or kept from an earlier report.
 
     Args:
-        table: rows with key, path and boxes columns.
-        directory: where the thumbnails go; entries link to them relative to its parent.
+        paths: distinct image paths or URIs.
+        directory: where the thumbnails go (created).
         size: longer side of a thumbnail in pixels.
         limits: the run's read limits (`read_limits`): byte and pixel limits, URL schemes.
         storage_options: fsspec options for reading remote images.
         workers: threads reading and shrinking images.
+        progress: advanced once per image.
 
     Returns:
-        key -> {path, boxes, src, w, h}, or {path, boxes, error} for an image that could not be read or
-        decoded (it costs its thumbnail, never the report). Boxes are compact lists
-        [x0, y0, x1, y1, level, parent, label, score, saliency].
+        path -> {name, w, h}, or {error} for an image that could not be read or decoded (it costs its
+        thumbnail, never the report).
     """
+    directory.mkdir(parents=True, exist_ok=True)
 
-    def one(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        entry: dict[str, Any] = {"path": row["path"], "boxes": [_box_entry(b) for b in row.get("boxes") or ()]}
+    def one(path: str) -> tuple[str, dict[str, Any]]:
+        name = thumbnail_name(path, size)
+        target = directory / name
         try:
-            check_scheme(row["path"], limits.allowed_schemes)
-            content = read_bytes(row["path"], storage_options, max_bytes=limits.max_bytes)
+            if target.is_file():  # made by an earlier report of the same images at the same size
+                with Image.open(target) as existing:
+                    return path, {"name": name, "w": existing.width, "h": existing.height}
+            check_scheme(path, limits.allowed_schemes)
+            content = read_bytes(path, storage_options, max_bytes=limits.max_bytes)
             data, width, height = make_thumbnail(content, size, limits.max_pixels)
         except Exception as error:  # an unreadable image costs its thumbnail, never the report
-            entry["error"] = one_line(f"{type(error).__name__}: {error}", 200)
-            return row["key"], entry
-        name = thumbnail_name(row["key"], row["path"])
-        (directory / name).write_bytes(data)
-        entry.update(src=f"{directory.name}/{name}", w=width, h=height)
-        return row["key"], entry
+            return path, {"error": one_line(f"{type(error).__name__}: {error}", 200)}
+        finally:
+            if progress is not None:
+                progress.advance()
+        staged = directory / f".{name}.partial"
+        staged.write_bytes(data)
+        staged.replace(target)
+        return path, {"name": name, "w": width, "h": height}
 
-    rows = table.to_pylist()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # reads are I/O bound; PIL releases the GIL
-        return dict(pool.map(one, rows))
-
-
-def _box_entry(box: Mapping[str, Any]) -> list[Any]:
-    # [x0, y0, x1, y1, level, parent, label, score, saliency], compact for the embedded JSON
-    return [round(float(box[k]), 4) for k in ("x0", "y0", "x1", "y1")] + [
-        box.get("level"),
-        box.get("parent"),
-        box.get("label"),
-        number(box.get("score"), 3),
-        number(box.get("saliency"), 3),
-    ]
+        return dict(pool.map(one, paths))

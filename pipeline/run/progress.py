@@ -7,6 +7,7 @@ import sys
 import time
 from typing import IO, Any
 
+from pipeline.progress import duration
 from pipeline.schema import OK
 
 INTERVAL_S = 30.0  # one line per interval in a log; a terminal gets a live bar instead
@@ -62,7 +63,7 @@ class Progress:
     def line(self) -> str:
         rate = self.rate()
         left = self.images - self.done_images
-        eta = _duration(left / rate) if rate > 0 else "unknown"
+        eta = duration(left / rate) if rate > 0 else "unknown"
         percent = 100.0 * self.done_images / self.images if self.images else 100.0
         return (
             f"lgca: {self.done_images:,}/{self.images:,} images ({percent:.1f}%), {self.done_shards}/{self.shards} shards; "
@@ -72,12 +73,3 @@ class Progress:
     def _postfix(self) -> str:
         failed = sum(count for status, count in self.counts.items() if status != OK)
         return f"ok {self.counts.get(OK, 0):,}, failed {failed:,} this run"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"

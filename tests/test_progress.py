@@ -1,0 +1,30 @@
+"""Tests of run.progress and pipeline.progress: counts over the plan's true total, the rate and the time left."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from pipeline.progress import ProgressLine, duration
+from pipeline.run.progress import Progress
+
+
+def test_a_runs_progress_counts_to_the_plans_total_and_not_beyond():
+    stream = io.StringIO()
+    progress = Progress(images=200, shards=10, done_images=40, done_shards=2, stream=stream, interval_s=0)
+    for _ in range(8):  # the 8 shards this run commits
+        progress.committed({"ok": 19, "decode_error": 1})
+    lines = stream.getvalue().strip().splitlines()
+    assert len(lines) == 8
+    assert lines[0].startswith("lgca: 60/200 images (30.0%), 3/10 shards; ok 19, failed 1 this run;")
+    assert lines[-1].startswith("lgca: 200/200 images (100.0%), 10/10 shards; ok 152, failed 8 this run;")
+    assert lines[-1].endswith("ETA 0s")
+
+
+def test_a_progress_line_gives_rate_and_time_left():
+    stream = io.StringIO()
+    meter = ProgressLine("lgca report: thumbnails", 400, "images", stream=stream, interval_s=0)
+    meter.advance(100)
+    line = stream.getvalue().strip()
+    assert re.fullmatch(r"lgca report: thumbnails: 100/400 images \(25\.0%\), [\d.e+]+ images/s, ETA \d+s", line), line
+    assert [duration(s) for s in (5, 65, 3725)] == ["5s", "1m05s", "1h02m"]
