@@ -35,6 +35,7 @@ DECODE_TASK_MEMORY = 1024 * 1024 * 1024  # bytes reserved per decode task: the w
 # Reading a shard's rows and staging a scored batch are small I/O: they take no CPU, or the decode tasks, which
 # take every CPU the actors leave, would starve them and no shard would ever complete.
 STAGE_TASK_CPUS = 0
+MAX_INPUT_BLOCKS = 20_000  # blocks of shard positions: one per shard up to here, a few consecutive shards each beyond
 # S3 reads retry in botocore, in s3fs (a loop of 5, nested twice in cat_file) and in read_bytes (4 attempts):
 # multiplied, one object that keeps failing took many minutes. Reads use botocore's standard mode with 3
 # attempts and s3fs's loop off, so a read makes at most 4 x 3 requests (docs/RELIABILITY.md); storage
@@ -63,31 +64,31 @@ def build_dataset(
 ) -> Any:
     """The lazy Ray Dataset that labels `shards` and yields (shard, rows) per staged piece.
 
-    Each item of `shards` is {"shard": id, "retry": bool}; a retried shard is a committed one whose failed
-    rows alone are labelled again, its other rows kept (`sink.keep_succeeded_rows`).
+    Each item of `shards` is {"shard": id, "retry": bool}, in the order they should complete; a retried
+    shard is a committed one whose failed rows alone are labelled again, its other rows kept
+    (`sink.keep_succeeded_rows`).
     """
     import ray
 
-    dataset: Any = ray.data.from_items(shards)  # Any: Ray's map_batches types do not model fn_kwargs
+    # The shard list goes to the object store once; the dataset itself is only shard positions, read lazily
+    # by tasks: nothing O(rows) is built in the driver, and listing rows are read by the task decoding them,
+    # so the object store holds the work in flight and no more.
+    todo = ray.put(pa.table({"shard": [s["shard"] for s in shards], "retry": [bool(s["retry"]) for s in shards]}))
+    dataset: Any = ray.data.range(len(shards), override_num_blocks=max(1, min(len(shards), MAX_INPUT_BLOCKS)))
     dataset = dataset.map_batches(
-        _shard_rows,
+        _read_and_decode_shards,
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={
+            "todo": [todo],  # in a list: the task fetches it once per worker process (_todo), not once per call
             "output": output,
             "storage_options": storage_options,
             "schema": listing_schema,
+            "decode_batch_size": decode_batch_size,
+            "decode": decode,
+            "defer_jpegs": defer_jpegs,
+            "run_id": run_id,
         },
-        num_cpus=STAGE_TASK_CPUS,
-        # one reader: shards enter in plan order and leave in about that order, so each completes early
-        # instead of every shard in flight completing together at the end
-        compute=ray.data.TaskPoolStrategy(size=1),
-    )
-    dataset = dataset.map_batches(
-        _read_and_decode,
-        batch_size=decode_batch_size,
-        batch_format="pyarrow",
-        fn_kwargs={"decode": decode, "storage_options": storage_options, "defer_jpegs": defer_jpegs, "run_id": run_id},
         num_cpus=1,
         # Reserving decode memory also keeps Ray from fusing decoding into the scoring actors (it fuses
         # stages with equal resource requests): decoding must run on its own CPU tasks, beside the model.
@@ -120,18 +121,46 @@ def build_dataset(
     )
 
 
-def _shard_rows(batch: pa.Table, output: str, storage_options: dict[str, Any], schema: pa.Schema) -> Iterator[pa.Table]:
-    """A shard's listing rows, read from its plan file and tagged with the shard id: one block per shard.
+def _read_and_decode_shards(
+    batch: pa.Table,
+    todo: list[Any],
+    output: str,
+    storage_options: dict[str, Any],
+    schema: pa.Schema,
+    decode_batch_size: int,
+    decode: DecodeConfig,
+    defer_jpegs: bool,
+    run_id: str,
+) -> Iterator[pa.Table]:
+    """Each shard at the given positions of `todo`: its listing rows read, then read and decoded a batch at a time.
 
-    One block, not many small ones: the driver's scheduler handles every block, and 10^7 images in blocks of
-    64 rows made 1.5 * 10^5 of them; the decode stage cuts each block into its own batches.
+    A generator: Ray Data pauses it while its batches wait downstream, so a shard's decoded pixels are made
+    as the scoring actors take them. Each batch carries the shard id and each row its position in the shard.
     """
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    for shard_id, retry in zip(batch.column("shard").to_pylist(), batch.column("retry").to_pylist()):
-        table = read_shard(fs, root.rstrip("/"), shard_id, schema)
+    root = root.rstrip("/")
+    table = _todo(todo[0])
+    for position in batch.column("id").to_pylist():
+        shard_id, retry = table.column("shard")[position].as_py(), table.column("retry")[position].as_py()
+        rows = read_shard(fs, root, shard_id, schema)
         if retry:
-            table = table.take(keep_succeeded_rows(fs, root.rstrip("/"), shard_id))
-        yield table.append_column(SHARD_COLUMN, pa.array([shard_id] * table.num_rows, pa.string()))
+            rows = rows.take(keep_succeeded_rows(fs, root, shard_id))
+        rows = rows.append_column(SHARD_COLUMN, pa.array([shard_id] * rows.num_rows, pa.string()))
+        for start in range(0, rows.num_rows, decode_batch_size):
+            yield _read_and_decode(rows.slice(start, decode_batch_size), decode, storage_options, defer_jpegs, run_id)
+
+
+_TODO_CACHE: dict[str, pa.Table] = {}  # the job's shard list, fetched once per worker process
+
+
+def _todo(ref: Any) -> pa.Table:
+    import ray
+
+    key = ref.hex()
+    if key not in _TODO_CACHE:
+        _TODO_CACHE.clear()  # one job at a time per worker process is the common case: keep one list
+        _TODO_CACHE[key] = ray.get(ref)
+    return _TODO_CACHE[key]
 
 
 def _stage(batch: pa.Table, output: str, storage_options: dict[str, Any]) -> pa.Table:
