@@ -114,8 +114,39 @@ def test_manifest_columns_get_one_type_for_the_whole_output(tmp_path):
     write_shards(fs, str(tmp_path), "empty", empty, shard_size=10)
     table = read_shard(fs, str(tmp_path), "empty-00000", schema)
     assert table.schema.field("note").type == pa.int64() and table.column("weight").to_pylist() == [1.0]
-    with pytest.raises(PlanError, match="give the manifests matching column types"):
-        unify_schemas([filled.schema, _listing(["c"], {"note": pa.array(["seven"])}).schema])
+    # A number in one manifest and text in another: text, which every value casts to.
+    mixed = unify_schemas([filled.schema, _listing(["c"], {"note": pa.array(["seven"])}).schema])
+    assert mixed.field("note").type == pa.string()
+    write_shards(fs, str(tmp_path), "filled", filled, shard_size=10)
+    assert read_shard(fs, str(tmp_path), "filled-00000", mixed).column("note").to_pylist() == ["7"]
+
+
+CSV_TEXT = (
+    "path,key,note,weight\r\n"
+    '/images/a.jpg,a,"one, with a comma",1\r\n'
+    "/images/b.jpg,b,,2\r\n"
+    '/images/c.jpg,c,"quoted ""twice""",3.5\n'
+    "/images/d.jpg,d,plain,4\n"
+    + "".join(f"/images/e{i:03d}.jpg,e{i:03d},row {i},{i}\n" for i in range(60))
+    + "/images/z.jpg,z,last line without a newline,9"
+)
+
+
+@pytest.mark.parametrize("unit_bytes", [1, 7, 40, 64, 333, 10**6])
+def test_a_csv_manifest_in_byte_ranges_lists_every_row_once(tmp_path, unit_bytes):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes(CSV_TEXT.encode())
+    spec = parse_input(str(manifest))
+    whole = listing._list_manifest(spec, {})
+    units = listing.listing_units([spec], {}, csv_unit_bytes=unit_bytes)
+    assert len(units) == (1 if unit_bytes >= len(CSV_TEXT) else -(-len(CSV_TEXT) // unit_bytes))
+    assert len({unit.id for unit in units}) == len(units)
+    parts = [list_unit(unit, {}).table for unit in units]
+    schema = unify_schemas([part.schema for part in parts])
+    joined = pa.concat_tables([part.select(schema.names).cast(schema) for part in parts if part.num_rows]).sort_by("key")
+    assert joined.column("key").to_pylist() == whole.column("key").to_pylist()  # every row once, none cut
+    assert joined.column("note").to_pylist() == whole.column("note").to_pylist()
+    assert joined.column("weight").to_pylist() == whole.column("weight").to_pylist()
 
 
 def test_a_plan_records_its_manifests_and_names_the_ones_changed_since():

@@ -18,6 +18,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.stages import listing, sources
 from pipeline.stages.listing import list_inputs
 from pipeline.stages.sources import (
     InputSpec,
@@ -509,3 +510,29 @@ def test_sources_imports_neither_torch_nor_ray() -> None:
 
     code = "import sys, pipeline.stages.sources; assert not {'torch', 'ray'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_manifest_paths_resolve_alike_in_bulk_and_one_at_a_time(tmp_path, where, request):
+    # The listing takes a vectorised shortcut for paths that are final as written; every other form goes
+    # through _resolve_manifest_path. Both must give what _resolve_manifest_path gives for every row.
+    raws = [
+        "/a/b.jpg", "/a//b.jpg", "/a/./b.jpg", "/a/../b.jpg", "/a/b/", "/a/.hidden.jpg", "/a/..b.jpg", "rel/x.jpg", "./x.jpg",
+        "~/x.jpg", "file:///x/y.jpg", "local:///x/z.jpg", "s3://b/k@2x.jpg", "s3://user:pw@b/k.jpg", "http://h/x.jpg", "gs://b/c d.jpg",
+    ]  # fmt: skip
+    keys = [f"k{i:02d}" for i in range(len(raws))]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"key": keys, "path": raws}), manifest)
+    options: dict[str, Any] = {}
+    uri = str(manifest)
+    if where == "s3":
+        s3_server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+        options = s3_server.storage_options
+        uri = f"{bucket}/lists/m.parquet"
+        fsspec.filesystem("s3", **options).put(str(manifest), uri)
+    spec = parse_input(uri)
+    fs, path = sources.filesystem_for(spec.uri, options)
+    local = where == "local"
+    manifest_dir = os.path.dirname(path) if local else path.rsplit("/", 1)[0]
+    expected = [listing._resolve_manifest_path(sources.redact_url(raw), fs, manifest_dir, local) for raw in raws]
+    assert listing._list_manifest(spec, options).column("path").to_pylist() == expected  # keys sort as the rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import posixpath
@@ -36,6 +37,7 @@ RESERVED_COLUMNS = (*(name for name in OUTPUT_COLUMNS if name not in ("key", "pa
 # The project's own markers (an output directory's bookkeeping): the only names a listing skips, so that
 # photos named _DSC0001.JPG or kept under _archive/ or .thumbnails/ are still labelled.
 OUTPUT_MARKERS = ("_SUCCESS", "_manifest.json", "_staging", "_plan", "_lease.json")
+CSV_UNIT_BYTES = 64 * 2**20  # uncompressed CSV manifests are listed in byte ranges of this size (about 10^6 rows), one task each
 FAN_OUT_DEPTH = 3  # folder levels listed one at a time (each sub-folder its own listing task) before a subtree is walked whole
 MAX_SKIPPED_EXAMPLES = 20
 _MAX_DUPLICATE_EXAMPLES = 5
@@ -53,6 +55,7 @@ class ListingUnit:
     depth: int = 0  # folders: levels below the root; at FAN_OUT_DEPTH the subtree is walked whole
     ancestors: tuple[tuple[int, int], ...] = ()  # local folders: (device, inode) of the folders above, against symlink loops
     row_groups: tuple[int, ...] | None = None  # Parquet manifests: the row groups of this unit; None: the whole file
+    byte_range: tuple[int, int] | None = None  # CSV manifests: the lines starting in [start, end); None: the whole file
     input_index: int = 0  # the input's place among the job's inputs
 
     @property
@@ -60,7 +63,7 @@ class ListingUnit:
         """Stable within a plan, and independent of where the input lives: the same tree on local disk and on
         S3 gives the same unit ids, so the same shards (keys are relative too)."""
         relative = self.prefix[len(self.root) :] if self.prefix.startswith(self.root) else self.prefix
-        text = f"{self.input_index}|{self.spec.kind}|{relative}|{self.row_groups}"
+        text = f"{self.input_index}|{self.spec.kind}|{relative}|{self.row_groups}" + (f"|{self.byte_range}" if self.byte_range else "")
         return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
 
@@ -83,11 +86,17 @@ class Listing:
     skipped_count: int = 0  # all skipped files
 
 
-def listing_units(specs: Sequence[InputSpec], storage_options: Mapping[str, Any], manifest_unit_rows: int = 1_000_000) -> list[ListingUnit]:
-    """The first units to list: one per folder input (it fans out into sub-folders), glob and file, and
-    Parquet manifests cut by row groups into units of about `manifest_unit_rows` rows (CSV: one unit).
+def listing_units(
+    specs: Sequence[InputSpec],
+    storage_options: Mapping[str, Any],
+    manifest_unit_rows: int = 1_000_000,
+    csv_unit_bytes: int = CSV_UNIT_BYTES,
+) -> list[ListingUnit]:
+    """The first units to list: one per folder input (it fans out into sub-folders), glob and file, Parquet
+    manifests cut by row groups into units of about `manifest_unit_rows` rows, and uncompressed CSV manifests
+    into byte ranges of `csv_unit_bytes` (a compressed one is one unit).
 
-    Only Parquet footers are read here, never rows or file names, so this costs O(inputs + row groups).
+    Only Parquet footers and file sizes are read here, never rows or file names: O(inputs + row groups).
 
     Raises:
         SourceError: a manifest is unreadable or has no rows.
@@ -101,6 +110,10 @@ def listing_units(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]
             units.append(ListingUnit(spec, root=path, prefix=path, input_index=index))
         elif spec.kind == "manifest" and path.lower().endswith(".parquet"):
             units.extend(replace(unit, input_index=index) for unit in _manifest_units(spec, fs, path, manifest_unit_rows))
+        elif spec.kind == "manifest" and path.lower().endswith(".csv"):
+            size = fs.size(path)
+            ranges = [(start, min(size, start + csv_unit_bytes)) for start in range(0, size, csv_unit_bytes)] or [(0, 0)]
+            units.extend(ListingUnit(spec, byte_range=r if len(ranges) > 1 else None, input_index=index) for r in ranges)
         else:
             units.append(ListingUnit(spec, input_index=index))
     return units
@@ -118,7 +131,7 @@ def list_unit(unit: ListingUnit, storage_options: Mapping[str, Any]) -> UnitList
     """
     spec = unit.spec
     if spec.kind == "manifest":
-        return UnitListing(_list_manifest(spec, storage_options, unit.row_groups))
+        return UnitListing(_list_manifest(spec, storage_options, unit.row_groups, unit.byte_range))
     fs, path = filesystem_for(spec.uri, storage_options)
     path = path.rstrip("/") or path
     more: list[ListingUnit] = []
@@ -333,21 +346,52 @@ def _manifest_units(spec: InputSpec, fs: fsspec.AbstractFileSystem, path: str, u
     return units
 
 
-def _read_manifest_table(spec: InputSpec, fs: fsspec.AbstractFileSystem, path: str, row_groups: tuple[int, ...] | None) -> pa.Table:
+def _read_manifest_table(
+    spec: InputSpec,
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    row_groups: tuple[int, ...] | None,
+    byte_range: tuple[int, int] | None = None,
+) -> pa.Table:
     try:
         if path.lower().endswith(".parquet"):
             with fs.open(path, "rb") as handle:
                 if row_groups is None:
                     return pq.read_table(handle)
                 return pq.ParquetFile(handle).read_row_groups(list(row_groups))
-        # path and key stay strings even when they look numeric ("001" must not become 1).
-        convert = pa_csv.ConvertOptions(column_types={"path": pa.string(), "key": pa.string()})
+        # path and key stay strings even when they look numeric ("001" must not become 1). An empty field is
+        # null in every column, so a byte range whose rows leave a column empty agrees with the others.
+        convert = pa_csv.ConvertOptions(column_types={"path": pa.string(), "key": pa.string()}, strings_can_be_null=True)
+        if byte_range is not None:
+            return pa_csv.read_csv(io.BytesIO(_csv_lines(fs, path, byte_range)), convert_options=convert)
         with fs.open(path, "rb", compression="infer") as handle:
             return pa_csv.read_csv(handle, convert_options=convert)
     except FileNotFoundError as error:
         raise SourceError(f"manifest {spec.uri} does not exist; check the path") from error
     except (pa.ArrowInvalid, EOFError, UnicodeDecodeError) as error:
         raise SourceError(f"manifest {spec.uri} could not be read ({error}); write it as Parquet or UTF-8 CSV with a header") from error
+
+
+def _csv_lines(fs: fsspec.AbstractFileSystem, path: str, byte_range: tuple[int, int]) -> bytes:
+    """The header line of a CSV file and every line that starts in `byte_range`: neighbouring ranges share no line.
+
+    A line starting before `start` belongs to the range before; a line starting before `end` is read to its
+    end. A quoted field holding a line break can be cut by a range's edge: its range then fails to parse
+    (a wrong column count) and the job stops naming the manifest, rather than reading wrong rows.
+    """
+    start, end = byte_range
+    with fs.open(path, "rb") as handle:
+        header = handle.readline()
+        if start > len(header):
+            handle.seek(start - 1)
+            handle.readline()  # the rest of a line that started in the range before (just "\n" if one ends there)
+        begin = handle.tell()
+        if begin >= end:
+            return header
+        body = handle.read(end - begin)
+        if body and not body.endswith(b"\n"):
+            body += handle.readline()  # the last line starting in the range, to its end
+    return header + body
 
 
 def _string_column(table: pa.Table, name: str, spec: InputSpec) -> pa.ChunkedArray:
@@ -421,22 +465,46 @@ def _check_columns(spec: InputSpec, names: Sequence[str]) -> None:
         raise SourceError(f"manifest {spec.uri} has column(s) {', '.join(reserved)}, which the output already uses; rename them")
 
 
-def _list_manifest(spec: InputSpec, storage_options: Mapping[str, Any], row_groups: tuple[int, ...] | None = None) -> pa.Table:
+def _list_manifest(
+    spec: InputSpec,
+    storage_options: Mapping[str, Any],
+    row_groups: tuple[int, ...] | None = None,
+    byte_range: tuple[int, int] | None = None,
+) -> pa.Table:
     fs, path = filesystem_for(spec.uri, storage_options)
-    table = _read_manifest_table(spec, fs, path, row_groups)
+    table = _read_manifest_table(spec, fs, path, row_groups, byte_range)
     _check_columns(spec, table.column_names)
-    if table.num_rows == 0 and row_groups is None:
+    if table.num_rows == 0 and row_groups is None and byte_range is None:
         raise SourceError(f"manifest {spec.uri} has no rows; add images or drop the input")
+    paths = _string_column(table, "path", spec).combine_chunks()
     # A password in a row's URL is masked here, before the plan stores it: the row then fails to read, saying why.
-    raw_paths = pa.chunked_array([pa.array([redact_url(path) for path in _string_column(table, "path", spec).to_pylist()], pa.string())])
+    raw_paths = _rewritten(paths, pc.match_substring(paths, "@"), redact_url)
     keys = _string_column(table, "key", spec) if "key" in table.column_names else raw_paths
     local = is_local(spec.uri)
     manifest_dir = os.path.dirname(path) if local else posixpath.dirname(path)
-    resolved = [_resolve_manifest_path(raw, fs, manifest_dir, local) for raw in raw_paths.to_pylist()]
+    # Most rows are final as written (another store's URL; an absolute local path in normal form in a local
+    # manifest): found with vectorised matches, so only the others go through Python, one at a time.
+    final = pc.and_(pc.match_substring_regex(raw_paths, _URL), pc.invert(pc.match_substring_regex(raw_paths, _LOCAL_URL)))
+    if local:
+        final = pc.or_(final, pc.and_(pc.starts_with(raw_paths, "/"), pc.invert(pc.match_substring_regex(raw_paths, _NOT_NORMAL))))
+    resolved = _rewritten(raw_paths, pc.invert(final), lambda raw: _resolve_manifest_path(raw, fs, manifest_dir, local))
     extra = [name for name in table.column_names if name not in ("key", "path")]
-    columns = {"key": keys, "path": pa.array(resolved, pa.string())}
+    columns = {"key": keys, "path": resolved}
     columns.update({name: table.column(name) for name in extra})
     return pa.table(columns).sort_by("key")
+
+
+_URL = r"^[A-Za-z][A-Za-z0-9+.-]*://"
+_LOCAL_URL = r"^(file|local)://"
+_NOT_NORMAL = r"//|/\.\.?(/|$)|/$"  # what os.path.normpath would change in an absolute path
+
+
+def _rewritten(values: pa.Array, where: pa.Array, rewrite: Any) -> pa.Array:
+    """`values` with `rewrite(value)` in the rows `where` is true, the other rows untouched (and never made Python strings)."""
+    chosen = values.filter(where)
+    if len(chosen) == 0:
+        return values
+    return pc.replace_with_mask(values, where, pa.array([rewrite(value) for value in chosen.to_pylist()], pa.string()))
 
 
 def _raise_on_duplicate_keys(keys: pa.ChunkedArray) -> None:

@@ -13,7 +13,6 @@ than one shard or one bucket of keys in memory.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -230,11 +230,43 @@ def read_shard(fs: fsspec.AbstractFileSystem, root: str, shard_id: str, schema: 
 
 
 def bucket_of(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """The hash bucket in [0, KEY_BUCKETS) of each key; equal keys share a bucket, in every process."""
-    hashes = [
-        int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=4).digest(), "little") % KEY_BUCKETS for key in keys.to_pylist()
-    ]
-    return pa.array(hashes, pa.uint16())
+    """The hash bucket in [0, KEY_BUCKETS) of each key; equal keys share a bucket, in every process.
+
+    Vectorised over the keys' UTF-8 bytes (a polynomial hash, then a 64-bit finaliser): 10^6 keys take
+    tens of milliseconds, where a Python loop over them took most of a second.
+    """
+    array = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    array = array.cast(pa.large_string())  # 64-bit offsets
+    if len(array) == 0:
+        return pa.array([], pa.uint16())
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8) if array.buffers()[2] is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    powers = np.cumprod(np.full(int(lengths.max()) + 1, _HASH_BASE, dtype=np.uint64)) // np.uint64(_HASH_BASE)  # 1, B, B^2, ...
+    hashes = lengths.astype(np.uint64)
+    # Keys grouped by length: each group is one (keys x length) array of bytes, hashed in one product. Real
+    # key sets have few distinct lengths, so the loop is short.
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    edges = np.flatnonzero(np.diff(sorted_lengths)) + 1
+    for group in np.split(order, edges):
+        length = int(lengths[group[0]])
+        if length:
+            block = data[starts[group, None] + np.arange(length)].astype(np.uint64)
+            hashes[group] += (block * powers[:length]).sum(axis=1, dtype=np.uint64)
+    hashes = _mix(hashes)
+    return pa.array((hashes % np.uint64(KEY_BUCKETS)).astype(np.uint16), pa.uint16())
+
+
+_HASH_BASE = 1_099_511_628_211  # FNV's 64-bit prime, as the polynomial's base
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every input bit reaches the low bits the bucket is taken from."""
+    with np.errstate(over="ignore"):
+        values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return values ^ (values >> np.uint64(31))
 
 
 def write_keys(fs: fsspec.AbstractFileSystem, root: str, unit_id: str, keys: pa.Array | pa.ChunkedArray) -> None:
@@ -287,17 +319,28 @@ def raise_on_duplicates(count: int, examples: Sequence[str]) -> None:
 
 
 def unify_schemas(schemas: Iterable[pa.Schema]) -> pa.Schema:
-    """The plan's listing schema: key and path first, then every manifest column.
+    """The plan's listing schema: key and path first, then every manifest column, one type each for the whole output.
 
-    Raises:
-        PlanError: two manifests give one column types that do not widen to one (a number and a string).
+    A column null in one part of the inputs takes the type the others give it, integers widen to floats, and
+    columns whose types widen to nothing common (a number in one manifest, text in another; or in two byte
+    ranges of one CSV) become text. Every part file of the output then agrees.
     """
+    schemas = list(schemas)
     try:
-        # One type per column for the whole output, fixed here: a column empty in one manifest takes the
-        # others' type, integers and floats widen to floats; part files of one output must agree.
-        unified = pa.unify_schemas(list(schemas), promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise PlanError(f"inputs disagree on a column's type ({error}); give the manifests matching column types") from None
+        unified = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        fields: dict[str, pa.Field] = {}
+        for schema in schemas:
+            for field_ in schema:
+                known = fields.get(field_.name)
+                if known is None:
+                    fields[field_.name] = field_
+                    continue
+                try:
+                    fields[field_.name] = pa.unify_schemas([pa.schema([known]), pa.schema([field_])], promote_options="permissive")[0]
+                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                    fields[field_.name] = pa.field(field_.name, pa.string())
+        unified = pa.schema(list(fields.values()))
     rest = [f for f in unified if f.name not in ("key", "path")]
     return pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string()), *rest])
 
