@@ -57,6 +57,60 @@ class RayHead:
         subprocess.run(command, check=True, capture_output=True, timeout=120, env=self.env())
         return self
 
+    def add_node(self, name: str, num_cpus: int) -> str:
+        """Start a worker node of this cluster on loopback (`ray start --address`), named `name`; returns the name."""
+        command = [
+            RAY,
+            "start",
+            f"--address={self.address}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--node-name={name}",
+            "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={free_port()}",
+        ]
+        subprocess.run(command, check=True, capture_output=True, timeout=120, env=self.env())
+        return name
+
+    def node_roots(self, name: str) -> list[psutil.Process]:
+        """The raylet of the node started as `name` (every other process of the node runs below it)."""
+        roots = []
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                if f"--node-name={name}" in (process.info["cmdline"] or []):
+                    roots.append(process)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return roots
+
+    def node_workers(self, name: str) -> list[psutil.Process]:
+        """The Ray worker processes (tasks, actors) running on the node started as `name`."""
+        found = []
+        for root in self.node_roots(name):
+            try:
+                found.extend(p for p in root.children(recursive=True) if p.name().startswith("ray::") and "Agent" not in p.name())
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    def kill_node(self, name: str) -> int:
+        """SIGKILL a worker node started by `add_node` and every process below it, as a lost machine would go; returns how many."""
+        roots = self.node_roots(name)
+        victims = set(roots)
+        for process in roots:
+            try:
+                victims.update(process.children(recursive=True))
+            except psutil.NoSuchProcess:
+                continue
+        for process in victims:
+            try:
+                process.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                continue
+        psutil.wait_procs(list(victims), timeout=10)
+        return len(victims)
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         # a throwaway loopback cluster: no token to hand around between the head, drivers and job submitters

@@ -221,6 +221,44 @@ def test_driver_killed_at_every_fault_point_then_resume_gives_every_input_once(t
     _report("driver death", faults=len(order), inputs=len(names), rows=table.num_rows, lost=0, attempts=len(manifest["attempts"]))
 
 
+# ---------------------------------------------------------------- node death
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_job_then_replaced_every_input_exactly_once(tmp_path):
+    """A two-node cluster loses the node doing the work (every process on it SIGKILLed); a new node joins, as
+    an autoscaler would bring one: the job finishes with every input once, the dead node's pieces ignored."""
+    images = tmp_path / "images"
+    names = _photos(images, 32)
+    output = tmp_path / "out"
+    command = [LGCA, "run", str(images), "--labels", str(_labels(tmp_path)), "--output", str(output), "--model", TINY_MODEL]
+    command += ["--pretrained", "random", "--method", "lgca", "--crops", "8", "--regions", "2", "--steps", "2"]
+    command += ["--batch-size", "2", "--decode-batch-size", "2", "--rows-per-file", "4"]
+    with RayHead(num_cpus=1) as head:
+        head.add_node("victim", num_cpus=2)  # the head's one CPU holds the scoring actor or a decode task: work lands here
+        started = time.time()
+        job = subprocess.Popen(
+            [*command, "--address", head.address], env=head.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            busy = _wait_until(lambda: list(output.glob("part-*.parquet")) and head.node_workers("victim"), 180)
+            assert busy, "no shard committed while the victim node worked"
+            committed_before = len(list(output.glob("part-*.parquet")))
+            killed = head.kill_node("victim")
+            head.add_node("replacement", num_cpus=2)
+            out, _ = job.communicate(timeout=420)
+        finally:
+            if job.poll() is None:
+                job.kill()
+    assert job.returncode == 0, out[-4000:]
+    table = _assert_exactly_once(str(output), names)
+    assert set(table.column("status").to_pylist()) == {OK}
+    assert committed_before < len(names) // 4  # the node died with shards still to label
+    _report(
+        "node death", inputs=len(names), killed_processes=killed, committed_before=committed_before, seconds=round(time.time() - started, 1)
+    )
+
+
 # ---------------------------------------------------------------- 3. object store faults
 
 
