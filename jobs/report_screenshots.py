@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.outputs import HeadlessChromium  # noqa: E402 - the test suite's Chromium driver, from the repository root
+from tests.outputs import HeadlessChromium  # the test suite's Chromium driver, from the repository root
 
 WIDTH = 1240
 # name -> (URL fragment: the gallery state, JavaScript run before the shot, viewport height)
@@ -44,7 +44,9 @@ def main() -> int:
             browser.evaluate("window.lgcaReport.idle()")
             browser.evaluate(script)
             browser.evaluate("window.lgcaReport.idle()")
-            browser.evaluate("Promise.all(Array.from(document.images).filter(i => i.getBoundingClientRect().top < innerHeight).map(i => i.decode().catch(() => null)))")
+            browser.evaluate(
+                "Promise.all(Array.from(document.images).filter(i => i.getBoundingClientRect().top < innerHeight).map(i => i.decode().catch(() => null)))"
+            )
             shot = browser.screenshot().quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
             shot.save(args.out / name, optimize=True)
             print(f"{args.out / name}: {WIDTH} x {height}")
