@@ -6,6 +6,7 @@ import http.client
 import re
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,8 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # 500 and 503 answer as S3 does (InternalError, SlowDown); drop closes the socket before the request reaches
 # the server; lost forwards it, then closes the socket instead of answering (done, but the client can't know);
-# truncate forwards it and answers with the full Content-Length but half the body, then closes (a dropped body).
-FAULTS = ("500", "503", "drop", "lost", "truncate")
+# truncate forwards it and answers with the full Content-Length but half the body, then closes (a dropped body);
+# slow forwards it after the proxy's `slow_s` seconds (a store answering late, or a long listing).
+FAULTS = ("500", "503", "drop", "lost", "truncate", "slow")
 # Headers that belong to one hop (RFC 9110 section 7.6.1) or that the proxy sets itself.
 _HOP_HEADERS = {
     "connection",
@@ -88,8 +90,11 @@ class FaultProxy:
     (`proxy.rules = [...]`; empty passes everything through).
     """
 
-    def __init__(self, upstream: str, rules: list[Rule] | None = None, max_connections: int = 64, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, upstream: str, rules: list[Rule] | None = None, max_connections: int = 64, timeout_s: float = 30.0, slow_s: float = 1.0
+    ) -> None:
         parsed = urllib.parse.urlsplit(upstream)
+        self.slow_s = slow_s
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.rules = list(rules or [])
         self.timeout_s = timeout_s
@@ -178,6 +183,8 @@ def _handler_for(proxy: FaultProxy) -> type:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
+            if fault == "slow":
+                time.sleep(proxy.slow_s)
             if fault in _S3_ERRORS:
                 code, message = _S3_ERRORS[fault]
                 body = _ERROR_BODY.format(code=code, message=message).encode()

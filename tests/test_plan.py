@@ -337,3 +337,41 @@ def test_a_dead_jobs_lease_is_taken_over_and_a_taken_lease_is_noticed(tmp_path):
     (tmp_path / LEASE).write_bytes(old.encode())  # no heartbeat for longer than its ttl
     with Lease(fs, root, "out/"):
         pass
+
+
+def test_a_shard_feed_hands_out_shards_as_they_are_listed_and_raises_the_listings_error():
+    import math
+    import threading
+
+    from pipeline.run.planning import ShardFeed
+
+    gate = threading.Event()
+
+    def listing(on_shards):  # a listing that has written its first unit's shard and waits on a slow one
+        on_shards([Shard("u1-00000", 2)])
+        gate.wait(10)
+        on_shards([Shard("u2-00000", 3), Shard("u2-00001", 1)])
+        return Plan(_fingerprint(), (Shard("u1-00000", 2), Shard("u2-00000", 3), Shard("u2-00001", 1)), _listing([]).schema)
+
+    feed = ShardFeed(listing)
+    assert [s.id for s in feed.take(head_start_s=0)] == ["u1-00000"] and feed.listing and feed.listed() == (2, 1)
+    gate.set()
+    later = feed.take(head_start_s=0)
+    assert [s.id for s in later + feed.take(head_start_s=0)] == ["u2-00000", "u2-00001"]
+    assert feed.take(head_start_s=0) == [] and not feed.listing and feed.plan().images == 6
+
+    # A long head start (or none: a CSV manifest's types wait for the whole listing) takes everything at the end.
+    gate.clear()
+    feed = ShardFeed(listing)
+    threading.Timer(0.3, gate.set).start()
+    assert [s.id for s in feed.take(head_start_s=math.inf)] == ["u1-00000", "u2-00000", "u2-00001"]
+
+    def repeated_keys(on_shards):
+        on_shards([Shard("u1-00000", 2)])
+        raise PlanError("1 key(s) appear more than once across the inputs (a.jpg)")
+
+    feed = ShardFeed(repeated_keys)
+    with pytest.raises(PlanError, match="appear more than once"):
+        feed.take(head_start_s=math.inf)
+    with pytest.raises(PlanError):
+        feed.check()

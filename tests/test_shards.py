@@ -153,3 +153,74 @@ def test_a_second_job_is_refused_and_a_worker_killed_while_committing_is_retried
     assert not (output / "_staging").exists() and not (output / "_lease.json").exists()
     # Ray Data's notices stay in its session logs, not on the terminal
     assert "streaming_executor" not in stderr and "Progress bars disabled" not in stderr, stderr[-2000:]
+
+
+# ---------------------------------------------------------------- labelling while the listing goes on
+
+
+def _tree_in_levels(tmp_path: Path, s3_server, bucket: str) -> tuple[str, Path, list[str]]:
+    """Images at three depths of an S3 prefix (a/, a/b/, a/b/c/): each level is listed only after the one above;
+    also the same tree on local disk. Returns the prefix, the local copy, the keys."""
+    tree = tmp_path / "tree"
+    keys = []
+    for depth, folder in enumerate(("a", "a/b", "a/b/c")):
+        keys += [f"{folder}/{name}" for name in _photos(tree / folder, 3, prefix=f"d{depth}-")]
+    s3_server.upload_tree(tree, f"{bucket}/tree")
+    return f"{bucket}/tree", tree, sorted(keys)
+
+
+def _slow_deep_listings():
+    """A proxy rule: the listings of tree/a/b and below answer late (the proxy's `slow_s`, under s3fs's 15 s read
+    timeout), one level after the other, so the listing outlasts the first shards' labelling."""
+    import re
+
+    from .fault_proxy import Rule
+
+    return Rule(every=1, faults=("slow",), methods=frozenset({"GET"}), pattern=re.compile(r"prefix=tree/a/b"))
+
+
+@pytest.mark.slow
+def test_labelling_starts_while_the_listing_goes_on_and_a_resume_after_a_death_there_starts_over(tmp_path, s3_server, s3_bucket):
+    from .fault_proxy import FaultProxy
+    from .ray_head import RayHead
+
+    prefix, _, keys = _tree_in_levels(tmp_path, s3_server, s3_bucket)
+    output = tmp_path / "out"
+    # 3 CPUs: the scoring actor and a decode task take one each, the listing tasks (a quarter each) the third
+    with FaultProxy(s3_server.endpoint_url, [_slow_deep_listings()], slow_s=12.0) as proxy, RayHead(num_cpus=3) as head:
+        options = [f"--storage-option=endpoint_url={proxy.url}", "--storage-option=key=testing", "--storage-option=secret=testing"]
+        command = [*_command(prefix, _labels(tmp_path), output, *options), "--address", head.address]
+        env = {**head.env(), "LGCA_LISTING_HEAD_START_S": "0"}  # label from the first listed shard
+        # The first attempt dies once it has committed the shard of a/ while a/b/ and a/b/c/ are still being listed.
+        killed = subprocess.run(command, env={**env, FAULT_ENV: "scoring"}, capture_output=True, text=True, timeout=240)
+        assert killed.returncode == -9, killed.stderr[-3000:]
+        assert "shards while the listing goes on" in killed.stderr
+        assert list(output.glob("part-*.parquet")) and not (output / "_plan" / "plan.json").exists()
+        resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stopped before its listing ended (no _plan/plan.json), with 1 shards committed" in resumed.stderr
+    assert "while the listing goes on" in resumed.stderr
+    assert sorted(_rows(output).column("key").to_pylist()) == keys and (output / "_SUCCESS").exists()
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert [a["status"] for a in manifest["attempts"]] == ["died", "succeeded"]
+    assert manifest["counts"]["rows"] == len(keys) == manifest["plan"]["images"]
+
+
+@pytest.mark.slow
+def test_keys_repeated_across_inputs_found_after_labelling_started_fail_the_job(tmp_path, s3_server, s3_bucket):
+    """A local copy of the tree lists at once and is labelled while the S3 prefix is still listed; the duplicate
+    keys, found once every key is listed, stop the job: exit 1, the message, no _SUCCESS."""
+    from .fault_proxy import FaultProxy
+    from .ray_head import RayHead
+
+    prefix, local, _ = _tree_in_levels(tmp_path, s3_server, s3_bucket)
+    output = tmp_path / "out"
+    with FaultProxy(s3_server.endpoint_url, [_slow_deep_listings()], slow_s=6.0) as proxy, RayHead(num_cpus=3) as head:
+        options = [f"--storage-option=endpoint_url={proxy.url}", "--storage-option=key=testing", "--storage-option=secret=testing"]
+        command = [*_command(local, _labels(tmp_path), output, *options), "--address", head.address]
+        command.insert(3, prefix)  # a second input
+        result = subprocess.run(command, env={**head.env(), "LGCA_LISTING_HEAD_START_S": "0"}, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "while the listing goes on" in result.stderr
+    assert "9 key(s) appear more than once across the inputs" in result.stderr
+    assert not (output / "_SUCCESS").exists()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
+import os
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,13 +23,13 @@ from pipeline.config import ConfigError, DecodeConfig, JobConfig, RunFailed
 from pipeline.faults import fault_point
 from pipeline.run.embedding import embed_vocabulary_once
 from pipeline.run.labelling import DECODE_TASK_MEMORY, build_dataset, jpegs_on_device
-from pipeline.run.planning import build_plan, unwrap
+from pipeline.run.planning import ShardFeed, build_plan, unwrap
 from pipeline.run.progress import Progress
 from pipeline.run.resources import check_resources, cluster_shapes
 from pipeline.schema import OK, STATUSES
 from pipeline.stages.decode import short_side_for
 from pipeline.stages.lease import Lease
-from pipeline.stages.listing import check_manifest_columns, manifest_version
+from pipeline.stages.listing import check_manifest_columns, known_schema, manifest_version
 from pipeline.stages.plan import Plan, PlanError, PlanSummary, Shard, changed_manifests, check_resumable, fingerprint, read_plan
 from pipeline.stages.sink import Output, OutputError, add_counts, commit_shard, committed_counts, failed_rows, part_name
 from pipeline.stages.sources import InputSpec, check_inputs, glob_root, parse_input
@@ -38,6 +40,11 @@ log = logging.getLogger(__name__)
 ADDRESS_PROBE_TIMEOUT_S = 3.0  # per probe of --address before any work: ray.init waits minutes on a dead one, forever on a dashboard
 COMMIT_TASK_CPUS = 0  # a commit merges a few MB of staged rows; with a CPU share it would wait behind the decode tasks
 COUNT_GROUP = 200  # committed shards whose footers one task reads at the end of a resumed run
+# A listing still going after this long has its first shards labelled while it goes on; a shorter one is
+# labelled in one go (each window of shards is one Ray Data run, its actors loading the model again).
+LISTING_HEAD_START_S = 10.0
+MANIFEST_FORMAT = "lgca-label/2"  # _manifest.json of outputs made of shards and a plan
+LISTING_HEAD_START_ENV = "LGCA_LISTING_HEAD_START_S"
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ class PreparedJob:
     vocabulary: Vocabulary
     specs: list[InputSpec]
     output: Output
-    mode: str  # new | resume | overwrite
+    mode: str  # new | resume | overwrite | restart (a resume whose listing never ended: labelled again)
     decode: DecodeConfig
     model: dict[str, Any]  # the model's identity, as recorded in the manifest
     fingerprint: dict[str, Any]
@@ -140,10 +147,20 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
                     plan.created_at,
                 )
         elif output.committed():
-            raise PlanError(
-                f"output {config.output} has results but no plan (_plan/plan.json): it was written by an older version "
-                "or by another tool; start over with --overwrite, or choose another --output"
+            if (output.previous_manifest() or {}).get("format") != MANIFEST_FORMAT:
+                raise PlanError(
+                    f"output {config.output} has results but no plan (_plan/plan.json): it was written by an older version "
+                    "or by another tool; start over with --overwrite, or choose another --output"
+                )
+            # Its last attempt labelled while listing and died before the plan was complete: no plan to match
+            # the committed shards against, so they are labelled again (a listing now may differ from then).
+            log.warning(
+                "output %s: the last attempt stopped before its listing ended (no _plan/plan.json), with %d shards committed; "
+                "with no plan to resume, this run lists the inputs again and labels every shard",
+                config.output,
+                len(output.committed()),
             )
+            mode = "restart"
     alpha = config.scoring.crop_scale[0] if config.scoring.uses_crops else None
     decode = replace(config.decode, min_short_side=short_side_for(model_image_size(config.model), alpha))
     return PreparedJob(config, vocabulary, specs, output, mode, decode, model, asked, plan, manifests)
@@ -161,8 +178,9 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
 
     Raises:
         ConfigError: the configuration is unusable (raised before the cluster starts), another job holds
-            the output, or the inputs hold no images or repeat a key (found while planning).
-        RunFailed: labelling had started and could not finish (another job took the output, shards missing).
+            the output, or the inputs hold no images or repeat a key (found while planning, before labelling).
+        RunFailed: labelling had started and could not finish (another job took the output, shards missing,
+            a listing that labelling had overtaken failed or found repeated keys).
     """
     storage_options = dict(storage_options or {})
     started = time.time()
@@ -183,29 +201,18 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
         _begin(job)
         attempt = _attempt(job, started_at)
         job.output.write_manifest(_manifest(job, job.plan, attempt, {}, 0))  # the attempt is on record even if it dies
-        plan, plan_seconds = _plan(job, storage_options)
-        fault_point("listed")
-        committed = job.output.committed() & {shard.id for shard in plan.shards}
-        failed = _failed_rows(ray, job, committed, storage_options) if config.retry_failed else {}
-        todo = [shard for shard in plan.shards if shard.id not in committed or shard.id in failed]
-        kept = committed - set(failed)
-        already = sum(shard.rows for shard in plan.shards if shard.id in kept)
-        log.info("%d images in %d shards, %d shards to label", plan.images, len(plan.shards), len(todo))
-        if failed:
-            log.info("labelling again %d failed rows in %d committed shards", sum(failed.values()), len(failed))
-        progress = Progress(plan.images, len(plan.shards), already, len(kept))
-        label_started = time.time()
+        work = _Work(ray, job, storage_options, lease, attempt["run_id"])
         try:
-            outcome = (
-                _label(ray, job, plan, todo, failed, storage_options, progress, lease, attempt["run_id"])
-                if todo
-                else _Outcome(label_started)
-            )
+            plan, progress = work.label_resumed() if job.plan is not None else work.label_while_listing()
             progress.close()
             label_ended = time.time()
-            counts = _check_output(ray, job, plan, kept, outcome.counts, storage_options)
-        except ConfigError as error:  # labelling had started: not "nothing ran" (exit 2)
+            counts = _check_output(ray, job, plan, work.kept, work.outcome.counts, storage_options)
+        except ConfigError as error:
+            if not work.labelling_started:
+                raise  # nothing was labelled: a configuration or input error (exit 2)
             raise RunFailed(str(error)) from error
+        outcome, already, label_started, plan_seconds = work.outcome, work.already, work.label_started or label_ended, work.plan_seconds
+        outcome.first_at = outcome.first_at or label_ended
         steady_rows = outcome.rows - outcome.first_rows
         steady_seconds = label_ended - outcome.first_at
         summary = RunSummary(
@@ -244,7 +251,8 @@ def plan_only(config: JobConfig, storage_options: Mapping[str, Any] | None = Non
     with Lease(job.output.fs, job.output.root, config.output):
         _init_ray(config)
         _begin(job)
-        plan, seconds = _plan(job, storage_options)
+        plan = job.plan if job.plan is not None else _plan(job, storage_options)
+    seconds = 0.0 if job.plan is not None else plan.listing_seconds
     return PlanSummary(
         output=config.output,
         images=plan.images,
@@ -296,29 +304,26 @@ def _init_ray(config: JobConfig) -> Any:
 
 def _begin(job: PreparedJob) -> None:
     """Empty the output for --overwrite; withdraw `_SUCCESS` and what an earlier attempt left staged."""
-    if job.mode == "overwrite":
-        job.output.clear()
+    if job.mode in ("overwrite", "restart"):
+        job.output.clear(keep_manifest=job.mode == "restart")  # a restart keeps the record of earlier attempts
     job.output.begin()
 
 
-def _plan(job: PreparedJob, storage_options: dict[str, Any]) -> tuple[Plan, float]:
-    """The job's plan: the resumed output's, else listed now (an earlier unfinished listing is discarded)."""
+def _plan(job: PreparedJob, storage_options: dict[str, Any], **listing: Any) -> Plan:
+    """List the inputs into a new plan (an earlier unfinished listing is discarded); `listing` goes to build_plan."""
     output = job.output
-    if job.plan is not None:
-        return job.plan, 0.0
     from pipeline.stages.plan import PLAN_DIR
 
     if output.fs.exists(f"{output.root}/{PLAN_DIR}"):
         output.fs.rm(f"{output.root}/{PLAN_DIR}", recursive=True)  # a listing that died before plan.json
-    started = time.time()
-    last = [started]
+    last = [time.time()]
 
     def report(units: int, images: int) -> None:
         if time.time() - last[0] >= 30:
             last[0] = time.time()
             print(f"lgca: listing: {units} folders or manifest parts listed, {images:,} images so far", flush=True)
 
-    plan = build_plan(
+    return build_plan(
         job.specs,
         job.config.output,
         storage_options,
@@ -327,8 +332,81 @@ def _plan(job: PreparedJob, storage_options: dict[str, Any]) -> tuple[Plan, floa
         _now(),
         on_progress=report,
         manifests=job.manifests,
+        **listing,
     )
-    return plan, time.time() - started
+
+
+class _Work:
+    """The labelling of one attempt: a resumed plan's remaining shards, or a new plan's shards as they are listed."""
+
+    def __init__(self, ray: Any, job: PreparedJob, storage_options: dict[str, Any], lease: Lease, run_id: str) -> None:
+        self.ray, self.job, self.storage_options, self.lease, self.run_id = ray, job, storage_options, lease, run_id
+        self.outcome = _Outcome(first_at=0.0)
+        self.kept: set[str] = set()  # shards committed by earlier attempts and kept as they are
+        self.already = 0  # their images
+        self.labelling_started = False
+        self.label_started = 0.0
+        self.plan_seconds = 0.0
+
+    def label_resumed(self) -> tuple[Plan, Progress]:
+        """Label the shards of the resumed plan without a part file (and, with --retry-failed, the failed rows)."""
+        job, plan = self.job, self.job.plan
+        assert plan is not None
+        fault_point("listed")
+        committed = job.output.committed() & {shard.id for shard in plan.shards}
+        failed = _failed_rows(self.ray, job, committed, self.storage_options) if job.config.retry_failed else {}
+        todo = [shard for shard in plan.shards if shard.id not in committed or shard.id in failed]
+        self.kept = committed - set(failed)
+        self.already = sum(shard.rows for shard in plan.shards if shard.id in self.kept)
+        log.info("%d images in %d shards, %d shards to label", plan.images, len(plan.shards), len(todo))
+        if failed:
+            log.info("labelling again %d failed rows in %d committed shards", sum(failed.values()), len(failed))
+        progress = Progress(plan.images, len(plan.shards), self.already, len(self.kept))
+        if todo:
+            self._label(todo, failed, plan.schema, progress)
+        return plan, progress
+
+    def label_while_listing(self) -> tuple[Plan, Progress]:
+        """List a new plan in the background and label its shards as they come: the first ones once the listing
+        has run LISTING_HEAD_START_S (a shorter listing is labelled in one go), the rest in later windows.
+
+        Labelling starts early only when the listing rows' schema is known up front (folders, globs, files,
+        Parquet manifests): every part file must have the plan's column types, and a CSV manifest's types are
+        known only once all of it is read.
+        """
+        job = self.job
+        schema = known_schema(job.specs, self.storage_options)
+        head_start = listing_head_start_s() if schema is not None else math.inf
+        started = time.time()
+        feed = ShardFeed(lambda **listing: _plan(job, self.storage_options, schema=schema, **listing))
+        progress = Progress(None, None, 0, 0)
+        while True:
+            window = feed.take(head_start)
+            if not window:
+                break
+            listing = feed.listing
+            if not self.labelling_started and not listing:
+                fault_point("listed")
+            if listing:
+                images, shards = feed.listed()
+                log.info("labelling %d shards while the listing goes on (%d images in %d shards so far)", len(window), images, shards)
+            else:
+                schema = schema if schema is not None else feed.plan().schema
+                plan = feed.plan()
+                progress.planned(plan.images, len(plan.shards))
+                log.info("%d images in %d shards, %d shards to label", plan.images, len(plan.shards), len(window))
+            assert schema is not None  # a window before the end of the listing has its schema from the start
+            self._label(window, {}, schema, progress, feed)
+        plan = feed.plan()
+        progress.planned(plan.images, len(plan.shards))
+        self.plan_seconds = plan.listing_seconds or time.time() - started
+        return plan, progress
+
+    def _label(self, todo: list[Shard], failed: Mapping[str, int], schema: Any, progress: Progress, feed: ShardFeed | None = None) -> None:
+        self.labelling_started = True
+        self.label_started = self.label_started or time.time()
+        checks = [self.lease.check] + ([feed.check] if feed is not None else [])
+        _label(self.ray, self.job, todo, failed, schema, self.storage_options, progress, checks, self.run_id, self.outcome)
 
 
 @dataclass
@@ -343,17 +421,19 @@ class _Outcome:
 def _label(
     ray: Any,
     job: PreparedJob,
-    plan: Plan,
     todo: list[Shard],
     failed: Mapping[str, int],
+    listing_schema: Any,
     storage_options: dict[str, Any],
     progress: Progress,
-    lease: Lease,
+    checks: list[Callable[[], None]],
     run_id: str,
-) -> _Outcome:
-    """Label the `todo` shards; each is committed by a worker task once its staged pieces cover it.
+    outcome: _Outcome,
+) -> None:
+    """Label the `todo` shards into `outcome`; each is committed by a worker task once its staged pieces cover it.
 
     A shard in `failed` (committed, with that many failed rows) has only its failed rows labelled again.
+    `checks` run after every staged batch: each raises to stop the job (a lost lease, a failed listing).
     """
     from pipeline.schema import output_schema
 
@@ -379,7 +459,7 @@ def _label(
         [{"shard": shard.id, "retry": shard.id in failed} for shard in todo],
         output=job.config.output,
         storage_options=storage_options,
-        listing_schema=plan.schema,
+        listing_schema=listing_schema,
         decode=job.decode,
         defer_jpegs=jpegs_on_device(job.decode.device, model_config.device),
         model_config=model_config,
@@ -393,13 +473,12 @@ def _label(
         run_id=run_id,
         vectors_uri=vectors_uri,
     )
-    schema = output_schema(plan.schema)
+    schema = output_schema(listing_schema)
     commit = ray.remote(num_cpus=COMMIT_TASK_CPUS, max_retries=3)(_commit_task)
     shard_rows = {shard.id: shard.rows for shard in todo}
     expected = {shard.id: failed.get(shard.id, shard.rows) for shard in todo}  # rows to stage before the commit
     staged: dict[str, int] = {}  # shards in flight only: dropped once committed
     commits: dict[Any, str] = {}
-    outcome = _Outcome(first_at=0.0)
 
     def collect(timeout: float | None) -> None:
         ready, _ = ray.wait(list(commits), num_returns=len(commits) if timeout == 0 else 1, timeout=timeout)
@@ -429,15 +508,14 @@ def _label(
                 commits[commit.remote(job.config.output, storage_options, shard_id, shard_rows[shard_id], schema)] = shard_id
         if commits:
             collect(timeout=0)
-        lease.check()
+        for check in checks:
+            check()
     while commits:
         collect(timeout=None)
     for shard_id in list(expected):  # pieces that arrived after a commit found its shard incomplete
         commits[commit.remote(job.config.output, storage_options, shard_id, shard_rows[shard_id], schema)] = shard_id
     while commits:
         collect(timeout=None)
-    outcome.first_at = outcome.first_at or time.time()
-    return outcome
 
 
 def _commit_task(output: str, storage_options: dict[str, Any], shard_id: str, rows: int, schema: Any) -> dict[str, int] | None:
@@ -510,7 +588,7 @@ def _manifest(job: PreparedJob, plan: Plan | None, attempt: dict[str, Any], coun
     ]
     attempts = [a for a in attempts if a.get("run_id") != attempt["run_id"]] + [dict(attempt)]
     return {
-        "format": "lgca-label/2",
+        "format": MANIFEST_FORMAT,
         "run_id": attempt["run_id"],
         "code_version": _code_version(),
         "started_at": attempts[0]["started_at"],
@@ -572,6 +650,17 @@ def _model_record(config: JobConfig) -> dict[str, Any]:
     return record
 
 
+def listing_head_start_s() -> float:
+    """LISTING_HEAD_START_S, or the seconds `LGCA_LISTING_HEAD_START_S` gives (0: label from the first listed shard)."""
+    text = os.environ.get(LISTING_HEAD_START_ENV, "").strip()
+    if not text:
+        return LISTING_HEAD_START_S
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        raise ConfigError(f"{LISTING_HEAD_START_ENV}={text!r} is not a number of seconds") from None
+
+
 def _refuse_output_inside_inputs(config: JobConfig, specs: list[InputSpec]) -> None:
     output = _normalised(config.output)
     for text, spec in zip(config.inputs, specs):
@@ -596,8 +685,6 @@ def _normalised(location: str) -> str:
 
 
 def _code_version() -> str:
-    import os
-
     from pipeline.run.submit import COMMIT_VARIABLE, working_tree_commit
 
     # Submitted jobs and the image run copies without .git: `lgca submit` and the image build name the commit.

@@ -7,8 +7,9 @@ rows or file names: every task writes its own shards and returns their ids and s
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,12 +61,16 @@ def build_plan(
     created_at: str,
     on_progress: Any = None,
     manifests: Mapping[str, Mapping[str, Any]] | None = None,
+    on_shards: Callable[[list[Shard]], None] | None = None,
+    schema: pa.Schema | None = None,
 ) -> Plan:
     """List every input on the cluster, cut it into shards under `<output>/_plan/`, check keys, write plan.json.
 
     Args:
         on_progress: called with (units listed, images found) as listing goes on.
         manifests: each manifest's version as the job saw it before listing, recorded in the plan.
+        on_shards: called with each listing task's shards as soon as they are written (labelling may start).
+        schema: the listing schema known before listing (`listing.known_schema`); the plan keeps it.
 
     Raises:
         SourceError: an input holds no images, a folder cannot be listed, a manifest is unusable.
@@ -95,6 +100,8 @@ def build_plan(
             result: ListedUnit = unwrap(ray, ref)
             pending.extend(result.more)
             shards.extend(result.shards)
+            if on_shards is not None and result.shards:
+                on_shards(result.shards)
             schemas.append(result.schema)
             images = sum(shard.rows for shard in result.shards)
             tallies.setdefault(result.input_uri, UnitTally()).add(images, result.skipped, result.skipped_count)
@@ -118,7 +125,7 @@ def build_plan(
     plan = Plan(
         fingerprint=dict(fingerprint),
         shards=tuple(sorted(shards, key=lambda shard: shard.id)),
-        schema=unify_schemas(schemas),
+        schema=schema if schema is not None else unify_schemas(schemas),
         skipped_count=sum(tally.skipped_count for tally in tallies.values()),
         skipped=tuple(skipped),
         listing_seconds=time.time() - started,
@@ -163,3 +170,91 @@ def unwrap(ray: Any, ref: Any) -> Any:
         if isinstance(cause, ConfigError):
             raise cause from None
         raise
+
+
+class ShardFeed:
+    """A plan listed in a background thread, its shards handed out as the listing writes them.
+
+    Labelling can start on the first shards while the listing goes on. The listing's errors (a folder that
+    cannot be listed, keys repeated across inputs, found only once every key is listed) reach the labelling
+    through `check()` and `plan()`.
+    """
+
+    def __init__(self, build: Callable[..., Plan]) -> None:
+        self._lock = threading.Condition()
+        self._new: list[Shard] = []
+        self._listed_images = 0
+        self._listed_shards = 0
+        self._plan: Plan | None = None
+        self._error: BaseException | None = None
+        self.started = time.time()
+        self._thread = threading.Thread(target=self._run, args=(build,), name="lgca-listing", daemon=True)
+        self._thread.start()
+
+    def _run(self, build: Callable[..., Plan]) -> None:
+        try:
+            plan = build(on_shards=self._add)
+        except BaseException as error:  # handed to the labelling thread, which raises it
+            with self._lock:
+                self._error = error
+                self._lock.notify_all()
+            return
+        with self._lock:
+            self._plan = plan
+            self._lock.notify_all()
+
+    def _add(self, shards: list[Shard]) -> None:
+        with self._lock:
+            self._new.extend(shards)
+            self._listed_images += sum(shard.rows for shard in shards)
+            self._listed_shards += len(shards)
+            self._lock.notify_all()
+
+    @property
+    def listing(self) -> bool:
+        """The listing still runs."""
+        with self._lock:
+            return self._plan is None and self._error is None
+
+    def listed(self) -> tuple[int, int]:
+        """Images and shards listed so far."""
+        with self._lock:
+            return self._listed_images, self._listed_shards
+
+    def take(self, head_start_s: float) -> list[Shard]:
+        """The shards listed since the last call, once there are some; [] once the listing has ended and all are taken.
+
+        Waits for the listing to end, or to have run `head_start_s` with at least one shard listed: a listing
+        of a few seconds is labelled in one go, a long one as it goes.
+
+        Raises:
+            the listing's error, if it failed.
+        """
+        with self._lock:
+            while True:
+                if self._error is not None:
+                    raise self._error
+                ended = self._plan is not None
+                head_start_over = time.time() - self.started >= head_start_s
+                if ended or (head_start_over and self._new):
+                    taken, self._new = self._new, []
+                    return taken
+                # woken by each listed unit; at most a second, so the head start's end is noticed too
+                self._lock.wait(timeout=1.0 if head_start_over else min(1.0, max(0.05, self.started + head_start_s - time.time())))
+
+    def check(self) -> None:
+        """Raise the listing's error, if it failed (called while labelling goes on)."""
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+
+    def plan(self) -> Plan:
+        """The whole plan, once the listing ends (plan.json written).
+
+        Raises:
+            the listing's error, if it failed.
+        """
+        self._thread.join()
+        self.check()
+        assert self._plan is not None
+        return self._plan

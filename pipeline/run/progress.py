@@ -19,8 +19,15 @@ class Progress:
     """Counts what this run committed against what the plan holds, and reports it."""
 
     def __init__(
-        self, images: int, shards: int, done_images: int, done_shards: int, stream: IO[str] | None = None, interval_s: float = INTERVAL_S
+        self,
+        images: int | None,
+        shards: int | None,
+        done_images: int,
+        done_shards: int,
+        stream: IO[str] | None = None,
+        interval_s: float = INTERVAL_S,
     ) -> None:
+        """`images` and `shards` are the plan's; None while it is still being listed (`planned` sets them)."""
         self.images = images
         self.shards = shards
         self.done_images = done_images
@@ -36,6 +43,13 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=images, initial=done_images, unit="img", file=self._stream, dynamic_ncols=True, desc="lgca")
+
+    def planned(self, images: int, shards: int) -> None:
+        """The plan's totals, once its listing has ended."""
+        self.images, self.shards = images, shards
+        if self._bar is not None:
+            self._bar.total = images
+            self._bar.refresh()
 
     def committed(self, counts: dict[str, int]) -> None:
         """One shard committed by this run, with its rows per status."""
@@ -62,6 +76,11 @@ class Progress:
 
     def line(self) -> str:
         rate = self.rate()
+        if self.images is None:
+            return (
+                f"lgca: {self.done_images:,} images, {self.done_shards} shards labelled while the listing goes on; "
+                f"{self._postfix()}; {rate:.3g} images/s"
+            )
         left = self.images - self.done_images
         eta = duration(left / rate) if rate > 0 else "unknown"
         percent = 100.0 * self.done_images / self.images if self.images else 100.0

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.schema import OUTPUT_COLUMNS
+from pipeline.stages.plan import unify_schemas
 from pipeline.stages.sources import (
     IMAGE_EXTENSIONS,
     LOCAL_PROTOCOLS,
@@ -117,6 +118,25 @@ def listing_units(
         else:
             units.append(ListingUnit(spec, input_index=index))
     return units
+
+
+def known_schema(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]) -> pa.Schema | None:
+    """The listing rows' schema before anything is listed, or None where only reading the rows tells it.
+
+    Folders, globs and files give key and path; a Parquet manifest adds its other columns, typed by its
+    footer. A CSV manifest's types are inferred from its rows, so with one the schema waits for the listing.
+    """
+    schemas = [pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string())])]
+    for spec in specs:
+        if spec.kind != "manifest":
+            continue
+        fs, path = filesystem_for(spec.uri, storage_options)
+        if not path.lower().endswith(".parquet"):
+            return None
+        with fs.open(path, "rb") as handle:
+            schema = pq.read_schema(handle)
+        schemas.append(pa.schema([field_ for field_ in schema if field_.name not in ("key", "path")]))
+    return unify_schemas(schemas)  # the plan's own rule, so the two agree
 
 
 def list_unit(unit: ListingUnit, storage_options: Mapping[str, Any]) -> UnitListing:

@@ -71,11 +71,10 @@ class Output:
         _check_writable(fs, root, url)
         return output
 
-    def clear(self) -> None:
-        """Remove every result and all bookkeeping but the lease (--overwrite)."""
-        for path in [f"{self.root}/{part_name(shard)}" for shard in self.committed()] + [
-            f"{self.root}/{name}" for name in (SUCCESS, MANIFEST, STAGING, PLAN_DIR)
-        ]:
+    def clear(self, keep_manifest: bool = False) -> None:
+        """Remove every result and all bookkeeping but the lease (--overwrite); `keep_manifest` keeps the record of attempts."""
+        names = (SUCCESS, STAGING, PLAN_DIR) if keep_manifest else (SUCCESS, MANIFEST, STAGING, PLAN_DIR)
+        for path in [f"{self.root}/{part_name(shard)}" for shard in self.committed()] + [f"{self.root}/{name}" for name in names]:
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
 
