@@ -96,20 +96,7 @@ class RayHead:
 
     def kill_node(self, name: str) -> int:
         """SIGKILL a worker node started by `add_node` and every process below it, as a lost machine would go; returns how many."""
-        roots = self.node_roots(name)
-        victims = set(roots)
-        for process in roots:
-            try:
-                victims.update(process.children(recursive=True))
-            except psutil.NoSuchProcess:
-                continue
-        for process in victims:
-            try:
-                process.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                continue
-        psutil.wait_procs(list(victims), timeout=10)
-        return len(victims)
+        return _kill_trees(self.node_roots(name))
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -130,18 +117,23 @@ class RayHead:
         return found
 
     def __exit__(self, *exc_info: object) -> None:
-        roots = self.processes()
-        victims = set(roots)
-        for process in roots:
-            try:
-                victims.update(process.children(recursive=True))
-            except psutil.NoSuchProcess:
-                continue
-        for process in victims:
-            try:
-                process.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                continue
-        psutil.wait_procs(list(victims), timeout=10)
+        _kill_trees(self.processes())
         time.sleep(0.2)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _kill_trees(roots: list[psutil.Process]) -> int:
+    """SIGKILL `roots` and every process below them, and wait for them; returns how many were sent the signal."""
+    victims = set(roots)
+    for process in roots:
+        try:
+            victims.update(process.children(recursive=True))
+        except psutil.NoSuchProcess:
+            continue
+    for process in victims:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(list(victims), timeout=10)
+    return len(victims)
