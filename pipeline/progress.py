@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -29,6 +30,7 @@ class ProgressLine:
         self._stream = stream or sys.stderr
         self._interval_s = interval_s
         self._last = self.started
+        self._lock = threading.Lock()  # thumbnail threads advance it together
         self._bar: Any = None
         if getattr(self._stream, "isatty", lambda: False)():
             from tqdm import tqdm
@@ -36,12 +38,14 @@ class ProgressLine:
             self._bar = tqdm(total=total, unit=unit, file=self._stream, dynamic_ncols=True, desc=what)
 
     def advance(self, count: int = 1) -> None:
-        self.done += count
-        if self._bar is not None:
-            self._bar.update(count)
-        elif time.monotonic() - self._last >= self._interval_s:
-            self._last = time.monotonic()
-            print(self.line(), file=self._stream, flush=True)
+        """Count `count` more items done; safe from several threads."""
+        with self._lock:
+            self.done += count
+            if self._bar is not None:
+                self._bar.update(count)
+            elif time.monotonic() - self._last >= self._interval_s:
+                self._last = time.monotonic()
+                print(self.line(), file=self._stream, flush=True)
 
     def line(self) -> str:
         seconds = time.monotonic() - self.started

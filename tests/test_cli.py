@@ -128,6 +128,7 @@ def test_readme_example_labels_the_demo_scenes_mostly_right(tmp_path):
             "usage: lgca run INPUT [INPUT ...] --output OUTPUT --labels LABELS [options]",
         ),
         (["summray", "out/"], None, "usage: lgca COMMAND [options]"),
+        (["rnu", "--inputs", "a", "--output", "b"], None, "usage: lgca COMMAND [options]"),  # the command, not its flags
     ],
 )
 def test_usage_errors_are_three_lines_naming_the_likely_fix(argv, first_line, usage, capsys):
@@ -141,7 +142,8 @@ def test_usage_errors_are_three_lines_naming_the_likely_fix(argv, first_line, us
     if first_line:
         assert lines[0] == first_line
     else:
-        assert "invalid choice: 'summray'" in lines[0] and lines[0].endswith("(did you mean 'summary'?)")
+        typed, meant = {"summray": ("summray", "summary"), "rnu": ("rnu", "run")}[argv[0]]
+        assert f"invalid choice: '{typed}'" in lines[0] and lines[0].endswith(f"(did you mean '{meant}'?)")
 
 
 def test_an_abbreviated_flag_is_not_mistaken_for_an_unknown_one(capsys):

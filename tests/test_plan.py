@@ -11,6 +11,7 @@ import sys
 import time
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -146,7 +147,21 @@ def test_a_csv_manifest_in_byte_ranges_lists_every_row_once(tmp_path, unit_bytes
     joined = pa.concat_tables([part.select(schema.names).cast(schema) for part in parts if part.num_rows]).sort_by("key")
     assert joined.column("key").to_pylist() == whole.column("key").to_pylist()  # every row once, none cut
     assert joined.column("note").to_pylist() == whole.column("note").to_pylist()
-    assert joined.column("weight").to_pylist() == whole.column("weight").to_pylist()
+    if len(units) > 1:  # in ranges, every column stays text as written: no range guesses a type for the others
+        assert schema.field("weight").type == pa.string()
+        assert joined.column("weight").to_pylist() == [line.rsplit(",", 1)[1] for line in sorted(CSV_TEXT.splitlines()[1:], key=_csv_key)]
+    else:
+        assert joined.column("weight").to_pylist() == whole.column("weight").to_pylist()
+
+
+def _csv_key(line: str) -> str:
+    return line.split(",")[1]
+
+
+def test_a_csv_without_line_feeds_is_one_unit(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes(CSV_TEXT.replace("\r\n", "\r").replace("\n", "\r").encode())
+    assert [unit.byte_range for unit in listing.listing_units([parse_input(str(manifest))], {}, csv_unit_bytes=40)] == [None]
 
 
 def test_a_plan_records_its_manifests_and_names_the_ones_changed_since():
@@ -375,3 +390,51 @@ def test_a_shard_feed_hands_out_shards_as_they_are_listed_and_raises_the_listing
         feed.take(head_start_s=math.inf)
     with pytest.raises(PlanError):
         feed.check()
+
+
+def _reference_bucket(key: str) -> int:
+    """bucket_of for one key, in plain Python integers: the polynomial over its UTF-8 bytes, then splitmix64's finaliser."""
+    from pipeline.stages.plan import _HASH_BASE, KEY_BUCKETS
+
+    data = key.encode("utf-8")
+    mask = (1 << 64) - 1
+    value = (len(data) + sum(byte * pow(_HASH_BASE, j, 1 << 64) for j, byte in enumerate(data))) & mask
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & mask
+    return (value ^ (value >> 31)) % KEY_BUCKETS
+
+
+def test_key_buckets_match_a_plain_reference_and_spread_evenly():
+    from pipeline.stages.plan import KEY_BUCKETS, bucket_of
+
+    keys = ["", "a", "é", "photos/cat.jpg", "x" * 300, *(f"img-{i:06d}.jpg" for i in range(2000))]
+    got = bucket_of(pa.array(keys)).to_pylist()
+    assert got == [_reference_bucket(k) for k in keys]
+    assert bucket_of(pa.chunked_array([pa.array(keys[:7]), pa.array(keys[7:20])])).to_pylist() == got[:20]  # chunks and slices alike
+    assert bucket_of(pa.array(keys).slice(5, 9)).to_pylist() == got[5:14]
+    spread = np.bincount(bucket_of(pa.array([f"k{i}" for i in range(256 * 200)])).to_numpy(), minlength=KEY_BUCKETS)
+    assert spread.min() > 120 and spread.max() < 290  # about 200 a bucket
+
+
+def test_a_stopped_shard_feed_ends_its_listing_before_the_plan():
+    import threading
+
+    from pipeline.run.planning import ListingStopped, ShardFeed
+
+    written = []
+    more = threading.Event()
+
+    def listing(on_shards):
+        on_shards([Shard("u1-00000", 2)])
+        more.wait(10)
+        on_shards([Shard("u2-00000", 1)])  # the next unit listed: where a stopped listing ends
+        written.append("plan.json")
+        return Plan(_fingerprint(), (Shard("u1-00000", 2), Shard("u2-00000", 1)), _listing([]).schema)
+
+    feed = ShardFeed(listing)
+    assert [s.id for s in feed.take(head_start_s=0)] == ["u1-00000"]
+    threading.Timer(0.2, more.set).start()
+    feed.stop(timeout_s=10)
+    assert not feed.listing and written == []
+    with pytest.raises(ListingStopped):
+        feed.plan()

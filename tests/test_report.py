@@ -349,7 +349,14 @@ def test_report_filters_sort_search_and_page_in_chromium(curated, chromium):
     assert [c["margin"] for c in shown["cards"]] == sorted((_rounded(r["margin"]) for r in in_range), reverse=True)[:24]
     assert all(0.4 <= c["score"] <= 0.7 for c in shown["cards"])
 
+    # Following a plain anchor (the page's nav) keeps the gallery as it is.
+    chromium.evaluate("document.querySelector('header nav a[href=\"#errors\"]').click()")
+    _settle(chromium)
+    assert _gallery(chromium)["cards"] == shown["cards"] and chromium.evaluate("document.getElementById('filter-label').value") == "1"
+
     # The view state lives in the URL: a reload with it shows the same rows.
+    chromium.evaluate("history.back()")
+    _settle(chromium)
     fragment = chromium.evaluate("location.hash")
     assert "label=1" in fragment and "sort=margin-desc" in fragment
     _open_report(chromium, html_path, fragment)
@@ -377,6 +384,33 @@ def test_report_filters_sort_search_and_page_in_chromium(curated, chromium):
     )
     shown = _set(chromium, "sort", "score-desc")
     assert [c["score"] for c in shown["cards"]] == sorted((_rounded(r["score"]) for r in rows if r["status"] == "ok"), reverse=True)[:24]
+    assert chromium.console_errors() == []
+
+
+def test_a_histogram_bar_opens_exactly_the_rows_it_counts(curated, chromium):
+    html_path, rows = curated
+    _open_report(chromium, html_path)
+    bars = chromium.evaluate("Array.from(document.querySelectorAll('#score-histogram [data-bin]')).map(g => "
+                             "({bin: g.dataset.bin, count: Number(g.querySelector('.hbar').dataset.count)}))")  # fmt: skip
+    assert sum(bar["count"] for bar in bars) == sum(1 for r in rows if r["status"] == "ok")
+    for bar in [b for b in bars if b["count"]][:4]:
+        chromium.evaluate(f"document.querySelector('#score-histogram [data-bin=\"{bar['bin']}\"]').dispatchEvent(new Event('click'))")
+        _settle(chromium)
+        shown = _gallery(chromium)
+        low, high = int(bar["bin"]) / 20, (int(bar["bin"]) + 1) / 20
+        assert shown["matching"] == bar["count"]  # the bar's count, boundaries included
+        assert all(c["status"] == "ok" and low - 0.0005 <= c["score"] <= high + 0.0005 for c in shown["cards"])
+    assert chromium.console_errors() == []
+
+
+def test_a_report_named_with_url_characters_still_finds_its_files(tmp_path, chromium):
+    rows = synthetic_rows(30, sample_images(tmp_path / "images", 3), classes=SYNTHETIC_CLASSES[:2])
+    out = write_output(tmp_path / "out", rows, classes=SYNTHETIC_CLASSES[:2])
+    summary = write_report(open_output(str(out)), tmp_path / "run #2 50%.html")
+    assert summary.files_dir.endswith("run #2 50%_files")
+    _open_report(chromium, tmp_path / "run #2 50%.html")
+    cards = _gallery(chromium)["cards"]
+    assert len(cards) == 24 and all(c["image"] for c in cards if c["status"] == "ok")
     assert chromium.console_errors() == []
 
 

@@ -3,6 +3,7 @@ keys across manifest files, a worker killed while committing, and one writer per
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -119,6 +120,22 @@ def test_an_s3_prefix_with_many_sub_prefixes_is_listed_by_parallel_tasks_into_th
     assert not fs.glob(f"{s3_bucket}/out/**/*.parquet")  # a plan is no result
 
 
+def test_results_without_a_plan_from_a_finished_run_are_refused_not_relabelled(tmp_path, ray_local):
+    # Only an attempt that died while listing is labelled again from a new listing; results whose plan went
+    # missing some other way are refused, never deleted.
+    images = tmp_path / "images"
+    _photos(images, 4)
+    job = _job([images], tmp_path / "out", _labels(tmp_path))
+    run(job)
+    import shutil
+
+    shutil.rmtree(tmp_path / "out" / "_plan")
+    parts = sorted((tmp_path / "out").glob("part-*.parquet"))
+    with pytest.raises(PlanError, match="has results but no plan"):
+        run(dataclasses.replace(job, resume=True))
+    assert sorted((tmp_path / "out").glob("part-*.parquet")) == parts
+
+
 def test_duplicate_keys_across_manifest_files_are_refused(tmp_path, ray_local):
     images = tmp_path / "images"
     names = _photos(images, 4)
@@ -195,7 +212,12 @@ def test_labelling_starts_while_the_listing_goes_on_and_a_resume_after_a_death_t
         killed = subprocess.run(command, env={**env, FAULT_ENV: "scoring"}, capture_output=True, text=True, timeout=240)
         assert killed.returncode == -9, killed.stderr[-3000:]
         assert "shards while the listing goes on" in killed.stderr
-        assert list(output.glob("part-*.parquet")) and not (output / "_plan" / "plan.json").exists()
+        parts = sorted(output.glob("part-*.parquet"))
+        assert parts and not (output / "_plan" / "plan.json").exists()
+        # `lgca plan` labels nothing and deletes nothing: it refuses, the committed shards untouched.
+        planned = subprocess.run([LGCA, "plan", *command[2:]], env=env, capture_output=True, text=True, timeout=240)
+        assert planned.returncode == 2 and "`lgca plan` labels nothing and deletes nothing" in planned.stderr, planned.stderr[-2000:]
+        assert sorted(output.glob("part-*.parquet")) == parts
         resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stopped before its listing ended (no _plan/plan.json), with 1 shards committed" in resumed.stderr

@@ -29,7 +29,9 @@ class Parser(argparse.ArgumentParser):
         command = self._chosen_command()
         if command is not None:  # "unrecognized arguments" of a subcommand reach the top parser: its parser says it
             command.error(message)
-        unknown = self.unknown_options(getattr(self, "_given", ()))
+        # Only where argparse speaks of missing or unknown arguments does a mistyped flag explain it better.
+        about_arguments = message.startswith(("unrecognized arguments", "the following arguments are required"))
+        unknown = self.unknown_options(getattr(self, "_given", ())) if about_arguments else []
         if unknown:
             message = "; ".join(unknown)
         else:

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from pipeline.review.output_dir import OutputDir
+from pipeline.review.stats import score_bins
 from pipeline.review.values import number
 from pipeline.schema import OK, STATUSES
 
@@ -91,7 +92,7 @@ def _kept_positions(table: pa.Table, total: int, max_rows: int, min_per_group: i
 
 
 def gallery_index(rows: GalleryRows, classes: Sequence[str]) -> dict[str, Any]:
-    """The page's index of the gallery rows, as columns: keys, status and label indices, scores, margins.
+    """The page's index of the gallery rows, as columns: keys, status and label indices, scores, margins, score bins.
 
     Labels are indices into `classes` (null for a failed row); statuses indices into STATUSES.
     """
@@ -103,6 +104,7 @@ def gallery_index(rows: GalleryRows, classes: Sequence[str]) -> dict[str, Any]:
         "label": [label_index.get(label) if label is not None else None for label in table.column("label").to_pylist()],
         "score": _rounded(table.column("score")),
         "margin": _rounded(table.column("margin")),
+        "bin": _bins(table.column("score")),
         "chunkRows": CHUNK_ROWS,
         "total": rows.total,
         "cut": rows.cut,
@@ -174,6 +176,12 @@ def _detail(
         for box in row.get("boxes") or ()
     ]
     return [row["path"], link, row.get("width"), row.get("height"), shown, topk, boxes, row.get("error_message")]
+
+
+def _bins(column: pa.ChunkedArray) -> list[int | None]:
+    """Each row's confidence-histogram bin (`stats.score_bins`, on the unrounded score), None without a score."""
+    values = pc.fill_null(pc.cast(column, pa.float64()), -1.0).to_numpy()
+    return [int(b) if v >= 0 else None for b, v in zip(score_bins(values), values)]
 
 
 def _rounded(column: pa.ChunkedArray) -> list[float | None]:

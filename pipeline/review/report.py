@@ -13,6 +13,7 @@ from functools import cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from pipeline.progress import ProgressLine
 from pipeline.review.export import rewrite_path
@@ -122,7 +123,7 @@ def write_report(
         return image_link(image, path_prefixes)
 
     chunk_names = set()
-    for number_, text in detail_chunks(gallery, classes, thumbs, f"{files_dir.name}/{THUMBS}", link):
+    for number_, text in detail_chunks(gallery, classes, thumbs, quote(f"{files_dir.name}/{THUMBS}"), link):
         name = f"rows-{number_:05d}.js"
         (rows_dir / name).write_text(text, encoding="utf-8")
         chunk_names.add(name)
@@ -133,8 +134,9 @@ def write_report(
         "pageSize": page_size,
         "pageSizes": sorted(set(PAGE_SIZES) | {page_size}),
         "maxThumbnails": max_thumbnails,
+        "scoreBins": SCORE_BINS,
         "colours": list(LEVEL_COLOURS),
-        "filesDir": files_dir.name,
+        "filesDir": quote(files_dir.name),  # a URL path: a name with "#" or "%" must not end or escape it
         "index": gallery_index(gallery, classes),
     }
     document = _html_document(output, stats, data, gallery)
@@ -263,7 +265,7 @@ def _score_histogram_svg(stats: OutputStats) -> str:
         low, high = i / SCORE_BINS, (i + 1) / SCORE_BINS
         # a whole-height hit area, so a bin with few rows is still easy to click
         parts.append(
-            f'<g class="bin" data-low="{low:.2f}" data-high="{high:.2f}"><title>{low:.2f}-{high:.2f}: {n} rows; click to see them</title>'
+            f'<g class="bin" data-bin="{i}"><title>{low:.2f}-{high:.2f}: {n} rows; click to see them</title>'
             f'<rect x="{x:.1f}" y="{pad}" width="{bar:.1f}" height="{height - 2 * pad:.1f}" fill="transparent"/>'
             f'<rect x="{x + 1:.1f}" y="{y:.1f}" width="{bar - 2:.1f}" height="{h:.1f}" class="hbar" data-count="{n}"/></g>'
         )

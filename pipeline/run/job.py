@@ -147,7 +147,7 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
                     plan.created_at,
                 )
         elif output.committed():
-            if (output.previous_manifest() or {}).get("format") != MANIFEST_FORMAT:
+            if not _died_while_listing(output.previous_manifest() or {}):
                 raise PlanError(
                     f"output {config.output} has results but no plan (_plan/plan.json): it was written by an older version "
                     "or by another tool; start over with --overwrite, or choose another --output"
@@ -248,6 +248,11 @@ def plan_only(config: JobConfig, storage_options: Mapping[str, Any] | None = Non
     """
     storage_options = dict(storage_options or {})
     job = prepare(config if config.overwrite else replace(config, resume=True), storage_options)  # a plan there is reused
+    if job.mode == "restart":
+        raise PlanError(
+            f"output {config.output} holds shards from an attempt that died before its listing ended; `lgca plan` labels "
+            "nothing and deletes nothing: finish it with `lgca run ... --resume` (it lists again and relabels them)"
+        )
     with Lease(job.output.fs, job.output.root, config.output):
         _init_ray(config)
         _begin(job)
@@ -379,6 +384,13 @@ class _Work:
         head_start = listing_head_start_s() if schema is not None else math.inf
         started = time.time()
         feed = ShardFeed(lambda **listing: _plan(job, self.storage_options, schema=schema, **listing))
+        try:
+            return self._label_windows(feed, schema, head_start, started)
+        finally:
+            if feed.listing:  # labelling failed while the listing goes on: end it while the job holds the output
+                feed.stop()
+
+    def _label_windows(self, feed: ShardFeed, schema: Any, head_start: float, started: float) -> tuple[Plan, Progress]:
         progress = Progress(None, None, 0, 0)
         while True:
             window = feed.take(head_start)
@@ -617,6 +629,21 @@ def _manifest(job: PreparedJob, plan: Plan | None, attempt: dict[str, Any], coun
             **counts,
         },
     }
+
+
+def _died_while_listing(manifest: Mapping[str, Any]) -> bool:
+    """Whether an output's last attempt (this version's) labelled while listing and died before its plan was complete.
+
+    Its manifest, written when it started, then has no plan record and its attempt is still `running`: the
+    manifest a finished listing leaves always names its plan.
+    """
+    attempts = manifest.get("attempts") or []
+    return (
+        manifest.get("format") == MANIFEST_FORMAT
+        and manifest.get("plan") is None
+        and bool(attempts)
+        and attempts[-1].get("status") == "running"
+    )
 
 
 def _plan_record(plan: Plan | None) -> dict[str, Any] | None:

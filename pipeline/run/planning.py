@@ -172,6 +172,10 @@ def unwrap(ray: Any, ref: Any) -> Any:
         raise
 
 
+class ListingStopped(Exception):
+    """Raised inside a listing that `ShardFeed.stop` ends."""
+
+
 class ShardFeed:
     """A plan listed in a background thread, its shards handed out as the listing writes them.
 
@@ -182,6 +186,7 @@ class ShardFeed:
 
     def __init__(self, build: Callable[..., Plan]) -> None:
         self._lock = threading.Condition()
+        self._stopping = False
         self._new: list[Shard] = []
         self._listed_images = 0
         self._listed_shards = 0
@@ -205,6 +210,8 @@ class ShardFeed:
 
     def _add(self, shards: list[Shard]) -> None:
         with self._lock:
+            if self._stopping:  # the labelling failed: end the listing here, before it writes a plan
+                raise ListingStopped("the job stopped while listing")
             self._new.extend(shards)
             self._listed_images += sum(shard.rows for shard in shards)
             self._listed_shards += len(shards)
@@ -247,6 +254,15 @@ class ShardFeed:
         with self._lock:
             if self._error is not None:
                 raise self._error
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """End a listing still going (after a labelling failure): it stops at its next listed unit, writing no
+        plan; wait up to `timeout_s` so nothing is written once the job has let go of the output."""
+        with self._lock:
+            self._stopping = True
+        self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            log.warning("the listing did not stop within %.0f s of the job failing", timeout_s)
 
     def plan(self) -> Plan:
         """The whole plan, once the listing ends (plan.json written).

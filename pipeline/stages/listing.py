@@ -113,8 +113,12 @@ def listing_units(
             units.extend(replace(unit, input_index=index) for unit in _manifest_units(spec, fs, path, manifest_unit_rows))
         elif spec.kind == "manifest" and path.lower().endswith(".csv"):
             size = fs.size(path)
-            ranges = [(start, min(size, start + csv_unit_bytes)) for start in range(0, size, csv_unit_bytes)] or [(0, 0)]
-            units.extend(ListingUnit(spec, byte_range=r if len(ranges) > 1 else None, input_index=index) for r in ranges)
+            ranges = [(start, min(size, start + csv_unit_bytes)) for start in range(0, size, csv_unit_bytes)]
+            # Lines not ended by "\n" (old Mac "\r" files) leave no edge to cut at: such a file is one unit.
+            if len(ranges) > 1 and b"\n" in fs.cat_file(path, start=0, end=min(size, 1 << 16)):
+                units.extend(ListingUnit(spec, byte_range=r, input_index=index) for r in ranges)
+            else:
+                units.append(ListingUnit(spec, input_index=index))
         else:
             units.append(ListingUnit(spec, input_index=index))
     return units
@@ -383,7 +387,12 @@ def _read_manifest_table(
         # null in every column, so a byte range whose rows leave a column empty agrees with the others.
         convert = pa_csv.ConvertOptions(column_types={"path": pa.string(), "key": pa.string()}, strings_can_be_null=True)
         if byte_range is not None:
-            return pa_csv.read_csv(io.BytesIO(_csv_lines(fs, path, byte_range)), convert_options=convert)
+            # Each range alone cannot tell a column's type (one range's "001" is a number, another's "a1" text),
+            # so a manifest read in ranges keeps its columns as text: never a value rewritten by a guess.
+            lines = _csv_lines(fs, path, byte_range)
+            names = pa_csv.open_csv(io.BytesIO(lines.split(b"\n", 1)[0] + b"\n")).schema.names
+            text = pa_csv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=True)
+            return pa_csv.read_csv(io.BytesIO(lines), convert_options=text)
         with fs.open(path, "rb", compression="infer") as handle:
             return pa_csv.read_csv(handle, convert_options=convert)
     except FileNotFoundError as error:
@@ -414,7 +423,7 @@ def _csv_lines(fs: fsspec.AbstractFileSystem, path: str, byte_range: tuple[int, 
     return header + body
 
 
-def _string_column(table: pa.Table, name: str, spec: InputSpec) -> pa.ChunkedArray:
+def _string_column(table: pa.Table, name: str, spec: InputSpec, part: str = "") -> pa.ChunkedArray:
     column = table.column(name)
     kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or (name == "key" and pa.types.is_integer(kind))):
@@ -423,7 +432,7 @@ def _string_column(table: pa.Table, name: str, spec: InputSpec) -> pa.ChunkedArr
     empty = pc.or_kleene(pc.is_null(column), pc.equal(column, "")).combine_chunks().fill_null(True)
     if pc.any(empty).as_py():
         rows = pc.indices_nonzero(empty)[:5].to_pylist()
-        raise SourceError(f"manifest {spec.uri}: column {name!r} is empty in rows {rows} (0-based); fill or remove those rows")
+        raise SourceError(f"manifest {spec.uri}: column {name!r} is empty in rows {rows} (0-based{part}); fill or remove those rows")
     return column
 
 
@@ -496,10 +505,18 @@ def _list_manifest(
     _check_columns(spec, table.column_names)
     if table.num_rows == 0 and row_groups is None and byte_range is None:
         raise SourceError(f"manifest {spec.uri} has no rows; add images or drop the input")
-    paths = _string_column(table, "path", spec).combine_chunks()
+    # Row numbers in messages count from the start of the part this unit read.
+    part = (
+        f", in row groups {list(row_groups)}"
+        if row_groups
+        else f", in the lines starting in bytes {byte_range[0]}-{byte_range[1]}"
+        if byte_range
+        else ""
+    )
+    paths = _string_column(table, "path", spec, part).combine_chunks()
     # A password in a row's URL is masked here, before the plan stores it: the row then fails to read, saying why.
     raw_paths = _rewritten(paths, pc.match_substring(paths, "@"), redact_url)
-    keys = _string_column(table, "key", spec) if "key" in table.column_names else raw_paths
+    keys = _string_column(table, "key", spec, part) if "key" in table.column_names else raw_paths
     local = is_local(spec.uri)
     manifest_dir = os.path.dirname(path) if local else posixpath.dirname(path)
     # Most rows are final as written (another store's URL; an absolute local path in normal form in a local

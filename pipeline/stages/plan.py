@@ -242,23 +242,25 @@ def bucket_of(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
     offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
     data = np.frombuffer(array.buffers()[2], dtype=np.uint8) if array.buffers()[2] is not None else np.zeros(0, np.uint8)
     starts, lengths = offsets[:-1], np.diff(offsets)
-    powers = np.cumprod(np.full(int(lengths.max()) + 1, _HASH_BASE, dtype=np.uint64)) // np.uint64(_HASH_BASE)  # 1, B, B^2, ...
-    hashes = lengths.astype(np.uint64)
-    # Keys grouped by length: each group is one (keys x length) array of bytes, hashed in one product. Real
-    # key sets have few distinct lengths, so the loop is short.
-    order = np.argsort(lengths, kind="stable")
-    sorted_lengths = lengths[order]
-    edges = np.flatnonzero(np.diff(sorted_lengths)) + 1
-    for group in np.split(order, edges):
-        length = int(lengths[group[0]])
-        if length:
-            block = data[starts[group, None] + np.arange(length)].astype(np.uint64)
-            hashes[group] += (block * powers[:length]).sum(axis=1, dtype=np.uint64)
-    hashes = _mix(hashes)
+    with np.errstate(over="ignore"):  # arithmetic mod 2^64 is the point
+        powers = np.cumprod(np.concatenate([[1], np.full(int(lengths.max()), _HASH_BASE)]).astype(np.uint64))  # 1, B, B^2, ...
+        hashes = lengths.astype(np.uint64)
+        # Keys grouped by length: each slice of a group is one (keys x length) array of bytes, hashed in one
+        # product. Real key sets have few distinct lengths; slices bound the memory for long keys.
+        order = np.argsort(lengths, kind="stable")
+        edges = np.flatnonzero(np.diff(lengths[order])) + 1
+        for group in np.split(order, edges):
+            length = int(lengths[group[0]])
+            step = max(1, _HASH_BYTES_PER_STEP // max(1, length))
+            for rows in (group[i : i + step] for i in range(0, len(group) if length else 0, step)):
+                block = data[starts[rows, None] + np.arange(length)].astype(np.uint64)
+                hashes[rows] += (block * powers[:length]).sum(axis=1, dtype=np.uint64)
+        hashes = _mix(hashes)
     return pa.array((hashes % np.uint64(KEY_BUCKETS)).astype(np.uint16), pa.uint16())
 
 
 _HASH_BASE = 1_099_511_628_211  # FNV's 64-bit prime, as the polynomial's base
+_HASH_BYTES_PER_STEP = 1 << 22  # key bytes hashed in one product: about 100 MB of temporaries, whatever the key length
 
 
 def _mix(values: np.ndarray) -> np.ndarray:

@@ -25,7 +25,9 @@
       waiting[n] = [resolve];
       const script = document.createElement("script");
       script.src = DATA.filesDir + "/rows/rows-" + String(n).padStart(5, "0") + ".js";
+      // A missing file, or one that loads without handing over its rows (cut short, another report's): say so.
       script.onerror = () => { chunks[n] = chunks[n] || "missing"; window.lgcaRows(n, chunks[n]); };
+      script.onload = () => { if (!chunks[n]) window.lgcaRows(n, "missing"); };
       document.head.appendChild(script);
     });
   }
@@ -38,7 +40,7 @@
   }
 
   // ------------------------------------------------------------ state, kept in the URL's hash (links share a view)
-  const DEFAULTS = { label: "", status: "", min: "", max: "", q: "", sort: "default", page: "0", size: String(DATA.pageSize), view: "" };
+  const DEFAULTS = { label: "", status: "", min: "", max: "", bin: "", q: "", sort: "default", page: "0", size: String(DATA.pageSize), view: "" };
   const SORTS = [
     ["default", "label, then confidence \u2191"],
     ["score-asc", "confidence \u2191 (least sure first)"],
@@ -48,7 +50,10 @@
     ["key-asc", "key A\u2013Z"],
   ];
   const state = Object.assign({}, DEFAULTS);
+  // The hash holds the gallery's state as key=value pairs; a plain anchor (#gallery, #errors) is not a state.
+  const isState = (hash) => hash.indexOf("=") >= 0;
   function readHash() {
+    if (!isState(location.hash)) return;
     const params = new URLSearchParams(location.hash.slice(1));
     Object.keys(DEFAULTS).forEach((name) => { state[name] = params.has(name) ? params.get(name) : DEFAULTS[name]; });
   }
@@ -56,6 +61,7 @@
     const params = new URLSearchParams();
     Object.keys(DEFAULTS).forEach((name) => { if (state[name] !== DEFAULTS[name]) params.set(name, state[name]); });
     const text = params.toString();
+    if (!text && !isState(location.hash)) return;  // keep a plain anchor the reader followed
     history.replaceState(null, "", text ? "#" + text : location.pathname + location.search);
   }
 
@@ -63,12 +69,13 @@
   let selected = [];
   let selectedFor = "";
   function select() {
-    const signature = [state.label, state.status, state.min, state.max, state.q, state.sort].join("\u0000");
+    const signature = [state.label, state.status, state.min, state.max, state.bin, state.q, state.sort].join("\u0000");
     if (signature === selectedFor) return selected;
     const label = state.label === "" ? null : Number(state.label);
     const status = state.status;
     const min = state.min === "" ? null : Number(state.min);
     const max = state.max === "" ? null : Number(state.max);
+    const bin = state.bin === "" ? null : Number(state.bin);
     const query = state.q.trim().toLowerCase();
     const out = [];
     for (let i = 0; i < ROWS; i++) {
@@ -79,6 +86,7 @@
       if ((min !== null || max !== null) && score === null) continue;
       if (min !== null && score < min) continue;
       if (max !== null && score > max) continue;
+      if (bin !== null && INDEX.bin[i] !== bin) continue;
       if (query && INDEX.keys[i].toLowerCase().indexOf(query) < 0) continue;
       out.push(i);
     }
@@ -214,8 +222,10 @@
       grid.textContent = "";
       shown.forEach((i, n) => grid.appendChild(card(i, page * size + n)));
       if (!shown.length) grid.appendChild(el("p", "muted", "No rows match these filters."));
-      status.textContent = rows.length ? "page " + (page + 1) + " of " + pages + " \u00b7 rows " + (page * size + 1) + "\u2013" +
-        (page * size + shown.length) + " of " + rows.length.toLocaleString() + " matching" : "0 rows match";
+      const binned = state.bin === "" ? "" : " \u00b7 score " + (Number(state.bin) / DATA.scoreBins).toFixed(2) + "\u2013" +
+        ((Number(state.bin) + 1) / DATA.scoreBins).toFixed(2) + " (a histogram bar; reset to clear)";
+      status.textContent = (rows.length ? "page " + (page + 1) + " of " + pages + " \u00b7 rows " + (page * size + 1) + "\u2013" +
+        (page * size + shown.length) + " of " + rows.length.toLocaleString() + " matching" : "0 rows match") + binned;
       status.dataset.matching = rows.length;
       status.dataset.page = page;
       status.dataset.pages = pages;
@@ -232,6 +242,7 @@
     const i = Number(state.view);
     if (!(i >= 0 && i < ROWS)) { state.view = ""; view.hidden = true; return Promise.resolve(); }
     return loadRows([i]).then(() => {
+      if (String(i) !== state.view) return;  // another row was asked for meanwhile: its own call draws it
       const d = detail(i);
       const rows = select();
       const at = rows.indexOf(i);
@@ -340,6 +351,7 @@
   function onControl(name, event) {  // a filter, sort or page-size change starts again at page 1
     controls[name].addEventListener(event, () => {
       state[name] = controls[name].value;
+      if (name === "min" || name === "max") state.bin = "";  // a score range typed in replaces a histogram bar's
       state.page = "0";
       update();
     });
@@ -369,7 +381,7 @@
   });
   // Summary links filter the gallery: a label, a failure status, a histogram bar's score range.
   function filterTo(changes) {
-    Object.assign(state, { label: "", status: "", min: "", max: "", q: "", page: "0", view: "" }, changes);
+    Object.assign(state, { label: "", status: "", min: "", max: "", bin: "", q: "", page: "0", view: "" }, changes);
     update().then(() => $("gallery").scrollIntoView());
   }
   document.querySelectorAll("[data-filter-label]").forEach((link) => link.addEventListener("click", (event) => {
@@ -380,8 +392,8 @@
     event.preventDefault();
     filterTo({ status: String(DATA.statuses.indexOf(link.dataset.filterStatus)) });
   }));
-  document.querySelectorAll("[data-low]").forEach((bar) => bar.addEventListener("click", () => {
-    filterTo({ status: String(OK), min: bar.dataset.low, max: bar.dataset.high, sort: "score-asc" });
+  document.querySelectorAll("[data-bin]").forEach((bar) => bar.addEventListener("click", () => {
+    filterTo({ status: String(OK), bin: bar.dataset.bin, sort: "score-asc" });
   }));
   // Box levels can be hidden from the legend's checkboxes.
   const hidden = document.createElement("style");
@@ -391,7 +403,7 @@
       .map((b) => '.box[data-level="' + b.dataset.toggleLevel + '"]{display:none}').join("\n");
   }));
 
-  window.addEventListener("hashchange", () => { readHash(); update(); });
+  window.addEventListener("hashchange", () => { if (isState(location.hash)) { readHash(); update(); } });
   // For scripts and tests: wait until the gallery and the single view are drawn; the rows matching the filters.
   window.lgcaReport = { idle: () => drawn, state: () => Object.assign({}, state), rows: () => select().slice() };
   readHash();
