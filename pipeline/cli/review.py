@@ -23,8 +23,9 @@ no server, no network. The top is the summary (rows by status, labels, confidenc
 below, a gallery of every row (up to --max-gallery-rows) with filters by label, status, score range and
 key, sorting by confidence or margin either way, and a view of one image with all its boxes and top-k.
 Thumbnails are made for up to --max-thumbnails images, each label's least confident rows first (the
-budget bounds the image reads: about 100 images/s per core for photos); rows beyond it show a local
-image itself and a remote one as a placeholder. A report run again keeps the thumbnails it made before.
+budget bounds the image reads; progress and the time left are printed while they are made); rows beyond
+it show a local image itself and a remote one as a placeholder. A report run again keeps the thumbnails
+it made before.
 See docs/CURATION.md.
 """
 
