@@ -403,8 +403,8 @@ class _Work:
                 images, shards = feed.listed()
                 log.info("labelling %d shards while the listing goes on (%d images in %d shards so far)", len(window), images, shards)
             else:
-                schema = schema if schema is not None else feed.plan().schema
                 plan = feed.plan()
+                schema = schema if schema is not None else plan.schema
                 progress.planned(plan.images, len(plan.shards))
                 log.info("%d images in %d shards, %d shards to label", plan.images, len(plan.shards), len(window))
             assert schema is not None  # a window before the end of the listing has its schema from the start
