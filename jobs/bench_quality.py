@@ -10,7 +10,11 @@ all methods), and prints per setting:
 - acc1 per method and object scale (`full-frame` is the plain test image);
 - for `lgca`, the IoU of the most salient output box (and of the best one) with the object's true box;
 - the share of the final score carried by the global view, the local crops and the grown boxes;
-- the distribution of crop-to-image cosines <f(b), f(x)>.
+- the distribution of crop-to-image cosines <f(b), f(x)>;
+- per goal group (objects that crops cut: scales 0.6 and 0.4; small objects: 0.3 and 0.2; whole objects: full
+  frame and scale 1.0), acc1 and its paired difference against `clip` with the 95% bootstrap interval;
+- with `--cascade T1 T2 ...`, the cascade at each threshold from the same views: share escalated, encoder passes
+  and its paired difference against full `lgca` per group.
 Random weights measure nothing here: the default model is examples/fashion (jobs/train_fashion_clip.py).
 """
 
@@ -34,6 +38,7 @@ sys.path.insert(0, str(ROOT / "jobs"))
 from make_scenes import FULL_FRAME, read_truth, write_scenes  # noqa: E402
 
 from pipeline.config import METHODS, ModelConfig, ScoringConfig, VocabularyConfig  # noqa: E402
+from pipeline.evaluation.intervals import mean_interval, paired_difference  # noqa: E402
 from pipeline.evaluation.labelled import list_labelled  # noqa: E402
 from pipeline.evaluation.records import result_records  # noqa: E402
 from pipeline.evaluation.runner import ImageModel, Observation, check_methods, embedding_method, evaluate  # noqa: E402
@@ -46,6 +51,12 @@ from pipeline.stages.vocab import load_vocabulary  # noqa: E402
 FASHION = ROOT / "examples" / "fashion"
 SMALL_SCALE = 0.3  # "small objects": tile side at most this share of the shorter side
 IOU_GOAL = 0.5
+# The goals' groups of scenes: where random crops cut the object, small objects, whole objects
+GOAL_GROUPS = {
+    "cut (0.6, 0.4)": ("scale-0.60", "scale-0.40"),
+    "small (0.3, 0.2)": ("scale-0.30", "scale-0.20"),
+    "whole (full, 1.0)": (FULL_FRAME, "scale-1.00"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=V", help="base scoring parameters, e.g. crops=30")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--output", default=None, help="write every figure as JSON here")
+    parser.add_argument("--cascade", type=float, nargs="+", default=[], metavar="T", help="cascade thresholds to evaluate (needs lgca)")
     args = parser.parse_args(argv)
 
     scenes = Path(args.scenes)
@@ -92,16 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         progress=sys.stderr.isatty(),
         observe=collector,
+        cascade=args.cascade,
     )
     seconds = time.monotonic() - started
-    records = result_records(evaluation, {"dataset": scenes.name, "model": args.model, "pretrained": args.pretrained})
+    records = result_records(evaluation, {"dataset": scenes.name, "model": args.model, "pretrained": args.pretrained}, "clip")
     report = [_setting_report(i, setting, records, collector) for i, setting in enumerate(settings)]
+    for entry, result in zip(report, evaluation.results):
+        entry["goals"] = _goal_groups(result.methods, np.asarray(evaluation.groups, dtype=object))
     print(
         f"{evaluation.scored} images, {len(settings)} setting(s), {evaluation.encoder_rows} views encoded in {seconds:.0f} s "
         f"({torch.get_num_threads()} threads)"
     )
     for entry in report:
         _print_setting(entry, methods)
+        _print_goals(entry["goals"])
     if len(report) > 1:
         _print_sweep(report)
     if args.output:
@@ -109,6 +125,49 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.output).write_text(json.dumps({"settings": report, "records": records}, indent=2) + "\n")
         print(f"results: {args.output}")
     return 0
+
+
+def _goal_groups(results: dict, groups: np.ndarray) -> dict:
+    """Per method and goal group: acc1, its 95% interval, and the paired difference against clip (against full
+    lgca too, for a cascade), in points."""
+    out: dict = {}
+    for name, members in GOAL_GROUPS.items():
+        inside = np.isin(groups, members)
+        for method, result in results.items():
+            acc = mean_interval(result.correct[inside])
+            entry = {"acc1": 100 * acc.mean, "acc1_low": 100 * acc.low, "acc1_high": 100 * acc.high, "passes": result.encoder_passes}
+            for baseline in ("clip", "lgca"):
+                if baseline in results and baseline != method and (baseline == "clip" or result.cascade is not None):
+                    d = paired_difference(result.correct[inside], results[baseline].correct[inside])
+                    entry[f"vs_{baseline}"] = [100 * d.mean, 100 * d.low, 100 * d.high]
+            if result.cascade is not None:
+                entry["escalated"] = result.cascade.escalated
+            out.setdefault(method, {})[name] = entry
+    return out
+
+
+def _print_goals(goals: dict) -> None:
+    print("acc1 % per goal group [95% interval]; paired difference against clip, points [95% interval]:")
+    print(f"{'method':<14}{'passes':>7}" + "".join(f"{name:>36}" for name in GOAL_GROUPS))
+    for method, by_group in goals.items():
+        cells = []
+        for name in GOAL_GROUPS:
+            g = by_group[name]
+            text = f"{g['acc1']:.1f}"
+            if "vs_clip" in g:
+                d = g["vs_clip"]
+                text += f" {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]"
+            cells.append(f"{text:>36}")
+        passes = next(iter(by_group.values()))["passes"]
+        print(f"{method:<14}{passes:>7.1f}" + "".join(cells))
+    cascades = [m for m, by_group in goals.items() if "vs_lgca" in next(iter(by_group.values()))]
+    if cascades:
+        print("cascade against full lgca, points [paired 95% interval], and share escalated:")
+        for method in cascades:
+            by_group = goals[method]
+            escalated = next(iter(by_group.values()))["escalated"]
+            cells = "".join(f"{f'{g[0]:+.1f} [{g[1]:+.1f}, {g[2]:+.1f}]':>36}" for g in (by_group[name]["vs_lgca"] for name in GOAL_GROUPS))
+            print(f"{method:<14}{100 * escalated:>6.0f}%" + cells)
 
 
 def _base_config(methods: tuple[str, ...], items: list[str]) -> ScoringConfig:

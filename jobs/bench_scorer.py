@@ -9,6 +9,16 @@ Random weights are fine: speed does not depend on the weights' values.
 
     python jobs/bench_scorer.py --hot-path --classes 10 21000
 
+The last row is the confidence cascade at `--cascade-margin` on the same images: its passes per image are the
+measured 1 + p * (N + K*T) for the share p it escalated, and "vs lgca" is its images/s over full lgca's, both
+measured in this run. The share depends on the model and the images: for a meaningful one, use learned weights
+on the images you label, e.g. the project's model on its scenes:
+
+    python jobs/bench_scorer.py --model examples/fashion/fashion-clip.json \
+        --pretrained examples/fashion/fashion-clip.safetensors --images-from bench-out/scenes --images 256 --batch 64
+
+    python jobs/bench_scorer.py --hot-path --classes 10 21000
+
 measures what is not the encoder, with a cheap stand-in encoder of ViT-B's width (D = 512) at S = 224: cutting
 and resizing the views, expansion, combining (one softmax and one transfer per batch, per-region class scores
 for the reported regions only), for vocabularies of each size. Columns: combine ms per batch, the peak memory
@@ -55,6 +65,26 @@ def sample_images(count: int, width: int, height: int) -> list[torch.Tensor]:
     return out
 
 
+def folder_images(folder: str, count: int) -> list[torch.Tensor]:
+    """`count` images of a folder (JPEG and PNG, in path order, spread over the whole folder), decoded as
+    `lgca run` decodes them for this model."""
+    from pipeline.config import DecodeConfig
+    from pipeline.stages.decode import decode_image
+
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not paths:
+        raise SystemExit(f"no JPEG or PNG images under {folder}")
+    step = max(1, len(paths) // count)
+    chosen = paths[::step][:count]
+    out = []
+    for path in chosen:
+        decoded = decode_image(path.read_bytes(), DecodeConfig())
+        if not hasattr(decoded, "pixels"):
+            raise SystemExit(f"cannot decode {path}: {decoded.message}")
+        out.append(torch.from_numpy(decoded.pixels.copy()).permute(2, 0, 1).contiguous())
+    return out
+
+
 def encoder_rate(model, batch: int, seconds: float) -> float:
     """Crops/s of the bare image encoder on (batch, 3, S, S) inputs, after a warm-up."""
     views = torch.randn(batch, 3, model.image_size, model.image_size, device=model.device)
@@ -81,20 +111,23 @@ class _TimedEncoder:
         return out
 
 
-def scorer_rate(model, vectors, config: ScoringConfig, images, batch: int) -> tuple[float, float]:
-    """Images/s of Scorer.score over `images` after a one-batch warm-up, and the share of that time spent
-    inside the encoder (immune to machine noise: both are measured over the same calls)."""
+def scorer_rate(model, vectors, config: ScoringConfig, images, batch: int, classes=CLASSES) -> tuple[float, float, float]:
+    """Images/s of Scorer.score over `images` after a one-batch warm-up, the share of that time spent inside
+    the encoder (immune to machine noise: both are measured over the same calls), and the share of images
+    scored with lgca (the cascade's escalated share; 1 for lgca, 0 for the global-view methods)."""
     encoder = _TimedEncoder(model)
-    scorer = Scorer(encoder, CLASSES, vectors, model.logit_scale, model.view, config, model.device)
+    scorer = Scorer(encoder, classes, vectors, model.logit_scale, model.view, config, model.device)
     scorer.score(images[:batch], [f"w{i}" for i in range(batch)])
     encoder.seconds = 0.0
+    escalated = 0
     started = time.perf_counter()
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
-        scorer.score(chunk, [f"k{start + i}" for i in range(len(chunk))])
+        results = scorer.score(chunk, [f"k{start + i}" for i in range(len(chunk))])
+        escalated += sum(result.method == "lgca" for result in results)
     _sync(model.device)
     seconds = time.perf_counter() - started
-    return len(images) / seconds, encoder.seconds / seconds
+    return len(images) / seconds, encoder.seconds / seconds, escalated / len(images)
 
 
 def _sync(device: torch.device) -> None:
@@ -188,6 +221,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(640, 480), metavar=("W", "H"), help="decoded image size")
     parser.add_argument("--encoder-seconds", type=float, default=20.0)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--images-from", default=None, metavar="DIR", help="score images of this folder instead of the sample photos")
+    parser.add_argument("--labels", default=None, help="vocabulary file (default: 10 CIFAR-like class names)")
+    parser.add_argument("--cascade-margin", type=float, default=0.2, help="threshold of the cascade row (default: %(default)s)")
     parser.add_argument("--hot-path", action="store_true", help="measure everything but the encoder, for --classes sizes")
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 21000], help="vocabulary sizes for --hot-path")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per vocabulary size for --hot-path")
@@ -199,25 +235,34 @@ def main() -> None:
     model = load_model(
         ModelConfig(name=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, compile=args.compile)
     )
-    vocabulary = Vocabulary(classes=CLASSES)
-    images = sample_images(args.images, *args.size)
+    if args.labels:
+        from pipeline.config import VocabularyConfig
+        from pipeline.stages.vocab import load_vocabulary
+
+        vocabulary = load_vocabulary(VocabularyConfig(labels=args.labels))
+    else:
+        vocabulary = Vocabulary(classes=CLASSES)
+    images = folder_images(args.images_from, args.images) if args.images_from else sample_images(args.images, *args.size)
     settings = {
         "default (N=60, K=2, T=3)": ScoringConfig(micro_batch=args.micro_batch),
         "small (N=8, K=1, T=2)": ScoringConfig(crops=8, regions=1, steps=2, micro_batch=args.micro_batch),
+        f"cascade {args.cascade_margin:g} (default lgca)": ScoringConfig(cascade_margin=args.cascade_margin, micro_batch=args.micro_batch),
     }
     crops_per_s = encoder_rate(model, args.micro_batch, args.encoder_seconds)
     rows: list[dict[str, Any]] = []
     for name, config in settings.items():
         vectors = text_vectors(model, vocabulary, config)
-        rate, encoder_share = scorer_rate(model, vectors, config, images, args.batch)
+        rate, encoder_share, escalated = scorer_rate(model, vectors, config, images, args.batch, vocabulary.classes)
+        passes = config.encoder_passes if config.cascade_margin is None else 1 + escalated * (config.encoder_passes - 1)
         rows.append(
             {
                 "setting": name,
-                "passes_per_image": config.encoder_passes,
+                "passes_per_image": passes,
+                "escalated": escalated,
                 "images_per_s": rate,
                 "encoder_share": encoder_share,
-                "encoder_bound_images_per_s": crops_per_s / config.encoder_passes,
-                "efficiency": rate * config.encoder_passes / crops_per_s,
+                "encoder_bound_images_per_s": crops_per_s / passes,
+                "efficiency": rate * passes / crops_per_s,
             }
         )
     # the encoder rate drifts on a noisy machine: measure it again and report the mean of both
@@ -235,13 +280,17 @@ def main() -> None:
     mean_rate = (crops_per_s + crops_per_s_after) / 2
     if eager_crops_per_s:
         print(f"uncompiled encoder: {eager_crops_per_s:.1f} crops/s; compiled / uncompiled: {mean_rate / eager_crops_per_s:.2f}")
-    print(f"{'setting':28s} {'passes':>6s} {'images/s':>9s} {'bound':>9s} {'efficiency':>10s} {'in encoder':>10s}")
+    full_lgca = rows[0]["images_per_s"]
+    print(
+        f"{'setting':30s} {'passes':>6s} {'escalated':>9s} {'images/s':>9s} {'vs lgca':>7s} {'bound':>9s} {'efficiency':>10s} {'in encoder':>10s}"
+    )
     for row in rows:
         row["efficiency"] = row["images_per_s"] * row["passes_per_image"] / mean_rate
         row["encoder_bound_images_per_s"] = mean_rate / row["passes_per_image"]
+        row["vs_default_lgca"] = row["images_per_s"] / full_lgca
         print(
-            f"{row['setting']:28s} {row['passes_per_image']:6d} {row['images_per_s']:9.3f} "
-            f"{row['encoder_bound_images_per_s']:9.3f} {row['efficiency']:10.3f} {row['encoder_share']:10.3f}"
+            f"{row['setting']:30s} {row['passes_per_image']:6.1f} {row['escalated']:9.2f} {row['images_per_s']:9.3f} "
+            f"{row['vs_default_lgca']:7.2f} {row['encoder_bound_images_per_s']:9.3f} {row['efficiency']:10.3f} {row['encoder_share']:10.3f}"
         )
     if args.json:
         Path(args.json).write_text(

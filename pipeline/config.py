@@ -23,6 +23,12 @@ DEFAULT_PROMPT = "a photo of a {}."
 # official code aggregates the crops only).
 LGCA_GLOBAL_WEIGHT = 0.3
 DESCRIPTOR_WEIGHTS = ("softmax", "mean")
+REGION_POOLS = ("lineages", "all")
+SELECTIONS = ("pool", "lineages")
+LEVEL_AGGREGATIONS = ("embedding", "similarity")
+LINEAGE_WEIGHTS = ("uniform", "saliency")
+LEVEL0_BOXES = ("selected", "all")
+GLOBAL_WEIGHT_RULES = ("fixed", "confidence")
 
 
 class ConfigError(ValueError):
@@ -56,6 +62,21 @@ class ScoringConfig:
     text_scale: float = 2.0  # description weights: softmax(exp(text_scale) * <t_cj, t_c>)
     expand_weight: float = 1.0  # extra weight of grown boxes among the regions, before renormalising
     global_weight: float | None = None  # lambda: S = lambda <f(x), T_c> + (1 - lambda) R; None: the method's default
+    # lgca's region term (docs/METHOD.md, step 5). lineages: the selected crops and the boxes grown from them, one
+    # region embedding per expansion level, averaged over the levels | all: revision 2, every crop and grown box
+    # with WCA's weights (and `expand_weight`)
+    region_pool: str = "lineages"
+    selection: str = "pool"  # pool: each step grows the K most salient regions of the pool | lineages: K crops once, grown every step
+    level_aggregation: str = "embedding"  # per level: embedding, <normalise(sum u_b f(b)), T_c> | similarity, sum u_b <f(b), T_c>
+    lineage_weights: str = "uniform"  # u_b within a level: uniform | saliency, softmax(saliency_scale * sigma(b))
+    saliency_scale: float = 20.0  # temperature of saliency lineage weights
+    level0: str = "selected"  # level 0 of the lineage term: the selected crops | all local crops, with WCA's weights
+    # fixed: lambda for every image | confidence: lambda + (1 - lambda) * m, m the global view's top-1 minus top-2
+    # probability, so a confident whole image keeps its say and an unsure one defers to its lineages
+    global_weight_rule: str = "fixed"
+    # confidence cascade (lgca): an image whose global view alone gives a top-1 minus top-2 probability of at
+    # least this keeps that (descriptors) result; only the others get crops and expansion. None: off
+    cascade_margin: float | None = None
     seed: int = 0  # crop sampling seed, combined with a stable hash of each image key
     topk: int = 5  # labels kept per image in the output
     micro_batch: int = 256  # views per image-encoder call
@@ -76,7 +97,21 @@ class ScoringConfig:
         _require(self.growth >= 1.0, f"growth must be >= 1 (a grown region contains its parent), got {self.growth}")
         _require(0 <= self.overlap_iou <= 1, f"overlap IoU must lie in [0, 1], got {self.overlap_iou}")
         _require(self.expand_weight >= 0, f"expand weight must be >= 0, got {self.expand_weight}")
-        for name in ("global_weight", "growth_target"):  # optional numbers: a string here is a parsing slip
+        for name, choices in (
+            ("region_pool", REGION_POOLS),
+            ("selection", SELECTIONS),
+            ("level_aggregation", LEVEL_AGGREGATIONS),
+            ("lineage_weights", LINEAGE_WEIGHTS),
+            ("level0", LEVEL0_BOXES),
+            ("global_weight_rule", GLOBAL_WEIGHT_RULES),
+        ):
+            value = getattr(self, name)
+            _require(value in choices, f"{name.replace('_', ' ')} {value!r} is unknown; choose one of {', '.join(choices)}")
+        _require(
+            math.isfinite(self.saliency_scale) and 0 <= self.saliency_scale <= 100,
+            f"saliency scale must lie in [0, 100] (softmax temperature of saliency lineage weights), got {self.saliency_scale}",
+        )
+        for name in ("global_weight", "growth_target", "cascade_margin"):  # optional numbers: a string here is a parsing slip
             value = getattr(self, name)
             _require(
                 value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
@@ -85,6 +120,15 @@ class ScoringConfig:
         _require(
             self.global_weight is None or 0 <= self.global_weight <= 1,
             f"global weight must lie in [0, 1], got {self.global_weight}",
+        )
+        _require(
+            self.cascade_margin is None or self.cascade_margin >= 0,
+            f"cascade margin must be >= 0 (0: every image keeps its global-view result; above 1: every image escalates), "
+            f"got {self.cascade_margin}",
+        )
+        _require(
+            self.cascade_margin is None or self.method == "lgca",
+            f"the confidence cascade escalates to lgca; use --method lgca with --cascade-margin, not {self.method}",
         )
         _require(
             self.growth_target is None or 0 < self.growth_target <= 1,
@@ -141,8 +185,10 @@ class ScoringConfig:
         return 1 + (self.crops if self.uses_crops else 0) + self.grown_views
 
     def to_dict(self) -> dict[str, Any]:
+        """The parameters as recorded in provenance: lambda is the value the method scores with, never None."""
         out = asdict(self)
         out["crop_scale"] = list(self.crop_scale)
+        out["global_weight"] = self.view_global_weight
         return out
 
 

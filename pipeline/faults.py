@@ -1,4 +1,5 @@
-"""Fault injection for reliability tests: `LGCA_FAULT_POINT=<name>` SIGKILLs the process at that point."""
+"""Fault injection for reliability tests: `LGCA_FAULT_POINT=<name>` SIGKILLs the process at that point (or
+stops it, as a paused VM or a stalled driver, with `LGCA_FAULT_SIGNAL=SIGSTOP`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import signal
 FAULT_ENV = "LGCA_FAULT_POINT"
 # With a path here, the fault fires once: the first process to create the file is killed, retries pass.
 FAULT_ONCE_ENV = "LGCA_FAULT_ONCE"
+# SIGKILL (a crash, the default) or SIGSTOP (a stall: the process continues where it stopped on SIGCONT).
+FAULT_SIGNAL_ENV = "LGCA_FAULT_SIGNAL"
 # With text here, a point given a subject (an input's path) fires only for subjects containing it.
 FAULT_MATCH_ENV = "LGCA_FAULT_MATCH"
 # Where a job can be killed (docs/RELIABILITY.md). The driver: after the plan is written, with pieces staged
-# but no shard committed, once a shard is committed, after _manifest.json but before _SUCCESS. A worker:
+# but no shard committed, once a shard is committed, with every shard committed and the output's final state
+# not yet written, after _manifest.json but before _SUCCESS. A worker:
 # while committing a shard, its part file written but not yet published; about to decode an input (a poison
-# input that kills its decode worker every time, with LGCA_FAULT_MATCH naming it).
-FAULT_POINTS = ("listed", "staged", "scoring", "before_success", "committing", "decoding")
+# input that kills its decode worker every time, with LGCA_FAULT_MATCH naming it); --overwrite, after `_SUCCESS`
+# and `_manifest.json` are gone and before the part files are.
+FAULT_POINTS = ("listed", "staged", "scoring", "finishing", "before_success", "committing", "decoding", "clearing")
 
 
 def fault_point(name: str, subject: str | None = None) -> None:
@@ -38,4 +43,5 @@ def fault_point(name: str, subject: str | None = None) -> None:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
-    os.kill(os.getpid(), signal.SIGKILL)
+    stall = os.environ.get(FAULT_SIGNAL_ENV) == "SIGSTOP"
+    os.kill(os.getpid(), signal.SIGSTOP if stall else signal.SIGKILL)

@@ -15,8 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 # 500 and 503 answer as S3 does (InternalError, SlowDown); drop closes the socket before the request reaches
 # the server; lost forwards it, then closes the socket instead of answering (done, but the client can't know);
 # truncate forwards it and answers with the full Content-Length but half the body, then closes (a dropped body);
-# slow forwards it after the proxy's `slow_s` seconds (a store answering late, or a long listing).
-FAULTS = ("500", "503", "drop", "lost", "truncate", "slow")
+# slow forwards it after the proxy's `slow_s` seconds (a store answering late, or a long listing);
+# unconditional forwards it without its If-None-Match and If-Match headers (a store that ignores conditional
+# writes); 501 answers NotImplemented to a request that carries one (a store that refuses them), else forwards it.
+FAULTS = ("500", "503", "drop", "lost", "truncate", "slow", "unconditional", "501")
+_CONDITIONS = ("if-none-match", "if-match")
 # Headers that belong to one hop (RFC 9110 section 7.6.1) or that the proxy sets itself.
 _HOP_HEADERS = {
     "connection",
@@ -38,6 +41,7 @@ _ERROR_BODY = (
 _S3_ERRORS = {  # S3's own codes and messages
     "500": ("InternalError", "We encountered an internal error. Please try again."),
     "503": ("SlowDown", "Please reduce your request rate."),
+    "501": ("NotImplemented", "A header you provided implies functionality that is not implemented."),
 }
 
 
@@ -185,14 +189,16 @@ def _handler_for(proxy: FaultProxy) -> type:
                 return
             if fault == "slow":
                 time.sleep(proxy.slow_s)
-            if fault in _S3_ERRORS:
+            conditional = any(name.lower() in _CONDITIONS for name in self.headers)
+            if fault in _S3_ERRORS and (fault != "501" or conditional):
                 code, message = _S3_ERRORS[fault]
                 body = _ERROR_BODY.format(code=code, message=message).encode()
                 self._answer(int(fault), [("Content-Type", "application/xml")], body)
                 return
             upstream = http.client.HTTPConnection(*proxy.upstream, timeout=proxy.timeout_s)
             try:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+                dropped = _HOP_HEADERS | (set(_CONDITIONS) if fault == "unconditional" else set())
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 headers["Content-Length"] = str(len(body))
                 upstream.request(self.command, self.path, body=body, headers=headers)
                 response = upstream.getresponse()

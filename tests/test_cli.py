@@ -100,6 +100,35 @@ def test_readme_example_labels_the_demo_scenes_mostly_right(tmp_path):
     assert shown.returncode == 0 and f"{right} of {len(scenes)} scenes labelled with their true class" in shown.stdout
 
 
+@pytest.mark.slow
+def test_the_cascade_labels_each_row_with_the_pass_that_scored_it(tmp_path):
+    """`--cascade-margin`: confident scenes keep their global-view (descriptors) result without boxes, the others
+    are lgca rows with boxes; `_manifest.json` and `lgca summary` give the threshold and the share escalated."""
+    import json
+
+    command = _readme_example()
+    command[0] = LGCA
+    output = tmp_path / "cascade"
+    command[command.index("--output") + 1] = str(output)
+    result = subprocess.run([*command, "--cascade-margin", "0.3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pq.read_table(output).to_pylist()
+    by_method = {method: [row for row in table if row["method"] == method] for method in ("descriptors", "lgca")}
+    assert by_method["descriptors"] and by_method["lgca"] and len(table) == 20
+    assert all(row["margin"] >= 0.3 and not row["boxes"] for row in by_method["descriptors"])
+    assert all(row["margin"] is not None and row["boxes"] for row in by_method["lgca"])
+    manifest = json.loads((output / "_manifest.json").read_text())
+    escalated = len(by_method["lgca"]) / 20
+    assert manifest["scoring"]["cascade_margin"] == 0.3
+    assert manifest["cascade"] == {
+        "margin": 0.3,
+        "rows_by_method": {"descriptors": len(by_method["descriptors"]), "lgca": len(by_method["lgca"])},
+        "escalated_share": escalated,
+    }
+    summary = subprocess.run([LGCA, "summary", str(output)], capture_output=True, text=True, timeout=120)
+    assert f"margin 0.3: {100 * escalated:.1f}% of ok rows escalated to lgca" in summary.stdout
+
+
 # ---------------------------------------------------------------- errors
 
 

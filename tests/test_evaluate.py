@@ -225,6 +225,7 @@ ANALYTIC = ScoringConfig(
     saliency="global",
     regions=1,
     steps=3,
+    region_pool="all",  # revision 2's region term, whose sums the comments below count; lineages: see the test
 )
 
 
@@ -343,6 +344,7 @@ def test_metrics_are_exact_on_analytic_scenes(analytic_root):
         record = records[method]
         assert (record["acc1"], record["acc5"]) == (acc1, acc5)
         assert record["mean_per_class_recall"] == pytest.approx(recall)
+
         assert record["dataset"] == "analytic" and record["task"] == "zeroshot_classification" and record["acc5_k"] == 5
         assert record["runs"] == 1 and "acc1_std" not in record
     assert records["clip"]["scoring"] == {} and records["descriptors"]["scoring"] == {"text_scale": 2.0}
@@ -353,6 +355,11 @@ def test_metrics_are_exact_on_analytic_scenes(analytic_root):
         {"true": "orange", "predicted": "red", "count": 1},
         {"true": "yellow", "predicted": "red", "count": 1},
     ]
+    # Under `lineages` the region term is the one lineage, an M crop grown into M boxes: every view it holds is
+    # the global view's own place, so lgca predicts as descriptors (blue/panorama.png wrong, as for clip).
+    lineages = _evaluate_analytic(analytic_root, scoring=dataclasses.replace(ANALYTIC, region_pool="lineages")).results[0].methods
+    assert lineages["lgca"].acc1 == lineages["descriptors"].acc1 == (6 / 8,)
+    assert lineages["lgca"].correct.tolist() == lineages["descriptors"].correct.tolist()
 
 
 def test_a_manifest_gives_the_same_metrics_as_class_folders(analytic_root, tmp_path):
@@ -381,6 +388,47 @@ def test_unreadable_images_are_reported_and_left_out(analytic_root, tmp_path):
 
 
 RANDOM_CROPS = ScoringConfig(method="lgca", crops=6, crop_scale=(0.3, 0.6), regions=2, steps=2)
+
+
+def test_records_give_intervals_and_paired_differences_against_the_baseline(analytic_root):
+    evaluation = _evaluate_analytic(analytic_root, methods=("clip", "descriptors", "lgca"), scoring=RANDOM_CROPS, runs=2)
+    records = {r["method"]: r for r in result_records(evaluation, {"dataset": "analytic"}, baseline="clip")}
+    assert "paired" not in records["clip"]
+    for method in ("descriptors", "lgca"):
+        record = records[method]
+        assert record["acc1_interval"]["low"] <= record["acc1"] <= record["acc1_interval"]["high"]
+        paired = record["paired"]
+        assert paired["baseline"] == "clip"
+        assert paired["difference"] == pytest.approx(record["acc1"] - records["clip"]["acc1"])
+        assert paired["low"] <= paired["difference"] <= paired["high"]
+    assert records["lgca"]["encoder_passes"] == 1 + 6 + 2 * 2 and records["clip"]["encoder_passes"] == 1
+    # per-image shares over the runs are what the intervals resample
+    lgca = evaluation.results[0].methods["lgca"]
+    assert np.mean(lgca.correct) == pytest.approx(np.mean(lgca.acc1)) and set(lgca.correct) <= {0.0, 0.5, 1.0}
+
+
+def test_the_cascade_is_evaluated_from_the_same_views(analytic_root):
+    """cascade@0 keeps every first-pass result (descriptors), cascade@1.01 escalates all (lgca); between, the
+    share escalated is the share of first-pass margins below the threshold, and the passes follow from it."""
+    margins = []
+
+    def observe(seen: Observation) -> None:
+        if seen.method == "descriptors" and seen.run == 0:
+            margins.extend(score.margin for score in seen.scores)
+
+    encoder = ColourEncoder()
+    evaluation = _evaluate_analytic(
+        analytic_root, methods=("descriptors", "lgca"), scoring=RANDOM_CROPS, encoder=encoder, cascade=(0.0, 0.05, 1.01), observe=observe
+    )
+    results = evaluation.results[0].methods
+    assert encoder.rows == 8 * (1 + 6 + 4)  # the cascade costs no encoder pass of its own
+    assert results["cascade@0"].correct.tolist() == results["descriptors"].correct.tolist()
+    assert results["cascade@1.01"].correct.tolist() == results["lgca"].correct.tolist()
+    middle = results["cascade@0.05"]
+    assert middle.cascade is not None and middle.cascade.escalated == pytest.approx(np.mean(np.array(margins) < 0.05))
+    assert middle.encoder_passes == pytest.approx(1 + middle.cascade.escalated * (6 + 4))
+    records = {r["method"]: r for r in result_records(evaluation, {"dataset": "analytic"})}
+    assert records["cascade@1.01"]["cascade"]["against_lgca"] == {"difference": 0.0, "low": 0.0, "high": 0.0}
 
 
 @pytest.mark.parametrize("runs", [1, 3])
@@ -640,6 +688,10 @@ def test_cli_sweep_prints_a_row_per_setting_and_reports_skipped_ones(tmp_path, c
         (["--methods", "clip,lgcaa"], "lgcaa"),
         (["--method", "clip", "--methods", "wca"], "not both"),
         (["--runs", "0"], "--runs"),
+        (["--methods", "clip,wca", "--cascade", "0.2"], "add lgca to --methods"),
+        (["--cascade", "-0.1"], "must be >= 0"),
+        (["--methods", "clip,lgca", "--baseline", "wca"], "--baseline wca is not among the evaluated methods"),
+        (["--sweep", "region_pool=all,some"], "choose from lineages, all"),
     ],
 )
 def test_cli_rejects_bad_options_before_running(tmp_path, capsys, extra, named):
@@ -648,6 +700,13 @@ def test_cli_rejects_bad_options_before_running(tmp_path, capsys, extra, named):
     code = main(["eval", "--data", str(tmp_path / "data"), "--labels", str(tmp_path / "labels.txt"), "--model", "no-such-model", *extra])
     assert code == 2
     assert named in capsys.readouterr().err
+
+
+def test_cli_names_a_malformed_cascade_list(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--data", "d", "--labels", "l.txt", "--cascade", "0.2,x"])
+    assert exit_.value.code == 2
+    assert "'0.2,x' is not a comma-separated list of numbers" in capsys.readouterr().err
 
 
 def test_cli_names_data_classes_missing_from_the_vocabulary_before_loading_a_model(tmp_path, capsys):

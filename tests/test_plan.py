@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -298,6 +297,39 @@ def test_a_shard_commits_once_its_pieces_cover_it_and_a_retried_batch_counts_onc
         assert fs.glob(f"{root}/**/*.parquet") == [f"{root}/{part_name('a')}"]
 
 
+@pytest.mark.parametrize("place", ["local", "s3"])
+def test_a_commit_merges_only_its_runs_pieces_and_publishes_only_under_its_lease(place, tmp_path, request):
+    """A stalled earlier owner's tasks still staging pieces cannot mix rows into this run's shards, and a commit
+    of a job whose lease was taken over publishes nothing."""
+    if place == "s3":
+        s3_server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+        fs, root = fsspec.filesystem("s3", **s3_server.storage_options), bucket.removeprefix("s3://") + "/out"
+    else:
+        fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    schema = output_schema(None)
+    with Lease(fs, root, "out/") as lease:
+        stage_pieces(fs, root, _scored("a", range(0, 3)), run_id="old-run")  # the old owner's pieces
+        stage_pieces(fs, root, _scored("a", range(0, 2)), run_id="this-run")
+        assert commit_shard(fs, root, "a", 3, schema, "this-run", lease.owner) is None  # row 2 is missing from this run
+        stage_pieces(fs, root, _scored("a", range(2, 3)), run_id="this-run")
+        with pytest.raises(LeaseError, match="no longer names this job"):
+            commit_shard(fs, root, "a", 3, schema, "this-run", "another-owner")
+        assert not fs.exists(f"{root}/{part_name('a')}")
+        assert commit_shard(fs, root, "a", 3, schema, "this-run", lease.owner) == {OK: 3}
+
+
+def test_overwrite_removes_the_markers_before_the_results(tmp_path):
+    """A kill during --overwrite leaves an incomplete-looking output, never `_SUCCESS` over missing part files."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("_SUCCESS", "_manifest.json", part_name("x-00000"), part_name("x-00001")):
+        (out / name).write_bytes(b"{}")
+    code = f"from pipeline.stages.sink import Output; Output.open({str(out)!r}, {{}}, 'overwrite').clear()"
+    killed = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LGCA_FAULT_POINT": "clearing"}, timeout=60)
+    assert killed.returncode == -9
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [part_name("x-00000"), part_name("x-00001")]
+
+
 def test_output_modes(tmp_path):
     out = tmp_path / "out"
     Output.open(str(out), {}, "new")
@@ -332,26 +364,6 @@ def test_one_writer_per_output(place, tmp_path, request):
     assert not fs.exists(f"{root}/{LEASE}")
     with Lease(fs, root, "out/") as second:  # released: the next job takes it
         assert LeaseRecord.parse(fs.cat_file(f"{root}/{LEASE}").decode()).owner == second.owner
-
-
-def test_a_dead_jobs_lease_is_taken_over_and_a_taken_lease_is_noticed(tmp_path):
-    fs, root = fsspec.filesystem("file"), str(tmp_path)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    stale = LeaseRecord("someone", socket.gethostname(), int(dead), time.time(), time.time(), 120.0)
-    (tmp_path / LEASE).write_bytes(stale.encode())  # a job on this host that was killed a moment ago
-    mine = Lease(fs, root, "out/", heartbeat_s=0.1)
-    mine.acquire()
-    other = LeaseRecord("other", "another-host", 1, time.time(), time.time(), 120.0)
-    (tmp_path / LEASE).write_bytes(other.encode())  # stalled past expiry, and another job took over
-    time.sleep(0.5)
-    with pytest.raises(LeaseError, match="lost its lease"):
-        mine.check()
-    mine.release()
-    assert LeaseRecord.parse((tmp_path / LEASE).read_text()).owner == "other"  # the new holder's lease stays
-    old = LeaseRecord("gone", "another-host", 1, time.time() - 500, time.time() - 500, 120.0)
-    (tmp_path / LEASE).write_bytes(old.encode())  # no heartbeat for longer than its ttl
-    with Lease(fs, root, "out/"):
-        pass
 
 
 def test_a_shard_feed_hands_out_shards_as_they_are_listed_and_raises_the_listings_error():
@@ -438,3 +450,14 @@ def test_a_stopped_shard_feed_ends_its_listing_before_the_plan():
     assert not feed.listing and written == []
     with pytest.raises(ListingStopped):
         feed.plan()
+
+
+def test_the_plan_line_gives_the_cascade_its_range_of_encoder_passes():
+    from pipeline.stages.plan import PlanSummary
+
+    plain = PlanSummary(output="out/", images=1000, shards=2, skipped_count=0, passes_per_image=67, listing_seconds=1.0)
+    assert "about 67,000 encoder passes (67 per image)" in plain.line()
+    cascade = PlanSummary(
+        output="out/", images=1000, shards=2, skipped_count=0, passes_per_image=67, listing_seconds=1.0, cascade_margin=0.3
+    )
+    assert "between 1,000 and 67,000 encoder passes (cascade at margin 0.3" in cascade.line()

@@ -141,6 +141,62 @@ def test_scoring_actor_killed_mid_job_every_input_exactly_once(tmp_path, ray_loc
 
 
 @pytest.mark.slow
+def test_a_stalled_driver_taken_over_writes_nothing_and_the_new_owner_finishes(tmp_path):
+    """Job A stalls (SIGSTOP) with every shard committed, just before writing its final state, for longer than
+    the lease's expiry; job B takes the output over with --overwrite and another vocabulary and finishes. A is
+    then continued: it must exit 1 and write nothing (no `_SUCCESS`, no manifest, no staging removed), and B's
+    output stays complete and correct."""
+    images = tmp_path / "images"
+    names = _photos(images, 12)
+    labels_a = _labels(tmp_path)
+    labels_b = tmp_path / "labels-b.txt"
+    labels_b.write_text("zebra\nkoala\nwalrus\n")
+    output = tmp_path / "out"
+
+    def command(labels: Path) -> list[str]:
+        return [LGCA, "run", str(images), "--labels", str(labels), "--output", str(output), "--model", TINY_MODEL,
+                "--pretrained", "random", "--method", "clip", "--batch-size", "4", "--rows-per-file", "4"]  # fmt: skip
+
+    ttl = 8.0
+    with RayHead() as head:
+        env = {**head.env(), "LGCA_LEASE_TTL_S": str(ttl)}
+        stalled = subprocess.Popen(
+            [*command(labels_a), "--address", head.address],
+            env={**env, FAULT_ENV: "finishing", "LGCA_FAULT_SIGNAL": "SIGSTOP"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            process = psutil.Process(stalled.pid)
+            assert _wait_until(lambda: process.status() == psutil.STATUS_STOPPED, 180), "job A never reached its final step"
+            assert len(list(output.glob("part-*.parquet"))) == 3 and not (output / "_SUCCESS").exists()
+            time.sleep(ttl + 1)  # past the expiry of A's lease, measured on the store's clock
+            taken = subprocess.run(
+                [*command(labels_b), "--address", head.address, "--overwrite"], env=env, capture_output=True, text=True, timeout=300
+            )
+            assert taken.returncode == 0, taken.stderr[-3000:]
+            finished = {path.name: path.read_bytes() for path in output.iterdir() if path.is_file() and path.name != "_lease.lock"}
+            assert "_SUCCESS" in finished
+            os.kill(stalled.pid, signal.SIGCONT)
+            _, stderr = stalled.communicate(timeout=180)
+        finally:
+            if stalled.poll() is None:
+                os.kill(stalled.pid, signal.SIGCONT)
+                stalled.kill()
+    assert stalled.returncode == 1, stderr[-3000:]
+    assert "lease" in stderr
+    after = {path.name: path.read_bytes() for path in output.iterdir() if path.is_file() and path.name != "_lease.lock"}
+    assert after == finished  # A wrote nothing: B's files, byte for byte
+    table = _assert_exactly_once(str(output), names)
+    assert set(table.column("label").to_pylist()) <= {"zebra", "koala", "walrus"}
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert manifest["vocabulary"]["classes"] == ["zebra", "koala", "walrus"] and manifest["counts"]["rows"] == 12
+    assert [a["status"] for a in manifest["attempts"]] == ["succeeded"]
+    _report("stalled driver", ttl_s=ttl, a_exit=stalled.returncode)
+
+
+@pytest.mark.slow
 def test_driver_killed_at_every_fault_point_then_resume_gives_every_input_once(tmp_path):
     """One output, the driver SIGKILLed at each point in turn, resumed after each: nothing lost, nothing twice."""
     images = tmp_path / "images"
@@ -169,7 +225,7 @@ def test_driver_killed_at_every_fault_point_then_resume_gives_every_input_once(t
         "4",
     ]
     # the driver's points; the workers' (committing, decoding) have tests of their own
-    assert FAULT_POINTS == ("listed", "staged", "scoring", "before_success", "committing", "decoding")
+    assert FAULT_POINTS == ("listed", "staged", "scoring", "finishing", "before_success", "committing", "decoding", "clearing")
     # staged before scoring: the pieces the second run staged must be dropped by the third
     order = ("listed", "staged", "scoring", "before_success")
     with RayHead() as head:

@@ -17,6 +17,7 @@ from .analytic import COLOURS, PALETTE, VIEW, ColourEncoder, encode_colour_text,
 from .tiny import CLASSES, random_images, scorer_for, tiny_model
 
 SMALL = dict(crops=8, steps=2, regions=2)
+ALL = dict(region_pool="all")  # revision 2's region term: every crop and grown box with WCA's weights
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +40,31 @@ def _probabilities(model, config, images, **kwargs):
 
 
 @pytest.mark.parametrize("global_weight", [0.0, LGCA_GLOBAL_WEIGHT, 0.7])
-def test_lgca_without_regions_equals_wca(model, images, global_weight):
-    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=0, steps=3, global_weight=global_weight), images)
+def test_lgca_all_regions_without_regions_equals_wca(model, images, global_weight):
+    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=0, steps=3, global_weight=global_weight, **ALL), images)
     wca = _probabilities(model, ScoringConfig(method="wca", crops=8, global_weight=global_weight), images)
     np.testing.assert_array_equal(lgca, wca)
 
 
 @pytest.mark.parametrize("global_weight", [0.0, LGCA_GLOBAL_WEIGHT, 0.7])
-def test_lgca_without_steps_equals_wca(model, images, global_weight):
-    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=2, steps=0, global_weight=global_weight), images)
+def test_lgca_all_regions_without_steps_equals_wca(model, images, global_weight):
+    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=2, steps=0, global_weight=global_weight, **ALL), images)
     wca = _probabilities(model, ScoringConfig(method="wca", crops=8, global_weight=global_weight), images)
     np.testing.assert_array_equal(lgca, wca)
+
+
+@pytest.mark.parametrize("shape", [dict(regions=0, steps=3), dict(regions=2, steps=0), dict(crops=0, regions=0)])
+def test_lgca_lineages_without_lineages_equal_descriptors(model, images, shape):
+    """K = 0, T = 0 or no crops: nothing is selected, so S = <k0, T_c> whatever lambda (METHOD.md step 5)."""
+    lgca = _probabilities(model, ScoringConfig(method="lgca", **{"crops": 8, **shape}), images)
+    descriptors = _probabilities(model, ScoringConfig(method="descriptors"), images)
+    np.testing.assert_allclose(lgca, descriptors, rtol=0, atol=1e-6)
 
 
 def test_lgca_and_wca_default_to_other_global_weights(model, images):
     """lgca's lambda defaults to LGCA_GLOBAL_WEIGHT, wca's to 0 (crops only, as WCA's code): with no regions
     grown they differ by lambda alone."""
-    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=0), images)
+    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=0, **ALL), images)
     wca = _probabilities(model, ScoringConfig(method="wca", crops=8), images)
     same_lambda = _probabilities(model, ScoringConfig(method="wca", crops=8, global_weight=LGCA_GLOBAL_WEIGHT), images)
     np.testing.assert_array_equal(lgca, same_lambda)
@@ -80,7 +89,7 @@ def test_global_weight_one_gives_descriptors(model, images, method):
 def test_expand_weight_zero_equals_wca_with_the_same_crops(model, images):
     """m = 0 gives the grown boxes zero weight: lgca scores as wca over the same crops, at the same lambda."""
     keys = [f"z{i}" for i in range(len(images))]
-    lgca = scorer_for(model, ScoringConfig(method="lgca", expand_weight=0.0, global_weight=0.3, **SMALL)).score(images, keys)
+    lgca = scorer_for(model, ScoringConfig(method="lgca", expand_weight=0.0, global_weight=0.3, **SMALL, **ALL)).score(images, keys)
     wca = scorer_for(model, ScoringConfig(method="wca", global_weight=0.3, **SMALL)).score(images, keys)
     for a, b in zip(lgca, wca):
         np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=0, atol=1e-6)
@@ -137,7 +146,7 @@ def test_view_shares_of_global_only_scores(model, images):
 def test_expand_weight_moves_weight_between_crops_and_grown_boxes(model, images):
     keys = [f"m{i}" for i in range(len(images))]
     shares = {
-        m: [r.view_shares for r in scorer_for(model, ScoringConfig(method="lgca", expand_weight=m, **SMALL)).score(images, keys)]
+        m: [r.view_shares for r in scorer_for(model, ScoringConfig(method="lgca", expand_weight=m, **SMALL, **ALL)).score(images, keys)]
         for m in (0.5, 1.0, 20.0)
     }
     for low, plain, high in zip(shares[0.5], shares[1.0], shares[20.0]):
@@ -466,7 +475,8 @@ def _two_objects(seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("rule", SALIENCY_RULES)
 def test_every_saliency_rule_runs(rule):
-    config = ScoringConfig(method="lgca", crops=60, crop_scale=(0.2, 0.3), regions=2, steps=2, saliency=rule)
+    # every crop in the region term: the red square, the larger object, leads whichever regions are salient
+    config = ScoringConfig(method="lgca", crops=60, crop_scale=(0.2, 0.3), regions=2, steps=2, saliency=rule, **ALL)
     encoder = ColourEncoder()
     result = _colour_scorer(config, encoder).score([_two_objects()], ["two"])[0]
     assert encoder.rows == 1 + 60 + 4

@@ -246,3 +246,5 @@ def test_keys_repeated_across_inputs_found_after_labelling_started_fail_the_job(
     assert "while the listing goes on" in result.stderr
     assert "9 key(s) appear more than once across the inputs" in result.stderr
     assert not (output / "_SUCCESS").exists()
+    attempt = json.loads((output / "_manifest.json").read_text())["attempts"][-1]
+    assert attempt["status"] == "failed" and "9 key(s) appear more than once" in attempt["error"]  # on record, not `running`

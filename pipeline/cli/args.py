@@ -9,12 +9,18 @@ from typing import Any
 from pipeline.config import (
     CROP_LAYOUTS,
     DESCRIPTOR_WEIGHTS,
+    GLOBAL_WEIGHT_RULES,
     INTERPOLATIONS,
+    LEVEL0_BOXES,
+    LEVEL_AGGREGATIONS,
     LGCA_GLOBAL_WEIGHT,
+    LINEAGE_WEIGHTS,
     METHODS,
     PRECISIONS,
+    REGION_POOLS,
     RESIZE_MODES,
     SALIENCY_RULES,
+    SELECTIONS,
     DecodeConfig,
     ExecutionConfig,
     JobConfig,
@@ -154,6 +160,59 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LAMBDA",
         help=f"share of the score given to the global view, in [0, 1] (default: {LGCA_GLOBAL_WEIGHT} for lgca, 0 for wca as WCA's code)",
     )
+    group.add_argument(
+        "--region-pool",
+        default=d.region_pool,
+        choices=REGION_POOLS,
+        help="lgca's region term: lineages, the selected crops and the boxes grown from them, one region per expansion "
+        "level, averaged over the levels (crops that were not selected carry no weight); all, every crop and grown box "
+        "with WCA's weights, as revision 2 of the method (default: %(default)s)",
+    )
+    group.add_argument(
+        "--selection",
+        default=d.selection,
+        choices=SELECTIONS,
+        help="pool: each step grows the K most salient regions of the pool; lineages: K crops chosen once, each grown at "
+        "every step (default: %(default)s)",
+    )
+    group.add_argument(
+        "--level-aggregation",
+        default=d.level_aggregation,
+        choices=LEVEL_AGGREGATIONS,
+        help="how a level's boxes combine: embedding, the cosine of their mean embedding; similarity, the mean of their "
+        "cosines (default: %(default)s)",
+    )
+    group.add_argument(
+        "--lineage-weights",
+        default=d.lineage_weights,
+        choices=LINEAGE_WEIGHTS,
+        help="weights of a level's boxes: uniform, or saliency, softmax(--saliency-scale x saliency) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--saliency-scale", type=float, default=d.saliency_scale, help="temperature of saliency lineage weights (default: %(default)s)"
+    )
+    group.add_argument(
+        "--level0",
+        default=d.level0,
+        choices=LEVEL0_BOXES,
+        help="level 0 of the lineage term: the selected crops, or all local crops with WCA's weights (default: %(default)s)",
+    )
+    group.add_argument(
+        "--global-weight-rule",
+        default=d.global_weight_rule,
+        choices=GLOBAL_WEIGHT_RULES,
+        help="fixed: lambda for every image; confidence: lambda + (1 - lambda) x the global view's own top-1 minus top-2 "
+        "probability, per image (default: %(default)s)",
+    )
+    group.add_argument(
+        "--cascade-margin",
+        type=float,
+        default=d.cascade_margin,
+        metavar="THRESHOLD",
+        help="confidence cascade (lgca): an image whose global view alone gives a top-1 minus top-2 probability of at "
+        "least THRESHOLD keeps that result (method 'descriptors' in its row, no salient boxes); only the others get "
+        "crops and expansion. Off by default; docs/EVALUATION.md has the accuracy-cost table",
+    )
     group.add_argument("--seed", type=int, default=d.seed, help="crop sampling seed, combined with each image key (default: %(default)s)")
     group.add_argument("--topk", type=int, default=d.topk, help="labels kept per image (default: %(default)s)")
     group.add_argument("--micro-batch", type=int, default=d.micro_batch, help="views per encoder call (default: %(default)s)")
@@ -253,6 +312,14 @@ def _scoring_values(args: argparse.Namespace) -> dict:
         "topk": args.topk,
         "micro_batch": args.micro_batch,
         "descriptor_weights": args.descriptor_weights,
+        "region_pool": args.region_pool,
+        "selection": args.selection,
+        "level_aggregation": args.level_aggregation,
+        "lineage_weights": args.lineage_weights,
+        "saliency_scale": args.saliency_scale,
+        "level0": args.level0,
+        "global_weight_rule": args.global_weight_rule,
+        "cascade_margin": args.cascade_margin,
     }
 
 

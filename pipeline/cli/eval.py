@@ -97,6 +97,21 @@ def add_eval_command(subparsers: Any) -> None:
     group.add_argument(
         "--confusions", type=int, default=10, help="most confused (true, predicted) pairs shown per method (default: %(default)s)"
     )
+    group.add_argument(
+        "--baseline",
+        default=None,
+        metavar="METHOD",
+        help="paired differences of acc1 (with 95%% intervals) are taken against this method (default: clip when it "
+        "is evaluated, else the first method)",
+    )
+    group.add_argument(
+        "--cascade",
+        type=_thresholds,
+        default=(),
+        metavar="T1,T2,...",
+        help="also evaluate the confidence cascade at these margin thresholds (needs lgca): the same views, an image "
+        "kept at its global-view result where that margin is at least T; prints accuracy against encoder passes",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_storage_arguments(group)
     add_vocabulary_arguments(parser)
@@ -108,6 +123,13 @@ def add_eval_command(subparsers: Any) -> None:
 
 def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _thresholds(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(item) for item in _comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.1,0.2,0.3") from None
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -134,13 +156,14 @@ def _eval(args: argparse.Namespace) -> int:
         workers=args.workers,
         confusions=args.confusions,
         progress=not args.no_progress,
+        cascade=plan.cascade,
     )
     identity = {
         "dataset": args.dataset or _dataset_name(args.data),
         "model": loaded.identity["model"],
         "pretrained": loaded.identity["pretrained"],
     }
-    records = result_records(evaluation, identity)
+    records = result_records(evaluation, identity, plan.baseline)
     random_weights = loaded.identity["pretrained"].startswith("random")
     print(format_report(evaluation, records, identity, plan.listed, random_weights, sweep=bool(args.sweep)), flush=True)
     if args.output:
@@ -178,6 +201,8 @@ class _Plan:
     vocabulary: Vocabulary
     model: ModelConfig
     storage_options: dict[str, Any]
+    baseline: str  # paired differences are taken against this method
+    cascade: tuple[float, ...]  # cascade thresholds to evaluate
 
 
 def _plan(args: argparse.Namespace) -> _Plan:
@@ -199,7 +224,17 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if args.output:
         _prepare_output(args.output)
     model = model_config(args)
-    base = scoring_config(argparse.Namespace(**{**vars(args), "method": embedding_method(methods)}), keep_method=True)
+    # --cascade-margin names one threshold of --cascade: the views of every method serve the cascade too
+    cascade = tuple(dict.fromkeys((*args.cascade, *((args.cascade_margin,) if args.cascade_margin is not None else ()))))
+    if cascade and "lgca" not in methods:
+        raise EvaluationError("--cascade escalates to lgca; add lgca to --methods")
+    if any(not threshold >= 0 for threshold in cascade):
+        raise EvaluationError(f"--cascade thresholds must be >= 0, got {', '.join(f'{t:g}' for t in cascade)}")
+    if args.baseline is not None and args.baseline not in methods:
+        raise EvaluationError(f"--baseline {args.baseline} is not among the evaluated methods {', '.join(methods)}; add it to --methods")
+    baseline = args.baseline or ("clip" if "clip" in methods else methods[0])
+    scoring_args = {**vars(args), "method": embedding_method(methods), "cascade_margin": None}
+    base = scoring_config(argparse.Namespace(**scoring_args), keep_method=True)
     skipped: list[tuple[dict[str, Any], str]] = []
     if args.sweep:
         settings, skipped = sweep_settings(base, parse_sweep(args.sweep, methods))
@@ -228,6 +263,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
         vocabulary=vocabulary,
         model=model,
         storage_options=options,
+        baseline=baseline,
+        cascade=cascade,
     )
 
 

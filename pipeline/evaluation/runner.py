@@ -80,10 +80,22 @@ class MethodResult:
     mean_per_class_recall: tuple[float, ...]
     confusions: tuple[tuple[str, str, int], ...]  # most confused (true, predicted, count), first run
     group_acc1: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # acc1 per run in each group
+    # (n,) per scored image, the share of runs that predicted its class: what paired intervals resample
+    correct: np.ndarray = field(default_factory=lambda: np.zeros(0), compare=False)
+    encoder_passes: float = 1.0  # image-encoder passes per image and run
+    cascade: CascadeCost | None = None  # set for a cascade's result
 
     @property
     def runs(self) -> int:
         return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class CascadeCost:
+    """What the confidence cascade at one threshold spent (docs/METHOD.md step 7)."""
+
+    threshold: float
+    escalated: float  # share of images scored with lgca
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,7 @@ class Evaluation:
     failures: tuple[Failure, ...]
     results: tuple[SettingResult, ...]
     encoder_rows: int  # views encoded in all
+    groups: tuple[str, ...] | None = None  # group of each scored image, in order, when the data has groups
 
 
 @dataclass
@@ -116,10 +129,12 @@ class _Batch:
 
 @dataclass
 class _Tally:
-    """Predictions and top-k hits of one method in one setting, per run, batch by batch."""
+    """Predictions and top-k hits of one method in one setting, per run, batch by batch; for the cascade's
+    first pass also the top-1 minus top-2 margins."""
 
     predictions: list[list[np.ndarray]] = field(default_factory=list)
     hits: list[list[np.ndarray]] = field(default_factory=list)
+    margins: list[np.ndarray] = field(default_factory=list)
 
     def add(self, run: int, probabilities: np.ndarray, targets: np.ndarray, k: int) -> None:
         while len(self.predictions) <= run:
@@ -127,6 +142,9 @@ class _Tally:
             self.hits.append([])
         self.predictions[run].append(np.argsort(-probabilities, axis=1, kind="stable")[:, 0])
         self.hits[run].append(topk_hits(probabilities, targets, k))
+
+
+FIRST_PASS = "_first"  # the tally of the cascade's first pass: descriptors on lgca's class vectors
 
 
 def embedding_method(methods: Sequence[str]) -> str:
@@ -171,6 +189,7 @@ def evaluate(
     confusions: int = 10,
     progress: bool = False,
     observe: Observer | None = None,
+    cascade: Sequence[float] = (),
 ) -> Evaluation:
     """Score every image with every method in every setting, and measure accuracy.
 
@@ -196,6 +215,9 @@ def evaluate(
         confusions: (true, predicted) pairs kept per method.
         progress: show a progress bar on stderr.
         observe: called with every method's scores of every batch (boxes, view shares, the views).
+        cascade: thresholds of the confidence cascade to evaluate (needs lgca among `methods`); each adds a
+            result `cascade@T`, computed from the same views: an image keeps the first pass (descriptors on
+            lgca's class vectors) where its margin is at least T, and takes lgca's prediction otherwise.
 
     Returns:
         The metrics, failures and encoder cost.
@@ -204,6 +226,10 @@ def evaluate(
         EvaluationError: bad arguments, a label outside `classes`, or no image could be read and decoded.
     """
     methods = check_methods(methods)
+    if cascade and "lgca" not in methods:
+        raise EvaluationError("the cascade escalates to lgca; add lgca to the methods")
+    if any(not threshold >= 0 for threshold in cascade):
+        raise EvaluationError(f"cascade thresholds must be >= 0, got {', '.join(map(str, cascade))}")
     if runs < 1 or batch_size < 1 or workers < 1:
         raise EvaluationError(f"runs, batch size and workers must be >= 1, got {runs}, {batch_size}, {workers}")
     if not settings:
@@ -251,7 +277,7 @@ def evaluate(
         ]
         for config, setting_seeds in zip(configs, seeds)
     ]
-    tallies = [{m: _Tally() for m in methods} for _ in settings]
+    tallies = [{m: _Tally() for m in (*methods, *((FIRST_PASS,) if cascade else ()))} for _ in settings]
     failures: list[Failure] = []
     bar = _progress(len(images), progress)
     try:
@@ -270,25 +296,44 @@ def evaluate(
     kept = [key not in failed_keys for key in images.keys]
     scored_targets = targets[kept]  # predictions exist for these, in order
     scored_groups = np.asarray(images.groups, dtype=object)[kept] if images.groups else None
-    results = tuple(
-        SettingResult(
-            setting,
-            {
-                method: _method_result(
-                    method,
-                    setting_seeds if method in CROP_METHODS else setting_seeds[:1],
-                    tally[method],
-                    scored_targets,
-                    scored_groups,
-                    classes,
-                    confusions,
-                )
-                for method in methods
-            },
-        )
-        for setting, setting_seeds, tally in zip(settings, seeds, tallies)
-    )
-    return Evaluation(classes, k, scored, tuple(failures), results, counter.rows)
+    results = []
+    for setting, setting_seeds, tally, config in zip(settings, seeds, tallies, configs):
+        by_method = {}
+        for method in methods:
+            result = _method_result(
+                method,
+                setting_seeds if method in CROP_METHODS else setting_seeds[:1],
+                tally[method],
+                scored_targets,
+                scored_groups,
+                classes,
+                confusions,
+            )
+            by_method[method] = dataclasses.replace(result, encoder_passes=float(dataclasses.replace(config, method=method).encoder_passes))
+        for threshold in cascade:
+            cascaded = _cascade_tally(tally[FIRST_PASS], tally["lgca"], threshold)
+            result = _method_result("lgca", setting_seeds, cascaded, scored_targets, scored_groups, classes, confusions)
+            escalated = float(np.mean(np.concatenate(tally[FIRST_PASS].margins) < threshold))
+            lgca_passes = dataclasses.replace(config, method="lgca").encoder_passes
+            name = f"cascade@{threshold:g}"
+            by_method[name] = dataclasses.replace(
+                result, method=name, encoder_passes=1.0 + escalated * (lgca_passes - 1), cascade=CascadeCost(threshold, escalated)
+            )
+        results.append(SettingResult(setting, by_method))
+    groups = tuple(str(g) for g in scored_groups) if scored_groups is not None else None
+    return Evaluation(classes, k, scored, tuple(failures), tuple(results), counter.rows, groups)
+
+
+def _cascade_tally(first: _Tally, lgca: _Tally, threshold: float) -> _Tally:
+    """The cascade at `threshold` from its two passes: the first pass where its margin reaches the threshold,
+    lgca elsewhere, run by run (the first pass does not depend on the seed)."""
+    keep = np.concatenate(first.margins) >= threshold  # NaN margins escalate, as in the Scorer
+    first_predictions, first_hits = np.concatenate(first.predictions[0]), np.concatenate(first.hits[0])
+    out = _Tally()
+    for run_predictions, run_hits in zip(lgca.predictions, lgca.hits):
+        out.predictions.append([np.where(keep, first_predictions, np.concatenate(run_predictions))])
+        out.hits.append([np.where(keep, first_hits, np.concatenate(run_hits))])
+    return out
 
 
 def _seeds(config: ScoringConfig, runs: int) -> tuple[int, ...]:
@@ -318,6 +363,11 @@ def _score_batch(
             for method, method_tally in tally.items():
                 if run > 0 and method not in CROP_METHODS:
                     continue  # deterministic: the first run is the only one
+                if method == FIRST_PASS:  # the cascade's first pass: the global view on lgca's class vectors
+                    scores = scorer.combine(views, vectors("lgca", config), "descriptors")
+                    method_tally.add(run, np.stack([score.probabilities for score in scores]), batch.targets, k)
+                    method_tally.margins.append(np.array([score.margin for score in scores], dtype=np.float64))
+                    continue
                 scores = scorer.combine(views, vectors(method, config), method)
                 probabilities = np.stack([score.probabilities for score in scores])  # (B, C)
                 method_tally.add(run, probabilities, batch.targets, k)
@@ -328,11 +378,25 @@ def _score_batch(
 def embedding_key(config: ScoringConfig) -> ScoringConfig:
     """The parts of `config` that decide which views are encoded: two settings with one key share views.
 
-    The combining weights (global_weight, expand_weight, image_scale) and the output size do not change
-    the views, except that `agreement` saliency selects regions by the crops-and-global score, which
-    global_weight and image_scale decide (expand_weight still does not: it weighs grown boxes only).
+    The combining weights (global_weight, expand_weight, image_scale), how lgca's region term pools its
+    regions (region_pool, level_aggregation, lineage_weights, saliency_scale, level0, global_weight_rule), the
+    cascade and the output size do not change the views, except that `agreement` saliency selects regions by
+    the crops-and-global score, which global_weight and image_scale decide (expand_weight still does not: it
+    weighs grown boxes only).
     """
-    neutral: dict[str, Any] = {"topk": 1, "micro_batch": 1, "expand_weight": 1.0}
+    base = ScoringConfig()
+    neutral: dict[str, Any] = {
+        "topk": 1,
+        "micro_batch": 1,
+        "expand_weight": 1.0,
+        "region_pool": base.region_pool,
+        "level_aggregation": base.level_aggregation,
+        "lineage_weights": base.lineage_weights,
+        "saliency_scale": base.saliency_scale,
+        "level0": base.level0,
+        "global_weight_rule": base.global_weight_rule,
+        "cascade_margin": None,
+    }
     if config.saliency == "agreement":
         neutral["global_weight"] = config.view_global_weight  # None and the default's value are one lambda
     else:
@@ -363,6 +427,7 @@ def _method_result(
             values.append(float(np.mean(predictions[members] == targets[members])))
         run_predictions.append(predictions)
     return MethodResult(
+        correct=np.mean([p == targets for p in run_predictions], axis=0),
         method=method,
         seeds=tuple(seeds),
         acc1=tuple(acc1),
@@ -435,6 +500,7 @@ def _progress(total: int, enabled: bool) -> tqdm:
 
 
 __all__ = [
+    "CascadeCost",
     "ClassVectors",
     "Evaluation",
     "Failure",

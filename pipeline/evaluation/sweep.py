@@ -8,7 +8,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import CROP_LAYOUTS, SALIENCY_RULES, ConfigError, ScoringConfig
+from pipeline.config import (
+    CROP_LAYOUTS,
+    GLOBAL_WEIGHT_RULES,
+    LEVEL0_BOXES,
+    LEVEL_AGGREGATIONS,
+    LINEAGE_WEIGHTS,
+    REGION_POOLS,
+    SALIENCY_RULES,
+    SELECTIONS,
+    ConfigError,
+    ScoringConfig,
+)
 from pipeline.evaluation.errors import EvaluationError
 
 # The scoring parameters each method depends on; they go into its result record, and a sweep may only
@@ -33,9 +44,25 @@ METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
         "growth",
         "growth_target",
         "overlap_iou",
+        "region_pool",
+        "selection",
+        "level_aggregation",
+        "lineage_weights",
+        "saliency_scale",
+        "level0",
+        "global_weight_rule",
     ),
 }
-_CHOICES = {"saliency": SALIENCY_RULES, "crop_layout": CROP_LAYOUTS}
+_CHOICES = {
+    "saliency": SALIENCY_RULES,
+    "crop_layout": CROP_LAYOUTS,
+    "region_pool": REGION_POOLS,
+    "selection": SELECTIONS,
+    "level_aggregation": LEVEL_AGGREGATIONS,
+    "lineage_weights": LINEAGE_WEIGHTS,
+    "level0": LEVEL0_BOXES,
+    "global_weight_rule": GLOBAL_WEIGHT_RULES,
+}
 # A sweep value is checked alone on a configuration where only the field's own rules can fail: no regions
 # to outnumber the crops, and a square number of crops for the grid layout. Combinations are checked later.
 _PROBE = ScoringConfig(method="lgca", crops=10_000, regions=0)

@@ -47,6 +47,8 @@ def format_report(
     else:
         lines.extend(_method_table(records))
         lines.extend(_group_table(records))
+        lines.extend(_paired_group_table(records))
+        lines.extend(_cascade_table(records))
         lines.extend(_confusion_lines(records))
     if evaluation.failures:
         lines.append(f"{len(evaluation.failures)} image(s) could not be read or decoded and are left out of the metrics:")
@@ -62,12 +64,77 @@ def _metric(record: Mapping[str, Any], name: str) -> str:
 
 
 def _method_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    header = f"{'method':<12} {'acc1 %':>15} {'acc5 %':>15} {'mean/class %':>15} {'runs':>5}"
+    baseline = next((r["paired"]["baseline"] for r in records if "paired" in r), None)
+    paired = f"vs {baseline} [95%]" if baseline else ""
+    width = max(12, *(len(r["method"]) for r in records))
+    header = (
+        f"{'method':<{width}} {'acc1 %':>15} {'acc1 95% interval':>18} {paired:>22} {'acc5 %':>15} {'mean/class %':>15} "
+        f"{'passes':>7} {'runs':>5}"
+    )
     rows = [
-        f"{r['method']:<12} {_metric(r, 'acc1'):>15} {_metric(r, 'acc5'):>15} {_metric(r, 'mean_per_class_recall'):>15} {r['runs']:>5}"
+        f"{r['method']:<{width}} {_metric(r, 'acc1'):>15} {_interval(r):>18} {_paired(r):>22} {_metric(r, 'acc5'):>15} "
+        f"{_metric(r, 'mean_per_class_recall'):>15} {r.get('encoder_passes', 0):>7.1f} {r['runs']:>5}"
         for r in records
     ]
-    return [header, *rows]
+    lines = [header, *rows]
+    if baseline:
+        lines.append(
+            f"(95% intervals: bootstrap over images; 'vs {baseline}': acc1 minus {baseline}'s on the same images, "
+            "points; an interval that holds 0 shows no difference)"
+        )
+    return lines
+
+
+def _interval(record: Mapping[str, Any]) -> str:
+    bounds = record.get("acc1_interval")
+    return f"[{100 * bounds['low']:.1f}, {100 * bounds['high']:.1f}]" if bounds else ""
+
+
+def _paired(record: Mapping[str, Any]) -> str:
+    paired = record.get("paired")
+    if not paired:
+        return ""
+    return f"{100 * paired['difference']:+.1f} [{100 * paired['low']:+.1f}, {100 * paired['high']:+.1f}]"
+
+
+def _paired_group_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """acc1 minus the baseline's per group, points, with the paired 95% interval."""
+    shown = [r for r in records if "paired" in r and r.get("groups")]
+    if not shown:
+        return []
+    groups = list(shown[0]["groups"])
+    cells = {(r["method"], name): _paired(r["groups"][name]) for r in shown for name in groups}
+    width = max(8, *(len(name) for name in groups), *(len(text) for text in cells.values()))
+    method_width = max(12, *(len(r["method"]) for r in shown))
+    lines = [
+        f"acc1 minus {shown[0]['paired']['baseline']}'s per group, points [paired 95% interval]:",
+        f"{'method':<{method_width}} " + " ".join(f"{name:>{width}}" for name in groups),
+    ]
+    for r in shown:
+        lines.append(f"{r['method']:<{method_width}} " + " ".join(f"{cells[(r['method'], name)]:>{width}}" for name in groups))
+    return lines
+
+
+def _cascade_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Accuracy against encoder passes: full lgca, then each cascade threshold with its share escalated."""
+    cascades = [r for r in records if "cascade" in r]
+    lgca = next((r for r in records if r["method"] == "lgca"), None)
+    if not cascades or lgca is None:
+        return []
+    lines = [
+        "confidence cascade: accuracy against encoder passes (vs lgca: acc1 minus full lgca's, points [paired 95%]):",
+        f"{'threshold':>9} {'escalated %':>11} {'passes':>7} {'passes/lgca':>11} {'acc1 %':>7} {'vs lgca [95%]':>22}",
+        f"{'lgca':>9} {100.0:>11.1f} {lgca['encoder_passes']:>7.1f} {1.0:>11.2f} {100 * lgca['acc1']:>7.2f} {'':>22}",
+    ]
+    for r in cascades:
+        c = r["cascade"]
+        against = c["against_lgca"]
+        text = f"{100 * against['difference']:+.1f} [{100 * against['low']:+.1f}, {100 * against['high']:+.1f}]"
+        lines.append(
+            f"{c['threshold']:>9g} {100 * c['escalated']:>11.1f} {r['encoder_passes']:>7.1f} "
+            f"{r['encoder_passes'] / lgca['encoder_passes']:>11.2f} {100 * r['acc1']:>7.2f} {text:>22}"
+        )
+    return lines
 
 
 def _group_table(records: Sequence[Mapping[str, Any]]) -> list[str]:

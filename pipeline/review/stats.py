@@ -163,6 +163,13 @@ def run_facts(output: OutputDir) -> list[tuple[str, str]]:
         ("decode", _pairs(m.get("decode") or {})),
         ("execution", _pairs(m.get("execution") or {})),
     ]
+    cascade = m.get("cascade")
+    if cascade:
+        by_method = cascade.get("rows_by_method") or {}
+        share = cascade.get("escalated_share")
+        shown = ", ".join(f"{name} {n}" for name, n in sorted(by_method.items()))
+        escalated = f"{100 * share:.1f}% of ok rows escalated to lgca" if share is not None else "share escalated not recorded"
+        facts.append(("cascade", f"margin {cascade.get('margin')}: {escalated}" + (f" (ok rows by method: {shown})" if shown else "")))
     counts = m.get("counts") or {}
     if counts.get("non_image_files_skipped"):
         examples = ", ".join(counts.get("non_image_examples") or [])

@@ -28,10 +28,19 @@ from pipeline.run.progress import Progress
 from pipeline.run.resources import check_resources, cluster_shapes
 from pipeline.schema import OK, STATUSES
 from pipeline.stages.decode import short_side_for
-from pipeline.stages.lease import Lease
+from pipeline.stages.lease import Lease, LeaseError
 from pipeline.stages.listing import check_manifest_columns, known_schema, manifest_version
 from pipeline.stages.plan import Plan, PlanError, PlanSummary, Shard, changed_manifests, check_resumable, fingerprint, read_plan
-from pipeline.stages.sink import Output, OutputError, add_counts, commit_shard, committed_counts, failed_rows, part_name
+from pipeline.stages.sink import (
+    Output,
+    OutputError,
+    add_counts,
+    commit_shard,
+    committed_counts,
+    committed_methods,
+    failed_rows,
+    part_name,
+)
 from pipeline.stages.sources import InputSpec, check_inputs, glob_root, parse_input
 from pipeline.stages.vocab import Vocabulary, load_vocabulary
 
@@ -201,42 +210,61 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
         _begin(job)
         attempt = _attempt(job, started_at)
         job.output.write_manifest(_manifest(job, job.plan, attempt, {}, 0))  # the attempt is on record even if it dies
-        work = _Work(ray, job, storage_options, lease, attempt["run_id"])
         try:
-            plan, progress = work.label_resumed() if job.plan is not None else work.label_while_listing()
-            progress.close()
-            label_ended = time.time()
-            counts = _check_output(ray, job, plan, work.kept, work.outcome.counts, storage_options)
-        except ConfigError as error:
-            if not work.labelling_started:
-                raise  # nothing was labelled: a configuration or input error (exit 2)
-            raise RunFailed(str(error)) from error
-        outcome, already, label_started, plan_seconds = work.outcome, work.already, work.label_started or label_ended, work.plan_seconds
-        outcome.first_at = outcome.first_at or label_ended
-        steady_rows = outcome.rows - outcome.first_rows
-        steady_seconds = label_ended - outcome.first_at
-        summary = RunSummary(
-            output=config.output,
-            inputs=plan.images,
-            already_done=already,
-            rows_written=outcome.rows,
-            counts=counts,
-            seconds=time.time() - started,
-            label_seconds=label_ended - label_started,
-            first_rows_seconds=outcome.first_at - label_started,
-            # a rate after start-up means something only once several more shards than the first have arrived
-            steady_images_per_second=steady_rows / steady_seconds
-            if steady_rows >= 3 * outcome.first_rows > 0 and steady_seconds > 0
-            else 0.0,
-            skipped_files=plan.skipped_count,
-            shards=len(plan.shards),
-            shards_written=outcome.shards,
-            plan_seconds=plan_seconds,
-        )
-        attempt.update(
-            ended_at=_now(), status="succeeded", rows_written=outcome.rows, shards_written=outcome.shards, seconds=round(summary.seconds, 3)
-        )
-        job.output.finish(_manifest(job, plan, attempt, counts, sum(counts.values())))
+            work = _Work(ray, job, storage_options, lease, attempt["run_id"])
+            try:
+                plan, progress = work.label_resumed() if job.plan is not None else work.label_while_listing()
+                progress.close()
+                label_ended = time.time()
+                lease.confirm()  # the output check and the manifest below describe this job's output: still ours?
+                counts = _check_output(ray, job, plan, work.kept, work.outcome.counts, storage_options)
+                scored_by: dict[str, int] | None = None
+                if config.scoring.cascade_margin is not None:  # which pass labelled the rows: one more read of the footers
+                    scored_by = {}
+                    for part in _over_footers(ray, committed_methods, config.output, storage_options, set(job.output.committed())):
+                        add_counts(scored_by, part)
+            except ConfigError as error:
+                if not work.labelling_started:
+                    raise  # nothing was labelled: a configuration or input error (exit 2)
+                raise RunFailed(str(error)) from error
+            outcome, already, label_started, plan_seconds = work.outcome, work.already, work.label_started or label_ended, work.plan_seconds
+            outcome.first_at = outcome.first_at or label_ended
+            steady_rows = outcome.rows - outcome.first_rows
+            steady_seconds = label_ended - outcome.first_at
+            summary = RunSummary(
+                output=config.output,
+                inputs=plan.images,
+                already_done=already,
+                rows_written=outcome.rows,
+                counts=counts,
+                seconds=time.time() - started,
+                label_seconds=label_ended - label_started,
+                first_rows_seconds=outcome.first_at - label_started,
+                # a rate after start-up means something only once several more shards than the first have arrived
+                steady_images_per_second=steady_rows / steady_seconds
+                if steady_rows >= 3 * outcome.first_rows > 0 and steady_seconds > 0
+                else 0.0,
+                skipped_files=plan.skipped_count,
+                shards=len(plan.shards),
+                shards_written=outcome.shards,
+                plan_seconds=plan_seconds,
+            )
+            attempt.update(
+                ended_at=_now(),
+                status="succeeded",
+                rows_written=outcome.rows,
+                shards_written=outcome.shards,
+                seconds=round(summary.seconds, 3),
+            )
+            fault_point("finishing")
+            try:
+                lease.confirm()  # _SUCCESS, the manifest and removing _staging: never over another job's output
+                job.output.finish(_manifest(job, plan, attempt, counts, sum(counts.values()), scored_by), lease.check)
+            except LeaseError as error:
+                raise RunFailed(str(error)) from error
+        except Exception as error:
+            _record_failure(job, attempt, lease, error)
+            raise
     return summary
 
 
@@ -264,6 +292,7 @@ def plan_only(config: JobConfig, storage_options: Mapping[str, Any] | None = Non
         shards=len(plan.shards),
         skipped_count=plan.skipped_count,
         passes_per_image=config.scoring.encoder_passes,
+        cascade_margin=config.scoring.cascade_margin,
         listing_seconds=seconds,
         reused=job.plan is not None,
         examples=list(plan.skipped),
@@ -418,7 +447,9 @@ class _Work:
         self.labelling_started = True
         self.label_started = self.label_started or time.time()
         checks = [self.lease.check] + ([feed.check] if feed is not None else [])
-        _label(self.ray, self.job, todo, failed, schema, self.storage_options, progress, checks, self.run_id, self.outcome)
+        _label(
+            self.ray, self.job, todo, failed, schema, self.storage_options, progress, checks, self.run_id, self.lease.owner, self.outcome
+        )
 
 
 @dataclass
@@ -440,12 +471,14 @@ def _label(
     progress: Progress,
     checks: list[Callable[[], None]],
     run_id: str,
+    owner: str,
     outcome: _Outcome,
 ) -> None:
     """Label the `todo` shards into `outcome`; each is committed by a worker task once its staged pieces cover it.
 
     A shard in `failed` (committed, with that many failed rows) has only its failed rows labelled again.
-    `checks` run after every staged batch: each raises to stop the job (a lost lease, a failed listing).
+    `checks` run before every staged batch is committed: each raises to stop the job (a lost lease, a failed
+    listing). Pieces are staged under this run's id, and a commit publishes only while the lease names `owner`.
     """
     from pipeline.schema import output_schema
 
@@ -512,29 +545,33 @@ def _label(
 
     for pieces in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         fault_point("staged")
+        for check in checks:  # before any commit: a driver that stalled past its lease commits nothing more
+            check()
         for shard_id, rows in zip(pieces.column("shard").to_pylist(), pieces.column("rows").to_pylist()):
             if shard_id not in expected:
                 continue  # a retried batch of a shard already committed: its rows are in the file
             staged[shard_id] = staged.get(shard_id, 0) + rows
             if staged[shard_id] >= expected[shard_id] and shard_id not in commits.values():
-                commits[commit.remote(job.config.output, storage_options, shard_id, shard_rows[shard_id], schema)] = shard_id
+                commits[commit.remote(job.config.output, storage_options, shard_id, shard_rows[shard_id], schema, run_id, owner)] = shard_id
         if commits:
             collect(timeout=0)
-        for check in checks:
-            check()
     while commits:
         collect(timeout=None)
+    for check in checks:  # the last commits write the output: only while the lease is still this job's
+        check()
     for shard_id in list(expected):  # pieces that arrived after a commit found its shard incomplete
-        commits[commit.remote(job.config.output, storage_options, shard_id, shard_rows[shard_id], schema)] = shard_id
+        commits[commit.remote(job.config.output, storage_options, shard_id, shard_rows[shard_id], schema, run_id, owner)] = shard_id
     while commits:
         collect(timeout=None)
 
 
-def _commit_task(output: str, storage_options: dict[str, Any], shard_id: str, rows: int, schema: Any) -> dict[str, int] | None:
+def _commit_task(
+    output: str, storage_options: dict[str, Any], shard_id: str, rows: int, schema: Any, run_id: str, owner: str
+) -> dict[str, int] | None:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    return commit_shard(fs, root.rstrip("/"), shard_id, rows, schema)
+    return commit_shard(fs, root.rstrip("/"), shard_id, rows, schema, run_id, owner)
 
 
 def _failed_rows(ray: Any, job: PreparedJob, committed: set[str], storage_options: dict[str, Any]) -> dict[str, int]:
@@ -590,7 +627,14 @@ def _attempt(job: PreparedJob, started_at: str) -> dict[str, Any]:
     return {"attempt": number, "run_id": uuid.uuid4().hex, "started_at": started_at, "ended_at": None, "status": "running"}
 
 
-def _manifest(job: PreparedJob, plan: Plan | None, attempt: dict[str, Any], counts: Mapping[str, int], total_rows: int) -> dict[str, Any]:
+def _manifest(
+    job: PreparedJob,
+    plan: Plan | None,
+    attempt: dict[str, Any],
+    counts: Mapping[str, int],
+    total_rows: int,
+    scored_by: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
     config = job.config
     previous = job.output.previous_manifest() or {}
     # We hold the lease: an earlier attempt still marked running died without finishing.
@@ -618,6 +662,7 @@ def _manifest(job: PreparedJob, plan: Plan | None, attempt: dict[str, Any], coun
         },
         "method": config.scoring.method,
         "scoring": config.scoring.to_dict(),
+        **_cascade_record(config.scoring.cascade_margin, scored_by),
         "decode": asdict(job.decode),
         "execution": asdict(config.execution),
         "plan": _plan_record(plan),
@@ -631,6 +676,30 @@ def _manifest(job: PreparedJob, plan: Plan | None, attempt: dict[str, Any], coun
     }
 
 
+def _record_failure(job: PreparedJob, attempt: dict[str, Any], lease: Lease, error: Exception) -> None:
+    """Mark this attempt `failed`, with its message, in `_manifest.json`, while the output is still this job's.
+
+    Never raises: the error that ended the run is what the user must see.
+    """
+    try:
+        lease.check()
+        attempt.update(ended_at=_now(), status="failed", error=f"{type(error).__name__}: {error}"[:2000])
+        job.output.write_manifest(_manifest(job, job.plan, attempt, {}, 0))
+    except Exception as unrecorded:  # a lost lease, or the store failing too
+        log.warning("could not record the failed attempt in _manifest.json: %s", unrecorded)
+
+
+def _cascade_record(margin: float | None, scored_by: Mapping[str, int] | None) -> dict[str, Any]:
+    """The manifest's `cascade` entry: the threshold, ok rows per scoring pass and the share escalated to lgca."""
+    if margin is None:
+        return {}
+    record: dict[str, Any] = {"margin": margin}
+    if scored_by is not None:
+        ok = sum(scored_by.values())
+        record.update(rows_by_method=dict(scored_by), escalated_share=scored_by.get("lgca", 0) / ok if ok else None)
+    return {"cascade": record}
+
+
 def _died_while_listing(manifest: Mapping[str, Any]) -> bool:
     """Whether an output's last attempt (this version's) labelled while listing and died before its plan was complete.
 
@@ -642,7 +711,7 @@ def _died_while_listing(manifest: Mapping[str, Any]) -> bool:
         manifest.get("format") == MANIFEST_FORMAT
         and manifest.get("plan") is None
         and bool(attempts)
-        and attempts[-1].get("status") == "running"
+        and attempts[-1].get("status") in ("running", "failed")  # died, or stopped by an error, before the plan was whole
     )
 
 

@@ -115,7 +115,7 @@ def build_dataset(
         _stage,
         batch_size=None,
         batch_format="pyarrow",
-        fn_kwargs={"output": output, "storage_options": storage_options},
+        fn_kwargs={"output": output, "storage_options": storage_options, "run_id": run_id},
         num_cpus=STAGE_TASK_CPUS,
         compute=ray.data.TaskPoolStrategy(size=max(2, actors)),  # CPU-free tasks: bound how many workers Ray starts
     )
@@ -144,7 +144,7 @@ def _read_and_decode_shards(
         shard_id, retry = table.column("shard")[position].as_py(), table.column("retry")[position].as_py()
         rows = read_shard(fs, root, shard_id, schema)
         if retry:
-            rows = rows.take(keep_succeeded_rows(fs, root, shard_id))
+            rows = rows.take(keep_succeeded_rows(fs, root, shard_id, run_id))
         rows = rows.append_column(SHARD_COLUMN, pa.array([shard_id] * rows.num_rows, pa.string()))
         for start in range(0, rows.num_rows, decode_batch_size):
             yield _read_and_decode(rows.slice(start, decode_batch_size), decode, storage_options, defer_jpegs, run_id)
@@ -163,9 +163,9 @@ def _todo(ref: Any) -> pa.Table:
     return _TODO_CACHE[key]
 
 
-def _stage(batch: pa.Table, output: str, storage_options: dict[str, Any]) -> pa.Table:
+def _stage(batch: pa.Table, output: str, storage_options: dict[str, Any], run_id: str) -> pa.Table:
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    return stage_pieces(fs, root.rstrip("/"), batch)
+    return stage_pieces(fs, root.rstrip("/"), batch, run_id)
 
 
 def jpegs_on_device(decode_device: str, model_device: str) -> bool:
@@ -326,8 +326,8 @@ class ScoringActor:
                 row.update(status=DECODE_ERROR, error_message=failures[index])
             elif isinstance(prediction, str):
                 row.update(status=SCORE_ERROR, error_message=prediction)
-            row.update(prediction if isinstance(prediction, dict) else empty_prediction())
             row.update(method=self.scoring.method, model=self.identity["model"], pretrained=self.identity["pretrained"])
+            row.update(prediction if isinstance(prediction, dict) else empty_prediction())  # its method: who scored it
         schema = output_schema(batch.drop_columns(list(TRANSIENT_COLUMNS)).schema)  # _shard and _row ride along
         return pa.Table.from_pylist(rows, schema=schema)
 
@@ -397,4 +397,5 @@ def _prediction(score: Any) -> dict[str, Any]:
         "topk_scores": score.topk_scores,
         "margin": score.margin,
         "boxes": [asdict(box) for box in score.boxes],
+        "method": score.method,
     }

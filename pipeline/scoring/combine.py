@@ -39,6 +39,7 @@ class ImageScore:
     margin: float  # top-1 probability minus top-2 probability
     boxes: list[SalientBox]
     view_shares: tuple[float, float, float]  # share of S carried by (global view, local crops, grown boxes)
+    method: str = ""  # the scoring that produced this result (under the cascade: descriptors or lgca)
     error: str | None = None  # set when the scores are not finite: the image gets a score_error row, no label
 
 
@@ -74,7 +75,7 @@ def view_score(
     regions: torch.Tensor,
     weights: torch.Tensor,
     vectors: torch.Tensor,
-    global_weight: float,
+    global_weight: float | torch.Tensor,
 ) -> torch.Tensor:
     """S(x, c) = lambda * <k0, T_c> + (1 - lambda) * <r, T_c>, r = normalise(sum_b w_b f(b)).
 
@@ -83,7 +84,7 @@ def view_score(
     Args:
         global_emb: (B, D) k0; regions: (B, P, D); weights: (B, P) from `region_weights`.
         vectors: (C, D) class vectors T_c.
-        global_weight: lambda in [0, 1].
+        global_weight: lambda in [0, 1], one for all images or (B,) per image.
 
     Returns:
         (B, C) scores.
@@ -92,25 +93,118 @@ def view_score(
     if regions.shape[1] == 0:
         return global_sims
     region_emb = F.normalize(torch.einsum("bp,bpd->bd", weights, regions), dim=-1)
+    if isinstance(global_weight, torch.Tensor):
+        global_weight = global_weight[:, None]
     return global_weight * global_sims + (1.0 - global_weight) * (region_emb @ vectors.T)
 
 
-def view_shares(weights: torch.Tensor, grown: torch.Tensor, global_weight: float) -> list[tuple[float, float, float]]:
+def lineage_term(
+    regions: torch.Tensor,
+    levels: torch.Tensor,
+    members: torch.Tensor,
+    weight_logits: torch.Tensor,
+    vectors: torch.Tensor,
+    aggregation: str = "embedding",
+    level0_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The region term of revision 3: per expansion level a region score from the lineages' boxes at that
+    level, averaged over the levels present (docs/METHOD.md, step 5).
+
+    R(x, c) = (1 / (D + 1)) * sum_{t=0..D} R_t(x, c), where with weights u_b = softmax over the level's boxes of
+    `weight_logits` (all zero: uniform) R_t is <normalise(sum_b u_b f(b)), T_c> (`embedding`) or
+    sum_b u_b <f(b), T_c> (`similarity`). A box outside the lineages has no weight at all.
+
+    Args:
+        regions: (B, P, D) f(b) of the pool.
+        levels: (B, P) int, the expansion level of each region.
+        members: (B, P) bool, True for the lineages' boxes (selected crops and the boxes grown from them).
+        weight_logits: (B, P) logits of u_b within a level (zeros for uniform weights).
+        vectors: (C, D) class vectors.
+        aggregation: embedding or similarity.
+        level0_logits: (B, P) if given, level 0 is every local crop (level 0 of the pool, member or not) with
+            these logits (WCA's weights) instead of the selected crops.
+
+    Returns:
+        (B, C) region term, and (B,) the number of levels present, D + 1 (0 for an image without lineages,
+        whose region term is then 0).
+    """
+    batch, classes = regions.shape[0], vectors.shape[0]
+    term = torch.zeros((batch, classes), device=regions.device, dtype=torch.float32)
+    present = torch.zeros(batch, device=regions.device, dtype=torch.float32)
+    depth = int(levels[members].max()) if bool(members.any()) else -1
+    for level in range(depth + 1):
+        at_level = levels == level
+        logits = weight_logits
+        if level == 0 and level0_logits is not None:
+            logits = level0_logits
+        else:
+            at_level = at_level & members
+        has = at_level.any(dim=1)  # (B,)
+        if not bool(has.any()):
+            continue
+        weights = torch.softmax(logits.float().masked_fill(~at_level, float("-inf")), dim=1)
+        weights = torch.nan_to_num(weights, nan=0.0)  # images without boxes at this level: all -inf rows
+        if aggregation == "embedding":
+            pooled = F.normalize(torch.einsum("bp,bpd->bd", weights, regions.float()), dim=-1)
+            scores = pooled @ vectors.T.float()
+        else:
+            scores = torch.einsum("bp,bpc->bc", weights, regions.float() @ vectors.T.float())
+        term = term + scores * has[:, None]
+        present = present + has.float()
+    return term / present.clamp(min=1.0)[:, None], present
+
+
+def confidence_weight(global_sims: torch.Tensor, logit_scale: float, global_weight: float) -> torch.Tensor:
+    """Per-image lambda of the `confidence` rule: lambda + (1 - lambda) * m, with m the global view's own top-1
+    minus top-2 class probability. (B, C) similarities -> (B,) weights in [lambda, 1]."""
+    if global_sims.shape[1] < 2:
+        return torch.ones(global_sims.shape[0], device=global_sims.device)
+    top = torch.softmax(logit_scale * global_sims.float(), dim=-1).topk(2, dim=-1).values
+    return global_weight + (1.0 - global_weight) * (top[:, 0] - top[:, 1])
+
+
+def lineage_shares(global_weight: float | torch.Tensor, present: torch.Tensor) -> list[tuple[float, float, float]]:
+    """Shares of S under the lineage term: lambda for the global view, (1 - lambda) / (D + 1) for level 0 (the
+    local crops) and the rest for the grown boxes; an image without lineages is all global view.
+
+    Args:
+        global_weight: lambda, one for all images or (B,) per image.
+        present: (B,) D + 1 per image, from `lineage_term`.
+    """
+    levels = present.float().cpu().numpy()
+    if isinstance(global_weight, torch.Tensor):
+        lambdas = [float(v) for v in global_weight.float().cpu().numpy()]
+    else:
+        lambdas = [float(global_weight)] * len(levels)
+    out = []
+    for lam, count in zip(lambdas, levels):
+        if count == 0:
+            out.append((1.0, 0.0, 0.0))
+            continue
+        region = 1.0 - lam
+        out.append((lam, region / float(count), region * float(count - 1) / float(count)))
+    return out
+
+
+def view_shares(weights: torch.Tensor, grown: torch.Tensor, global_weight: float | torch.Tensor) -> list[tuple[float, float, float]]:
     """The share of S carried by each group of views, from the region weights.
 
     Args:
         weights: (B, P) region weights from `region_weights`.
         grown: (B, P) bool, True for a grown box.
-        global_weight: lambda; 1 when there are no regions.
+        global_weight: lambda, one for all images or (B,) per image; 1 when there are no regions.
 
     Returns:
         Per image (lambda, (1 - lambda) * crop weight, (1 - lambda) * grown weight).
     """
     grown_weight = (weights * grown).sum(dim=1)
     crop_weight = weights.sum(dim=1) - grown_weight
-    region_share = 1.0 - global_weight
-    groups = torch.stack([crop_weight * region_share, grown_weight * region_share], dim=1).float().cpu().numpy()
-    return [(float(global_weight), float(c), float(g)) for c, g in groups]
+    lam = torch.as_tensor(global_weight, dtype=torch.float32, device=weights.device).expand(weights.shape[0])
+    region_share = 1.0 - lam
+    groups = torch.stack([lam, crop_weight * region_share, grown_weight * region_share], dim=1).float().cpu().numpy()
+    if not isinstance(global_weight, torch.Tensor):  # one lambda for all: report it exactly, not as float32
+        return [(float(global_weight), float(c), float(r)) for _, c, r in groups]
+    return [(float(g), float(c), float(r)) for g, c, r in groups]
 
 
 def region_best_classes(
@@ -195,6 +289,7 @@ def image_scores(
     topk: int,
     boxes: Sequence[list[SalientBox]],
     shares: Sequence[tuple[float, float, float]],
+    method: str = "",
 ) -> list[ImageScore]:
     """The results of a batch from its scores S(x, c): one softmax and one transfer for the whole batch.
 
@@ -206,6 +301,7 @@ def image_scores(
         topk: how many leading classes to list.
         boxes: per image its salient boxes (empty for all methods but lgca).
         shares: per image, from `view_shares`.
+        method: the scoring that produced `similarity`, recorded in each result.
 
     Returns:
         One ImageScore per image; ties in probability keep class order. An image whose scores are not finite
@@ -216,7 +312,7 @@ def image_scores(
     for b, key in enumerate(keys):
         row = probabilities[b]
         if not np.isfinite(row).all():
-            out.append(_not_finite(key, row, shares[b]))
+            out.append(_not_finite(key, row, shares[b], method))
             continue
         ranked = np.argsort(-row, kind="stable")
         order = ranked[:topk]
@@ -232,12 +328,13 @@ def image_scores(
                 margin=float(row[order[0]]) - second,
                 boxes=list(boxes[b]),
                 view_shares=shares[b],
+                method=method,
             )
         )
     return out
 
 
-def _not_finite(key: str, row: np.ndarray, shares: tuple[float, float, float]) -> ImageScore:
+def _not_finite(key: str, row: np.ndarray, shares: tuple[float, float, float], method: str) -> ImageScore:
     bad = int((~np.isfinite(row)).sum())
     return ImageScore(
         key=key,
@@ -249,6 +346,7 @@ def _not_finite(key: str, row: np.ndarray, shares: tuple[float, float, float]) -
         margin=float("nan"),
         boxes=[],
         view_shares=shares,
+        method=method,
         error=f"scores are not finite ({bad} of {len(row)} class probabilities are NaN or infinite): the image embedding "
         "or the temperatures overflowed; try --precision fp32",
     )

@@ -103,8 +103,9 @@ def expand_regions(
     Each step selects, per image, the K most salient regions not yet expanded and distinct from every earlier
     selection but their own ancestors (`select_salient`), preferring those that can still grow; grows them
     (`grow_boxes`, by `growth` or towards `growth_target`); encodes the K grown boxes of every image in one
-    `encode` call; and adds them to the pool one level above their parents. So exactly K * T boxes per image
-    are encoded. The leading class of the agreement rule is fixed from the crops, before expansion.
+    `encode` call; and adds them to the pool one level above their parents. With `selection = lineages` only
+    the first step selects; each later step grows the K boxes the step before grew. So exactly K * T boxes per
+    image are encoded. The leading class of the agreement rule is fixed from the crops, before expansion.
 
     Args:
         crop_boxes: (B, N, 4) normalised xyxy of the local crops.
@@ -135,17 +136,13 @@ def expand_regions(
 
     steps = cfg.steps if cfg.method == "lgca" and cfg.regions else 0
     for step in range(steps):
-        saliency_np = saliency.float().cpu().numpy()
-        picks = np.empty((batch, cfg.regions), dtype=np.int64)
-        growable = _growable(boxes, sizes, cfg)
-        for b in range(batch):
-            eligible = ~expanded[b] & growable[b]
-            if eligible.sum() < cfg.regions:  # too few can still grow: repeat capped ones rather than fail
-                eligible = ~expanded[b]
-            picks[b] = select_salient(saliency_np[b], boxes[b], eligible, cfg.regions, cfg.overlap_iou, picked[b], parents[b])
-            selected[b].extend(int(i) for i in picks[b] if levels[b, i] == 0)
-            picked[b].extend(int(i) for i in picks[b])
         pool_size = boxes.shape[1]
+        if step and cfg.selection == "lineages":  # the same K lineages every step: grow what the last step grew
+            picks = np.tile(np.arange(pool_size - cfg.regions, pool_size), (batch, 1))
+        else:
+            picks = _select(boxes, saliency, expanded, parents, levels, picked, selected, sizes, cfg)
+        for b in range(batch):
+            picked[b].extend(int(i) for i in picks[b])
         chosen = np.take_along_axis(boxes, picks[..., None], axis=1).reshape(-1, 4)
         if cfg.growth_target is None:
             growth: float | np.ndarray = cfg.growth
@@ -164,6 +161,31 @@ def expand_regions(
         for b in range(batch):
             selected[b].extend(range(pool_size, pool_size + cfg.regions))
     return RegionPool(boxes, levels, parents, embeddings, saliency, selected)
+
+
+def _select(
+    boxes: np.ndarray,
+    saliency: torch.Tensor,
+    expanded: np.ndarray,
+    parents: np.ndarray,
+    levels: np.ndarray,
+    picked: list[list[int]],
+    selected: list[list[int]],
+    sizes: Sequence[tuple[int, int]],
+    cfg: ScoringConfig,
+) -> np.ndarray:
+    """(B, K) pool indices of the regions one step grows (`select_salient` per image); a selected local crop
+    starts a lineage, so it joins `selected`."""
+    saliency_np = saliency.float().cpu().numpy()
+    picks = np.empty((boxes.shape[0], cfg.regions), dtype=np.int64)
+    growable = _growable(boxes, sizes, cfg)
+    for b in range(boxes.shape[0]):
+        eligible = ~expanded[b] & growable[b]
+        if eligible.sum() < cfg.regions:  # too few can still grow: repeat capped ones rather than fail
+            eligible = ~expanded[b]
+        picks[b] = select_salient(saliency_np[b], boxes[b], eligible, cfg.regions, cfg.overlap_iou, picked[b], parents[b])
+        selected[b].extend(int(i) for i in picks[b] if levels[b, i] == 0)
+    return picks
 
 
 def _growable(boxes: np.ndarray, sizes: Sequence[tuple[int, int]], config: ScoringConfig) -> np.ndarray:

@@ -8,6 +8,7 @@ docs/METHOD.md.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,7 +18,11 @@ import torch.nn.functional as F
 from pipeline.config import ScoringConfig
 from pipeline.scoring.combine import (
     ImageScore,
+    SalientBox,
+    confidence_weight,
     image_scores,
+    lineage_shares,
+    lineage_term,
     region_best_classes,
     region_weights,
     salient_boxes,
@@ -81,11 +86,36 @@ class Scorer:
                 not depend on the decode scale. Default: each tensor's own size.
 
         Returns:
-            One ImageScore per image, in order.
+            One ImageScore per image, in order. Under the confidence cascade (`cascade_margin`) an image whose
+            global view is confident enough keeps the `descriptors` result; the others are scored with lgca.
         """
         if not images:
             return []
+        if self.config.method == "lgca" and self.config.cascade_margin is not None:
+            return self._cascade(images, keys, sizes)
         return self.combine(self.embed(images, keys, sizes))
+
+    def _cascade(self, images: Sequence[torch.Tensor], keys: Sequence[str], sizes: Sequence[tuple[int, int]] | None) -> list[ImageScore]:
+        """docs/METHOD.md step 7: the global views of the batch are encoded once; only the images whose
+        descriptors margin is below the threshold get crops and expansion, all of them in one batch."""
+        if len(images) != len(keys):
+            raise ValueError(f"{len(images)} images but {len(keys)} keys")
+        sizes = list(sizes) if sizes is not None else [(int(im.shape[-1]), int(im.shape[-2])) for im in images]
+        with torch.inference_mode():
+            pixels = self._cutter.upload(images)
+            global_emb = encode_views(self.encode_image, self._cutter.global_views(pixels), self.config.micro_batch)
+            first = self._results(list(keys), global_emb @ self.vectors.T, [[] for _ in keys], [(1.0, 0.0, 0.0)] * len(keys), "descriptors")
+            threshold = float(self.config.cascade_margin or 0.0)
+            # a NaN margin (a non-finite first pass) escalates: lgca then reports the error itself
+            escalate = [i for i, result in enumerate(first) if not result.margin >= threshold]
+            if not escalate:
+                return first
+            views = self._embed_regions(
+                [pixels[i] for i in escalate], [keys[i] for i in escalate], [sizes[i] for i in escalate], global_emb[escalate]
+            )
+        for i, result in zip(escalate, self.combine(views, method="lgca")):
+            first[i] = result
+        return first
 
     def embed(
         self,
@@ -142,12 +172,13 @@ class Scorer:
         with torch.inference_mode():
             if method not in ("wca", "lgca"):
                 sims = views.global_emb @ vectors.T  # (B, C)
-                return self._results(views.keys, sims, [[] for _ in views.keys], [(1.0, 0.0, 0.0)] * len(views.keys))
+                return self._results(views.keys, sims, [[] for _ in views.keys], [(1.0, 0.0, 0.0)] * len(views.keys), method)
             pool = views.region_emb.shape[1] if method == "lgca" else views.crops
             if method == "lgca" and self.config.grown_views and pool == views.crops:
                 raise ValueError("these views hold no grown regions; embed them with an lgca scorer")
-            global_weight = self.config.global_weight_for(method)
-            return self._combine_regions(views, vectors, pool, global_weight, with_boxes=method == "lgca")
+            if method == "lgca" and self.config.region_pool == "lineages":
+                return self._combine_lineages(views, vectors)
+            return self._combine_regions(views, vectors, pool, method)
 
     # ---- embedding
 
@@ -184,30 +215,73 @@ class Scorer:
 
     # ---- combining
 
-    def _combine_regions(
-        self, views: ViewSet, vectors: torch.Tensor, pool: int, global_weight: float, with_boxes: bool
-    ) -> list[ImageScore]:
-        """S(x, c) from the global view and the first `pool` regions (`view_score`)."""
+    def _combine_regions(self, views: ViewSet, vectors: torch.Tensor, pool: int, method: str) -> list[ImageScore]:
+        """S(x, c) from the global view and the first `pool` regions with WCA's weights (`view_score`): wca, and
+        lgca with `region_pool = all` (revision 2)."""
         cfg = self.config
         regions = views.region_emb[:, :pool]
-        levels = views.levels[:, :pool]
-        grown = torch.from_numpy(levels > 0).to(self.device)
+        grown = torch.from_numpy(views.levels[:, :pool] > 0).to(self.device)
         weights = region_weights(views.global_emb, regions, cfg.image_scale, grown, cfg.expand_weight)  # (B, P)
+        global_weight = self._global_weights(views.global_emb @ vectors.T, method) if pool else 1.0
         combined = view_score(views.global_emb, regions, weights, vectors, global_weight)  # (B, C)
-        shares = view_shares(weights, grown, global_weight if pool else 1.0)
-        if not with_boxes:
-            return self._results(views.keys, combined, [[] for _ in views.keys], shares)
-        best, best_probability = region_best_classes(regions, views.selected, vectors, self.logit_scale)
+        shares = view_shares(weights, grown, global_weight)
+        boxes = self._salient_boxes(views, vectors) if method == "lgca" else [[] for _ in views.keys]
+        return self._results(views.keys, combined, boxes, shares, method)
+
+    def _combine_lineages(self, views: ViewSet, vectors: torch.Tensor) -> list[ImageScore]:
+        """S(x, c) of revision 3: lambda times the global view beside the lineages' per-level region term
+        (`lineage_term`); crops that were not selected carry no weight unless `level0 = all`."""
+        cfg = self.config
+        batch, pool = views.region_emb.shape[:2]
+        members = np.zeros((batch, pool), dtype=bool)
+        for b, indices in enumerate(views.selected):
+            members[b, indices] = True
+        levels = torch.from_numpy(views.levels).to(self.device)
+        if cfg.lineage_weights == "saliency":
+            logits = cfg.saliency_scale * views.saliency.float()
+        else:
+            logits = torch.zeros((batch, pool), device=self.device)
+        level0_logits = None
+        if cfg.level0 == "all":  # WCA's weights over every local crop
+            level0_logits = math.exp(cfg.image_scale) * torch.einsum("bpd,bd->bp", views.region_emb.float(), views.global_emb.float())
+        term, present = lineage_term(
+            views.region_emb, levels, torch.from_numpy(members).to(self.device), logits, vectors, cfg.level_aggregation, level0_logits
+        )
+        global_sims = views.global_emb @ vectors.T
+        global_weight = self._global_weights(global_sims, "lgca")
+        per_image = torch.as_tensor(global_weight, dtype=torch.float32, device=self.device).expand(len(views.keys))
+        per_image = torch.where(present > 0, per_image, torch.ones_like(per_image))  # no lineages: S = <k0, T_c>
+        combined = per_image[:, None] * global_sims.float() + (1.0 - per_image[:, None]) * term
+        shares = lineage_shares(global_weight, present)
+        return self._results(views.keys, combined, self._salient_boxes(views, vectors), shares, "lgca")
+
+    def _global_weights(self, global_sims: torch.Tensor, method: str) -> float | torch.Tensor:
+        """lambda: the method's own, or under lgca's `confidence` rule (B,) per image, raised by the global
+        view's confidence."""
+        global_weight = self.config.global_weight_for(method)
+        if method == "lgca" and self.config.global_weight_rule == "confidence":
+            return confidence_weight(global_sims, self.logit_scale, global_weight)
+        return global_weight
+
+    def _salient_boxes(self, views: ViewSet, vectors: torch.Tensor) -> list[list[SalientBox]]:
+        """Every image's selected regions and grown boxes, with their best class for the region alone."""
+        best, best_probability = region_best_classes(views.region_emb, views.selected, vectors, self.logit_scale)
         saliency = views.saliency.float().cpu().numpy()
-        boxes = [
+        return [
             salient_boxes(
-                views.selected[b], views.boxes[b], levels[b], views.parents[b], saliency[b], best[b], best_probability[b], self.classes
+                views.selected[b],
+                views.boxes[b],
+                views.levels[b],
+                views.parents[b],
+                saliency[b],
+                best[b],
+                best_probability[b],
+                self.classes,
             )
             for b in range(len(views.keys))
         ]
-        return self._results(views.keys, combined, boxes, shares)
 
     def _results(
-        self, keys: Sequence[str], similarity: torch.Tensor, boxes: list, shares: Sequence[tuple[float, float, float]]
+        self, keys: Sequence[str], similarity: torch.Tensor, boxes: list, shares: Sequence[tuple[float, float, float]], method: str
     ) -> list[ImageScore]:
-        return image_scores(keys, similarity, self.classes, self.logit_scale, self.config.topk, boxes, shares)
+        return image_scores(keys, similarity, self.classes, self.logit_scale, self.config.topk, boxes, shares, method)

@@ -369,14 +369,19 @@ class PlanSummary:
     listing_seconds: float
     reused: bool = False
     examples: list[str] = field(default_factory=list)
+    cascade_margin: float | None = None  # the confidence cascade's threshold: passes_per_image is then the most
 
     def line(self) -> str:
         skipped = f", {self.skipped_count} non-image files skipped" if self.skipped_count else ""
         how = "reused" if self.reused else f"listed in {self.listing_seconds:.1f} s"
-        return (
-            f"lgca: plan of {self.output}: {self.images} images in {self.shards} shards ({how}){skipped}; "
-            f"about {self.images * self.passes_per_image:,} encoder passes ({self.passes_per_image} per image)"
-        )
+        if self.cascade_margin is not None:
+            cost = (
+                f"between {self.images:,} and {self.images * self.passes_per_image:,} encoder passes (cascade at margin "
+                f"{self.cascade_margin:g}: 1 per image, {self.passes_per_image} for each image it escalates)"
+            )
+        else:
+            cost = f"about {self.images * self.passes_per_image:,} encoder passes ({self.passes_per_image} per image)"
+        return f"lgca: plan of {self.output}: {self.images} images in {self.shards} shards ({how}){skipped}; {cost}"
 
 
 def _write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:

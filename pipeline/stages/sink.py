@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError
 from pipeline.faults import fault_point
 from pipeline.schema import OK
+from pipeline.stages.lease import require_owner
 from pipeline.stages.plan import PLAN_DIR, ROW_COLUMN, put_atomically
 
 SUCCESS = "_SUCCESS"
@@ -33,6 +34,7 @@ STAGING = "_staging"  # leading underscore: pyarrow, pandas, DuckDB and Polars d
 SHARD_COLUMN = "_shard"  # a row's shard id, between reading a shard and staging its rows
 PART_PATTERN = re.compile(r"^part-([0-9A-Za-z_-]+)\.parquet$")
 COUNTS_KEY = b"lgca.counts"  # Parquet footer metadata of a part file: rows per status, as JSON
+METHODS_KEY = b"lgca.methods"  # and its ok rows per scoring method (under the cascade: descriptors or lgca), as JSON
 
 
 class OutputError(ConfigError):
@@ -72,9 +74,17 @@ class Output:
         return output
 
     def clear(self, keep_manifest: bool = False) -> None:
-        """Remove every result and all bookkeeping but the lease (--overwrite); `keep_manifest` keeps the record of attempts."""
-        names = (SUCCESS, STAGING, PLAN_DIR) if keep_manifest else (SUCCESS, MANIFEST, STAGING, PLAN_DIR)
-        for path in [f"{self.root}/{part_name(shard)}" for shard in self.committed()] + [f"{self.root}/{name}" for name in names]:
+        """Remove every result and all bookkeeping but the lease (--overwrite); `keep_manifest` keeps the record of attempts.
+
+        `_SUCCESS` and `_manifest.json` go first: a kill part-way leaves an output that says it is incomplete, never
+        `_SUCCESS` over missing part files (on S3, deleting thousands of parts takes minutes).
+        """
+        markers = (SUCCESS,) if keep_manifest else (SUCCESS, MANIFEST)
+        for name in markers:
+            if self.fs.exists(f"{self.root}/{name}"):
+                self.fs.rm(f"{self.root}/{name}")
+        fault_point("clearing")
+        for path in [f"{self.root}/{part_name(shard)}" for shard in self.committed()] + [f"{self.root}/{n}" for n in (STAGING, PLAN_DIR)]:
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
 
@@ -106,11 +116,15 @@ class Output:
     def write_manifest(self, manifest: Mapping[str, Any]) -> None:
         put_atomically(self.fs, f"{self.root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
 
-    def finish(self, manifest: Mapping[str, Any]) -> None:
-        """Write `_manifest.json`, then `_SUCCESS` last, and drop what staging is left."""
+    def finish(self, manifest: Mapping[str, Any], still_ours: Callable[[], None] = lambda: None) -> None:
+        """Write `_manifest.json`, then `_SUCCESS` last, and drop what staging is left; `still_ours` runs before each
+        of the three and raises to stop (the job's lease: a driver that stalls in between writes no more)."""
+        still_ours()
         self.write_manifest(manifest)
         fault_point("before_success")
+        still_ours()
         put_atomically(self.fs, f"{self.root}/{SUCCESS}", b"")
+        still_ours()
         if self.fs.exists(f"{self.root}/{STAGING}"):
             self.fs.rm(f"{self.root}/{STAGING}", recursive=True)
 
@@ -118,7 +132,13 @@ class Output:
 # ---------------------------------------------------------------- worker side
 
 
-def stage_pieces(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table) -> pa.Table:
+def staging_folder(root: str, shard_id: str, run_id: str = "") -> str:
+    """Where one run stages a shard's pieces: `_staging/<run>/<shard>`, so a commit reads only its own run's
+    pieces (never those of a stalled earlier owner of the output, still finishing its tasks)."""
+    return f"{root}/{STAGING}/{run_id}/{shard_id}" if run_id else f"{root}/{STAGING}/{shard_id}"
+
+
+def stage_pieces(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table, run_id: str = "") -> pa.Table:
     """Stage scored rows as one piece per shard present in `table`; returns (shard, rows) per piece.
 
     The rows keep SHARD_COLUMN and ROW_COLUMN, so the commit can tell a row staged twice.
@@ -127,7 +147,7 @@ def stage_pieces(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table) -> p
     staged_shards, staged_rows = [], []
     for shard in dict.fromkeys(shards.tolist()):
         piece = table.filter(pa.array(shards == shard))
-        path = f"{root}/{STAGING}/{shard}/{uuid.uuid4().hex}.piece"
+        path = f"{staging_folder(root, shard, run_id)}/{uuid.uuid4().hex}.piece"
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         buffer = pa.BufferOutputStream()
         pq.write_table(piece, buffer)
@@ -137,17 +157,30 @@ def stage_pieces(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table) -> p
     return pa.table({"shard": pa.array(staged_shards, pa.string()), "rows": pa.array(staged_rows, pa.int64())})
 
 
-def commit_shard(fs: fsspec.AbstractFileSystem, root: str, shard_id: str, rows: int, schema: pa.Schema) -> dict[str, int] | None:
+def commit_shard(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    shard_id: str,
+    rows: int,
+    schema: pa.Schema,
+    run_id: str = "",
+    owner: str | None = None,
+) -> dict[str, int] | None:
     """Merge a shard's staged pieces into `part-<shard>.parquet`, atomically; None while rows are still missing.
 
     Args:
         rows: the shard's number of images (from the plan).
         schema: the output schema (passthrough columns included).
+        run_id: the run whose pieces to merge.
+        owner: the lease owner of that run: the file is published only while the output's lease still names it.
 
     Returns:
         Rows per status of the committed file.
+
+    Raises:
+        LeaseError: the output's lease names another job (this one stalled and was taken over).
     """
-    folder = f"{root}/{STAGING}/{shard_id}"
+    folder = staging_folder(root, shard_id, run_id)
     fs.invalidate_cache(folder)
     pieces = [p for p in fs.ls(folder, detail=False) if p.endswith(".piece")] if fs.exists(folder) else []
     tables = []
@@ -166,9 +199,15 @@ def commit_shard(fs: fsspec.AbstractFileSystem, root: str, shard_id: str, rows: 
     table = table.take(pa.array(first)).select(schema.names).cast(schema)
     counts = _status_counts(table)
     buffer = pa.BufferOutputStream()
-    metadata = {**(schema.metadata or {}), COUNTS_KEY: json.dumps(counts, sort_keys=True).encode()}
+    metadata = {
+        **(schema.metadata or {}),
+        COUNTS_KEY: json.dumps(counts, sort_keys=True).encode(),
+        METHODS_KEY: json.dumps(_method_counts(table), sort_keys=True).encode(),
+    }
     pq.write_table(table.replace_schema_metadata(metadata), buffer, compression="zstd")
     fault_point("committing")
+    if owner is not None:
+        require_owner(fs, root, owner)
     put_atomically(fs, f"{root}/{part_name(shard_id)}", buffer.getvalue().to_pybytes())
     fs.rm(folder, recursive=True)
     return counts
@@ -182,6 +221,14 @@ def committed_counts(fs: fsspec.AbstractFileSystem, root: str, shard_ids: Iterab
     return total
 
 
+def committed_methods(fs: fsspec.AbstractFileSystem, root: str, shard_ids: Iterable[str]) -> dict[str, int]:
+    """Ok rows per scoring method over the given committed shards, from their footers (no rows are read)."""
+    total: dict[str, int] = {}
+    for shard_id in shard_ids:
+        add_counts(total, _footer_counts(fs, root, shard_id, METHODS_KEY))
+    return total
+
+
 def failed_rows(fs: fsspec.AbstractFileSystem, root: str, shard_ids: Iterable[str]) -> dict[str, int]:
     """Failed rows (any status but ok) per committed shard that has some, from the footers."""
     failed = {}
@@ -192,7 +239,7 @@ def failed_rows(fs: fsspec.AbstractFileSystem, root: str, shard_ids: Iterable[st
     return failed
 
 
-def keep_succeeded_rows(fs: fsspec.AbstractFileSystem, root: str, shard_id: str) -> np.ndarray:
+def keep_succeeded_rows(fs: fsspec.AbstractFileSystem, root: str, shard_id: str, run_id: str = "") -> np.ndarray:
     """Stage a committed shard's ok rows as a piece, for a commit that replaces its failed rows; their positions.
 
     Returns:
@@ -206,7 +253,7 @@ def keep_succeeded_rows(fs: fsspec.AbstractFileSystem, root: str, shard_id: str)
     table = table.append_column(SHARD_COLUMN, pa.array([shard_id] * table.num_rows, pa.string())).append_column(ROW_COLUMN, positions)
     kept = table.filter(succeeded)
     if kept.num_rows:
-        path = f"{root}/{STAGING}/{shard_id}/kept.piece"  # a fixed name: a retried reader writes the same piece again
+        path = f"{staging_folder(root, shard_id, run_id)}/kept.piece"  # a fixed name: a retried reader writes the same piece again
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         buffer = pa.BufferOutputStream()
         pq.write_table(kept, buffer)
@@ -214,10 +261,10 @@ def keep_succeeded_rows(fs: fsspec.AbstractFileSystem, root: str, shard_id: str)
     return positions.filter(pc.invert(succeeded)).to_numpy()
 
 
-def _footer_counts(fs: fsspec.AbstractFileSystem, root: str, shard_id: str) -> dict[str, int]:
+def _footer_counts(fs: fsspec.AbstractFileSystem, root: str, shard_id: str, key: bytes = COUNTS_KEY) -> dict[str, int]:
     with fs.open(f"{root}/{part_name(shard_id)}", "rb") as handle:
         metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
-    return {status: int(count) for status, count in json.loads(metadata.get(COUNTS_KEY, b"{}")).items()}
+    return {name: int(count) for name, count in json.loads(metadata.get(key, b"{}")).items()}
 
 
 def add_counts(total: dict[str, int], counts: Mapping[str, int]) -> None:
@@ -226,7 +273,15 @@ def add_counts(total: dict[str, int], counts: Mapping[str, int]) -> None:
 
 
 def _status_counts(table: pa.Table) -> dict[str, int]:
-    counted = pc.value_counts(table.column("status"))
+    return _value_counts(table.column("status"))
+
+
+def _method_counts(table: pa.Table) -> dict[str, int]:
+    return _value_counts(table.filter(pc.equal(table.column("status"), OK)).column("method"))
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    counted = pc.value_counts(column)
     return {str(value): int(count) for value, count in zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())}
 
 
@@ -255,4 +310,5 @@ __all__: Sequence[str] = (
     "committed_counts",
     "part_name",
     "stage_pieces",
+    "staging_folder",
 )
