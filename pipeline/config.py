@@ -8,6 +8,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from pipeline.credentials import REFUSED as CREDENTIALS_REFUSED
+from pipeline.credentials import has_credentials, mask_credentials
+
 METHODS = ("clip", "ensemble", "descriptors", "wca", "lgca")
 CROP_METHODS = ("wca", "lgca")
 SALIENCY_RULES = ("class", "global", "margin", "agreement")
@@ -42,6 +45,12 @@ class RunFailed(Exception):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _refuse_credentials(what: str, value: str | None) -> None:
+    """A URL the job records (inputs, output, labels, templates, weights) must carry no credentials."""
+    if value is not None and has_credentials(value):
+        raise ConfigError(f"{what} {mask_credentials(value)}: {CREDENTIALS_REFUSED}")
 
 
 @dataclass(frozen=True)
@@ -231,6 +240,9 @@ class ModelConfig:
             f"resize mode {self.resize_mode!r} is unknown; choose one of {', '.join(RESIZE_MODES)}",
         )
         _require(bool(self.name), "model name is empty; pass --model, e.g. ViT-B-32")
+        _refuse_credentials("--model", self.name)
+        _refuse_credentials("--pretrained", self.pretrained)
+        _refuse_credentials("--cache-dir", self.cache_dir)
         _require(bool(self.pretrained), "pretrained is empty; pass an open_clip tag, a weights file, a URI or 'random'")
         _require(self.precision in PRECISIONS, f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
         _require(
@@ -250,6 +262,8 @@ class VocabularyConfig:
     def __post_init__(self) -> None:
         _require(bool(self.labels), "no labels given; pass --labels FILE (one class per line, or a descriptors JSON)")
         _require("{}" in self.prompt, f"prompt {self.prompt!r} needs a {{}} where the class name goes")
+        _refuse_credentials("--labels", self.labels)
+        _refuse_credentials("--templates", self.templates)
 
 
 @dataclass(frozen=True)
@@ -318,6 +332,9 @@ class JobConfig:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         _require(bool(self.inputs), "no inputs given; pass one or more directories, globs, s3:// prefixes or manifests")
         _require(bool(self.output), "no output given; pass --output DIR")
+        _refuse_credentials("--output", self.output)
+        for given in self.inputs:
+            _refuse_credentials("input", given)
         _require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pick one")
         _require(self.resume or not self.retry_failed, "--retry-failed works on an existing output; add --resume")
         _require(

@@ -299,6 +299,9 @@ def test_http_rows_are_refused_without_a_request_and_url_passwords_never_reach_t
             + "".join(f"images/{name}\n" for name in names)
             + f"{server.url}/fetch-me.jpg\n"
             + f"http://bob:{password}@127.0.0.1:1/secret.jpg\n"
+            + f"http://:{password}@127.0.0.1:1/token-only.jpg\n"
+            + f"http://{password}@127.0.0.1:1/token-as-user.jpg\n"
+            + f"https://b.s3.amazonaws.com/signed.jpg?X-Amz-Credential=AKIA{password}&X-Amz-Signature={password}&v=1\n"
         )
         run(_job([manifest], tmp_path / "out", _labels(tmp_path)))
     finally:
@@ -308,10 +311,20 @@ def test_http_rows_are_refused_without_a_request_and_url_passwords_never_reach_t
     rows = {row["path"]: row for row in table.select(["path", "status", "error_message"]).to_pylist()}
     refused = rows[f"{server.url}/fetch-me.jpg"]
     assert refused["status"] == READ_ERROR and "add --allow-scheme http" in refused["error_message"]
-    masked = rows["http://bob:***@127.0.0.1:1/secret.jpg"]
-    assert masked["status"] == READ_ERROR and "carried a password" in masked["error_message"]
+    for masked_path in (
+        "http://***@127.0.0.1:1/secret.jpg",
+        "http://***@127.0.0.1:1/token-only.jpg",
+        "http://***@127.0.0.1:1/token-as-user.jpg",
+        "https://b.s3.amazonaws.com/signed.jpg?X-Amz-Credential=***&X-Amz-Signature=***&v=1",
+    ):
+        masked = rows[masked_path]
+        assert masked["status"] == READ_ERROR and "the URL carries credentials" in masked["error_message"]
     assert sum(row["status"] == OK for row in rows.values()) == len(names)
-    for path in (tmp_path / "out").rglob("*"):  # Parquet, plan, keys, manifest: the password is nowhere
+    from pipeline.cli.main import main
+
+    report = tmp_path / "out" / "report.html"  # the HTML report and its row files, written beside the results
+    assert main(["report", str(tmp_path / "out"), "--out", str(report)]) == 0 and report.is_file()
+    for path in (tmp_path / "out").rglob("*"):  # Parquet, plan, keys, manifest, report: the secret is nowhere
         assert not path.is_file() or password.encode() not in path.read_bytes(), path
 
 

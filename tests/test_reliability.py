@@ -586,7 +586,30 @@ def _case_output_inside_glob_input(tmp_path, request):
 
 
 def _case_password_in_input_url(tmp_path, request):
-    return _run_args(tmp_path, inputs=["s3://bob:hunter2@bucket/images/"]), "the URL carried a password"
+    return _run_args(tmp_path, inputs=["s3://bob:hunter2@bucket/images/"]), "the URL carries credentials"
+
+
+def _case_token_as_user_in_input_url(tmp_path, request):
+    return _run_args(tmp_path, inputs=["http://:tok3n-canary@127.0.0.1:1/images/"]), "input http://***@127.0.0.1:1/images/"
+
+
+def _case_signed_url_as_labels(tmp_path, request):
+    signed = "https://b.s3.amazonaws.com/labels.txt?X-Amz-Credential=AKIA&X-Amz-Signature=canary"
+    command = _run_args(tmp_path)
+    command[command.index("--labels") + 1] = signed
+    return command, "--labels https://b.s3.amazonaws.com/labels.txt?X-Amz-Credential=***&X-Amz-Signature=***"
+
+
+def _case_token_in_weights_url(tmp_path, request):
+    command = _run_args(tmp_path)
+    command[command.index("--pretrained") + 1] = "https://tok3n@models.example/ViT.safetensors"
+    return command, "--pretrained https://***@models.example/ViT.safetensors: the URL carries credentials"
+
+
+def _case_token_in_templates_url(tmp_path, request):
+    return _run_args(
+        tmp_path, "--templates", "https://h.example/t.txt?access_token=canary"
+    ), "--templates https://h.example/t.txt?access_token=***"
 
 
 def _case_scheme_not_allowed(tmp_path, request):
@@ -642,6 +665,10 @@ CONFIG_CASES = {
     "output-inside-input": _case_output_inside_input,
     "output-inside-glob-input": _case_output_inside_glob_input,
     "password-in-input-url": _case_password_in_input_url,
+    "token-as-user-in-input-url": _case_token_as_user_in_input_url,
+    "signed-url-as-labels": _case_signed_url_as_labels,
+    "token-in-weights-url": _case_token_in_weights_url,
+    "token-in-templates-url": _case_token_in_templates_url,
     "scheme-not-allowed": _case_scheme_not_allowed,
     "malformed-model-json": _case_malformed_model_json,
     "incomplete-model-json": _case_incomplete_model_json,

@@ -18,6 +18,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.credentials import mask_credentials
 from pipeline.stages import listing, sources
 from pipeline.stages.listing import list_inputs
 from pipeline.stages.sources import (
@@ -496,7 +497,7 @@ def test_redact_hides_secrets() -> None:
         "password": "***",
         "aws_session_token": "***",
         "sse_kms_key_id": "***",
-        "endpoint_url": "http://user:***@host:9000",
+        "endpoint_url": "http://***@host:9000",
         "anon": False,
         "client_kwargs": {"region_name": "eu-west-1", "aws_secret_access_key": "***"},
         "session_token": None,  # unset stays visible as unset
@@ -534,5 +535,5 @@ def test_manifest_paths_resolve_alike_in_bulk_and_one_at_a_time(tmp_path, where,
     fs, path = sources.filesystem_for(spec.uri, options)
     local = where == "local"
     manifest_dir = os.path.dirname(path) if local else path.rsplit("/", 1)[0]
-    expected = [listing._resolve_manifest_path(sources.redact_url(raw), fs, manifest_dir, local) for raw in raws]
+    expected = [listing._resolve_manifest_path(mask_credentials(raw), fs, manifest_dir, local) for raw in raws]
     assert listing._list_manifest(spec, options).column("path").to_pylist() == expected  # keys sort as the rows

@@ -19,6 +19,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.credentials import mask_credentials
 from pipeline.schema import OUTPUT_COLUMNS
 from pipeline.stages.plan import unify_schemas
 from pipeline.stages.sources import (
@@ -30,7 +31,6 @@ from pipeline.stages.sources import (
     full_uri,
     glob_root,
     is_local,
-    redact_url,
 )
 
 # Columns the pipeline writes, and a row's place in its shard: a manifest column of one of these names is refused.
@@ -514,8 +514,8 @@ def _list_manifest(
         else ""
     )
     paths = _string_column(table, "path", spec, part).combine_chunks()
-    # A password in a row's URL is masked here, before the plan stores it: the row then fails to read, saying why.
-    raw_paths = _rewritten(paths, pc.match_substring(paths, "@"), redact_url)
+    # Credentials in a row's URL are masked here, before the plan stores it: the row then fails to read, saying why.
+    raw_paths = _rewritten(paths, pc.match_substring_regex(paths, "[@?]"), mask_credentials)
     keys = _string_column(table, "key", spec, part) if "key" in table.column_names else raw_paths
     local = is_local(spec.uri)
     manifest_dir = os.path.dirname(path) if local else posixpath.dirname(path)

@@ -17,6 +17,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import ConfigError
+from pipeline.credentials import REFUSED as CREDENTIALS_REFUSED
+from pipeline.credentials import has_credentials, mask_credentials
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".csv.gz")
@@ -28,12 +30,6 @@ _WILDCARDS = ("*", "?", "[")
 _SECRET_WORDS = ("secret", "token", "key", "password", "credential")
 _NOT_SECRET_WORDS = ("endpoint", "url", "region")
 _REDACTED = "***"
-_URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^/@\s]+@")
-_REDACTED_PASSWORD = f":{_REDACTED}@"
-_PASSWORD_REFUSED = (
-    "the URL carried a password, which is never stored or used; give credentials through --storage-options-file or "
-    "LGCA_STORAGE_OPTIONS instead"
-)
 # The existence probe gives up quickly: a wrong endpoint or credentials must fail in seconds, not
 # after botocore's and s3fs's retry loops (minutes against an unreachable host).
 _PROBE_S3_CONFIG = {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1, "mode": "standard"}}
@@ -51,7 +47,7 @@ class SourceError(ConfigError):
 
 class RefusedInput(OSError):
     """An input that is not read: larger than the byte limit, not a regular file (a FIFO, a device), a URL
-    scheme not allowed, or a URL that carried a password."""
+    scheme not allowed, or a URL that carries credentials."""
 
 
 @dataclass(frozen=True)
@@ -142,8 +138,8 @@ def check_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any],
     if not specs:
         raise SourceError("no inputs given; pass one or more directories, globs, files, s3:// prefixes or manifests")
     for spec in specs:
-        if has_password(spec.uri):
-            raise SourceError(f"input {redact_url(spec.uri)}: {_PASSWORD_REFUSED}")
+        if has_credentials(spec.uri):
+            raise SourceError(f"input {mask_credentials(spec.uri)}: {CREDENTIALS_REFUSED}")
         try:
             check_scheme(spec.uri, allowed_schemes or schemes_of(spec.uri))
         except RefusedInput as error:
@@ -373,26 +369,26 @@ def redact(options: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, Mapping):
             out[name] = redact(value)
         elif isinstance(value, str):
-            out[name] = redact_url(value)
+            out[name] = mask_credentials(value)
         else:
             out[name] = value
     return out
 
 
 def check_scheme(uri: str, allowed: Sequence[str]) -> None:
-    """Refuse `uri`, before any request, if it carried a password or uses a URL scheme not in `allowed`.
+    """Refuse `uri`, before any request, if it carries credentials (masked or not) or uses a URL scheme not in `allowed`.
 
     Every layer of a chained URL (simplecache::s3://...) must be allowed.
 
     Raises:
         RefusedInput: naming the scheme and the flag that allows it.
     """
-    if _REDACTED_PASSWORD in uri:
-        raise RefusedInput(_PASSWORD_REFUSED)
+    if has_credentials(uri):
+        raise RefusedInput(CREDENTIALS_REFUSED)
     for scheme in schemes_of(uri):
         if scheme not in allowed:
             raise RefusedInput(
-                f"{redact_url(uri)} uses the URL scheme {scheme}://, which this job does not read; add --allow-scheme {scheme} if you trust it"
+                f"{mask_credentials(uri)} uses the URL scheme {scheme}://, which this job does not read; add --allow-scheme {scheme} if you trust it"
             )
 
 
@@ -402,15 +398,6 @@ def schemes_of(uri: str) -> list[str]:
     if protocol in LOCAL_PROTOCOLS:
         return ["file"]
     return ["s3" if part in _S3_PROTOCOLS else ("file" if part in LOCAL_PROTOCOLS else part.lower()) for part in str(protocol).split("::")]
-
-
-def redact_url(text: str) -> str:
-    """`text` with the password of every URL in it masked: http://user:password@host -> http://user:***@host."""
-    return _URL_PASSWORD.sub(rf"\1{_REDACTED}@", text)
-
-
-def has_password(uri: str) -> bool:
-    return _URL_PASSWORD.search(uri) is not None
 
 
 def is_local(uri: str) -> bool:
