@@ -5,6 +5,7 @@ docs/RELIABILITY.md ("Attacks") lists each attack, what it did before and the te
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -326,6 +327,35 @@ def test_http_rows_are_refused_without_a_request_and_url_passwords_never_reach_t
     assert main(["report", str(tmp_path / "out"), "--out", str(report)]) == 0 and report.is_file()
     for path in (tmp_path / "out").rglob("*"):  # Parquet, plan, keys, manifest, report: the secret is nowhere
         assert not path.is_file() or password.encode() not in path.read_bytes(), path
+
+
+def test_the_listing_tasks_list_odd_names_literally_and_each_real_folder_once(tmp_path, ray_local):
+    """Through the job's own listing tasks: a name holding `::` is its own file (its own pixels), a name that
+    is not UTF-8 is a counted skip with an example, not a failed job, and a DAG of folder links gives one row
+    per file."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    _photos(images, 2)
+    Image.new("RGB", (40, 30), "red").save(images / "red.jpg")
+    Image.new("RGB", (64, 48), "blue").save(images / "red.jpg::blue.jpg")
+    (images / os.fsdecode(b"caf\xe9.jpg")).write_bytes((images / "red.jpg").read_bytes())
+    dag = [images / f"level{i}" for i in range(10)]
+    for folder in dag:
+        folder.mkdir()
+    Image.new("RGB", (32, 32), "green").save(dag[-1] / "deep.jpg")
+    for here, there in zip([images, *dag[:-1]], dag):
+        os.symlink(there, here / "a")
+        os.symlink(there, here / "b")
+    summary = run(_job([images], tmp_path / "out", _labels(tmp_path)))
+    table = _read(str(tmp_path / "out"))
+    rows = {row["key"]: row for row in table.select(["key", "status", "width", "height"]).to_pylist()}
+    assert sorted(rows) == ["img0000.jpg", "img0001.jpg", "level9/deep.jpg", "red.jpg", "red.jpg::blue.jpg"]
+    assert (rows["red.jpg::blue.jpg"]["width"], rows["red.jpg"]["width"]) == (64, 40)  # each its own pixels
+    assert all(row["status"] == OK for row in rows.values())
+    assert summary.skipped_files == 1
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert "caf\\xe9.jpg (name is not UTF-8" in manifest["counts"]["non_image_examples"][0]
 
 
 def test_scheme_check_allows_what_the_user_enables():

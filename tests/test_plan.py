@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -211,6 +212,66 @@ def test_listing_keeps_underscore_and_dot_names_follows_symlinks_once_and_skips_
     keys = listing.table.column("key").to_pylist()
     assert keys == sorted(["_DSC0001.JPG", "_archive/a.jpg", ".thumbs/b.jpg", "deep/1/2/3/4/c.png", "link/inner/linked.jpg"])
     assert listing.skipped_count == 1  # notes.txt; the markers are not counted as anything
+
+
+def _link_dag(top: Path, target_parent: Path, levels: int) -> Path:
+    """`levels` folders under `target_parent`, each holding two links to the next; `top` holds two links to the
+    first. Followed naively, the last folder's one image is reached 2 ** (levels + 1) times."""
+    folders = [target_parent / f"f{i:02d}" for i in range(levels)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    (folders[-1] / "only.jpg").write_bytes(b"x")
+    for here, there in zip([top, *folders[:-1]], folders):
+        for link in ("l1", "l2"):
+            os.symlink(there, here / link)
+    return folders[-1]
+
+
+@pytest.mark.parametrize("where", ["inside", "outside"])
+def test_a_dag_of_folder_links_lists_each_real_folder_once(tmp_path, where):
+    """14 levels with two links each to the next: one row, not 2 ** 15. A folder inside the input is listed at
+    its real place (its real path is the key); one outside it through the first link that reaches it."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    _link_dag(root, root if where == "inside" else tmp_path / "elsewhere", 14)
+    listing = list_inputs([parse_input(str(root))], {})
+    keys = listing.table.column("key").to_pylist()
+    assert len(keys) == 1
+    if where == "inside":
+        assert keys == ["f13/only.jpg"]
+    else:
+        assert keys[0].endswith("/only.jpg") and keys[0].startswith("l1/")
+
+
+def test_names_that_are_not_utf8_are_counted_and_shown_and_a_too_long_path_is_named(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "fine.jpg").write_bytes(b"x")
+    (root / os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"x")  # a Latin-1 name, as old cameras and Windows shares write
+    listing = list_inputs([parse_input(str(root))], {})
+    assert listing.table.column("key").to_pylist() == ["fine.jpg"]
+    assert listing.skipped_count == 1 and "caf\\xe9.jpg (name is not UTF-8" in listing.skipped[0]
+    deep = root / "deep"
+    deep.mkdir()
+    os.chdir(deep)
+    try:
+        for _ in range(22):  # 22 levels of 200 characters: a path over PATH_MAX (4096)
+            os.mkdir("d" * 200)
+            os.chdir("d" * 200)
+    finally:
+        os.chdir(tmp_path)
+    with pytest.raises(SourceError, match=r"cannot list folder .*File name too long.*shorten the path"):
+        list_inputs([parse_input(str(root))], {})
+
+
+def test_a_local_name_with_a_double_colon_is_one_file_not_a_chained_url(tmp_path):
+    from pipeline.stages.sources import read_bytes
+
+    (tmp_path / "red.jpg").write_bytes(b"red")
+    (tmp_path / "red.jpg::blue.jpg").write_bytes(b"the file itself")
+    keys = list_inputs([parse_input(str(tmp_path))], {}).table.column("path").to_pylist()
+    assert str(tmp_path / "red.jpg::blue.jpg") in keys
+    assert read_bytes(str(tmp_path / "red.jpg::blue.jpg"), {}) == b"the file itself"
 
 
 def test_a_folder_that_cannot_be_listed_fails_loudly(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.config import ConfigError
-from pipeline.stages.listing import MAX_SKIPPED_EXAMPLES, ListingUnit, UnitTally, list_unit, listing_units
+from pipeline.stages.listing import MAX_SKIPPED_EXAMPLES, ListingUnit, UnitTally, distinct_units, list_unit, listing_units
 from pipeline.stages.plan import (
     Plan,
     Shard,
@@ -89,6 +89,7 @@ def build_plan(
     schemas: list[pa.Schema] = []
     tallies: dict[str, UnitTally] = {}
     key_units: list[str] = []
+    folders: set[tuple[int, int]] = set()  # local folders listed (device, inode): each once, whatever links reach it
     listed = 0
     while pending or in_flight:
         while pending and len(in_flight) < LISTING_TASKS_IN_FLIGHT:
@@ -98,7 +99,7 @@ def build_plan(
         for ref in ready:
             in_flight.pop(ref)
             result: ListedUnit = unwrap(ray, ref)
-            pending.extend(result.more)
+            pending.extend(distinct_units(result.more, folders))
             shards.extend(result.shards)
             if on_shards is not None and result.shards:
                 on_shards(result.shards)

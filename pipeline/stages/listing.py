@@ -55,6 +55,7 @@ class ListingUnit:
     prefix: str = ""  # folders: the level this unit lists (filesystem path)
     depth: int = 0  # folders: levels below the root; at FAN_OUT_DEPTH the subtree is walked whole
     ancestors: tuple[tuple[int, int], ...] = ()  # local folders: (device, inode) of the folders above, against symlink loops
+    folder: tuple[int, int] | None = None  # local folders: (device, inode) of this unit's own folder, listed once per job
     row_groups: tuple[int, ...] | None = None  # Parquet manifests: the row groups of this unit; None: the whole file
     byte_range: tuple[int, int] | None = None  # CSV manifests: the lines starting in [start, end); None: the whole file
     input_index: int = 0  # the input's place among the job's inputs
@@ -171,6 +172,9 @@ def list_unit(unit: ListingUnit, storage_options: Mapping[str, Any]) -> UnitList
     paths: list[str] = []
     skipped: list[str] = []
     for file_path in sorted(set(found)):
+        if not _is_utf8(file_path):  # Arrow strings (and every consumer of the output) need UTF-8: a counted skip
+            skipped.append(f"{_shown_name(file_path)} (name is not UTF-8: rename it, e.g. convmv -f latin1 -t utf8)")
+            continue
         key = posixpath.basename(file_path) if spec.kind == "file" else _relative_key(file_path, root)
         if spec.kind == "file" or _is_image_key(key):
             keys.append(key)
@@ -210,10 +214,11 @@ def list_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]) 
     pending = listing_units(specs, storage_options)
     tables: list[pa.Table] = []
     found: dict[str, UnitTally] = {}
+    folders: set[tuple[int, int]] = set()
     while pending:
         unit = pending.pop()
         listed = list_unit(unit, storage_options)
-        pending.extend(listed.more)
+        pending.extend(distinct_units(listed.more, folders))
         tables.append(listed.table)
         found.setdefault(unit.spec.uri, UnitTally()).add(listed.table.num_rows, listed.skipped, listed.skipped_count)
     for spec in specs:
@@ -259,6 +264,20 @@ def concat_listings(tables: Sequence[pa.Table]) -> pa.Table:
         raise SourceError(f"inputs disagree on a column's type ({error}); give the manifests matching column types") from error
 
 
+def _is_utf8(name: str) -> bool:
+    """Whether a listed name is valid UTF-8 (a name that is not arrives with surrogate escapes, PEP 383)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown_name(name: str) -> str:
+    """A name that is not UTF-8, printable and unambiguous: its undecodable bytes as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _relative_key(path: str, root: str) -> str:
     if path == root:
         return posixpath.basename(path)  # a directory input that turned out to be a single object
@@ -285,21 +304,29 @@ def _glob_files(spec: InputSpec, fs: fsspec.AbstractFileSystem, path: str) -> li
 
 
 def _walk_local(unit: ListingUnit) -> tuple[list[str], list[ListingUnit]]:
-    """Files at and below `unit.prefix`, following symlinked folders; the next levels as units while fanning out."""
+    """Files at and below `unit.prefix`, following symlinked folders; the next levels as units while fanning out.
+
+    Each real folder is listed once: a symlink to a folder inside the input is not followed (the folder is listed
+    at its real place, under its real path's keys), and a folder outside it reached by several links is listed
+    through the first (`distinct_units` does the same across units). A DAG of links cannot multiply rows.
+    """
     files: list[str] = []
     more: list[ListingUnit] = []
+    root_real = os.path.realpath(unit.root or unit.prefix)
+    entered: set[tuple[int, int]] = set()
     stack = [(unit.prefix, unit.depth, unit.ancestors)]
     while stack:
         folder, depth, ancestors = stack.pop()
         try:
             here = os.stat(folder)
-            entries = list(os.scandir(folder))
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
         except OSError as error:
             raise SourceError(
                 f"cannot list folder {folder} of input {unit.spec.uri} ({error.strerror or error}); its images would be "
                 "missing from the output: fix its permissions, or list the inputs in a manifest"
             ) from None
         chain = (*ancestors, (here.st_dev, here.st_ino))
+        entered.add((here.st_dev, here.st_ino))
         for entry in entries:
             if entry.name in OUTPUT_MARKERS:
                 continue
@@ -310,15 +337,44 @@ def _walk_local(unit: ListingUnit) -> tuple[list[str], list[ListingUnit]]:
             if not is_dir:
                 files.append(entry.path)  # a broken link named like an image still gets its row (a read error)
                 continue
-            target = entry.stat()
-            if (target.st_dev, target.st_ino) in chain or not stat.S_ISDIR(target.st_mode):
+            try:
+                target = entry.stat()
+            except OSError as error:  # e.g. a path longer than the system allows (PATH_MAX)
+                raise SourceError(
+                    f"cannot list folder {entry.path} of input {unit.spec.uri} ({error.strerror or error}); its images would "
+                    "be missing from the output: shorten the path (move the folder up), or list the inputs in a manifest"
+                ) from None
+            identity = (target.st_dev, target.st_ino)
+            if identity in chain or not stat.S_ISDIR(target.st_mode):
                 log.warning("not entering %s again: it links to a folder above it", entry.path)
                 continue
+            if entry.is_symlink() and _inside(os.path.realpath(entry.path), root_real):
+                continue  # listed at its real place in this input
+            if identity in entered:
+                continue  # reached through another link already
+            entered.add(identity)
             if depth + 1 < FAN_OUT_DEPTH:
-                more.append(replace(unit, prefix=entry.path, depth=depth + 1, ancestors=chain))
+                more.append(replace(unit, prefix=entry.path, depth=depth + 1, ancestors=chain, folder=identity))
             else:
                 stack.append((entry.path, depth + 1, chain))
     return files, more
+
+
+def distinct_units(units: Sequence[ListingUnit], seen: set[tuple[int, int]]) -> list[ListingUnit]:
+    """The units whose local folder has not been listed in this job yet (`seen`, updated); units of other kinds
+    pass. Two links to one folder outside the input then list it once, through the first to arrive."""
+    out = []
+    for unit in units:
+        if unit.folder is not None:
+            if unit.folder in seen:
+                continue
+            seen.add(unit.folder)
+        out.append(unit)
+    return out
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _walk_remote(unit: ListingUnit, fs: fsspec.AbstractFileSystem) -> tuple[list[str], list[ListingUnit]]:

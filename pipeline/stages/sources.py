@@ -106,13 +106,17 @@ def filesystem_for(uri: str, storage_options: Mapping[str, Any]) -> tuple[fsspec
     """The fsspec filesystem serving `uri`, and the path within it.
 
     Args:
-        uri: a local path or a URI (s3://bucket/key, memory://..., chained URLs).
+        uri: a local path or a URI (s3://bucket/key, memory://..., chained URLs). An absolute local path is
+            taken literally: `/data/red.jpg::blue.jpg` is one file, never a chained URL (a chain starts with
+            a protocol, never with `/`).
         storage_options: passed unchanged to the remote filesystem's constructor; ignored for local
             paths, since they hold settings for the remote store (s3 keys would mean nothing there).
 
     Returns:
         (filesystem, path without protocol), e.g. (S3FileSystem, "bucket/key").
     """
+    if uri.startswith("/"):
+        return fsspec.filesystem("file"), uri
     protocol, _ = fsspec.core.split_protocol(uri)
     options = {} if protocol in LOCAL_PROTOCOLS else dict(storage_options)
     return fsspec.core.url_to_fs(uri, **options)
