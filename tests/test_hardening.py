@@ -358,6 +358,34 @@ def test_the_listing_tasks_list_odd_names_literally_and_each_real_folder_once(tm
     assert "caf\\xe9.jpg (name is not UTF-8" in manifest["counts"]["non_image_examples"][0]
 
 
+@pytest.mark.slow
+def test_a_large_csv_whose_quoted_line_breaks_cross_a_range_edge_plans_every_record_once(tmp_path, ray_local, capsys, caplog):
+    """Over 64 MiB, a CSV manifest is listed in byte ranges by parallel tasks. Every note here is a quoted field
+    holding a line break, whose second line names a real image: an edge falls inside one, and the plan once had
+    1,001 images for 1,000 records. The listing tasks now find the split record and list the file whole."""
+    from pipeline.cli.main import main
+    from pipeline.stages.listing import CSV_UNIT_BYTES
+
+    images = tmp_path / "images"
+    names = _photos(images, 2)
+    records = 1000
+    filler = "x" * (CSV_UNIT_BYTES // records + 512)
+    with open(tmp_path / "manifest.csv", "w") as out:
+        out.write("path,key,note\n")
+        for index in range(records):
+            out.write(f'images/{names[index % 2]},k{index:04d},"{filler}\nimages/{names[0]},phantom{index},{filler[:99]}"\n')
+    assert (tmp_path / "manifest.csv").stat().st_size > CSV_UNIT_BYTES
+    code = main(["plan", str(tmp_path / "manifest.csv"), "--labels", str(_labels(tmp_path)), "--output", str(tmp_path / "out"),
+                 "--model", TINY_MODEL, "--pretrained", "random"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    assert f"{records} images" in captured.out
+    assert "listing it whole" in caplog.text
+    plan = json.loads((tmp_path / "out" / "_plan" / "plan.json").read_text())
+    assert sum(rows for _, rows in plan["shards"]) == records
+    assert len(list((tmp_path / "out" / "_plan" / "shards").iterdir())) == len(plan["shards"])  # the ranges' shards are gone
+
+
 def test_scheme_check_allows_what_the_user_enables():
     assert schemes_of("/data/a.jpg") == schemes_of("file:///data/a.jpg") == ["file"]
     assert schemes_of("s3a://b/k") == ["s3"] and schemes_of("simplecache::s3://b/k") == ["simplecache", "s3"]

@@ -154,6 +154,32 @@ def test_a_csv_manifest_in_byte_ranges_lists_every_row_once(tmp_path, unit_bytes
         assert joined.column("weight").to_pylist() == whole.column("weight").to_pylist()
 
 
+QUOTED_BREAKS = (
+    "path,key,note\n"
+    + "".join(f"/images/r{i:03d}.jpg,r{i:03d},plain {i}\n" for i in range(20))
+    + '/images/q.jpg,q,"a note that runs\n/images/phantom.jpg,phantom,over\nthree lines"\n'
+    + "".join(f"/images/s{i:03d}.jpg,s{i:03d},plain {i}\n" for i in range(20))
+)
+
+
+@pytest.mark.parametrize("unit_bytes", [16, 40, 97, 300, 10**6])
+def test_a_quoted_line_break_across_a_range_edge_is_never_guessed(tmp_path, unit_bytes):
+    """A quoted field holding line breaks, cut by a range's edge, once planned phantom rows (a continuation line
+    naming `phantom.jpg`) and a truncated note; now the file is listed whole, exactly as a single read."""
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes(QUOTED_BREAKS.encode())
+    spec = parse_input(str(manifest))
+    units = listing.listing_units([spec], {}, csv_unit_bytes=unit_bytes)
+    first, last = QUOTED_BREAKS.index('"'), QUOTED_BREAKS.rindex('"')
+    if any(first < unit.byte_range[0] <= last for unit in units if unit.byte_range):  # an edge inside the field
+        assert any(list_unit(unit, {}).splits_record for unit in units)  # so some range's quotes do not pair up
+    listed = list_inputs([spec], {}, csv_unit_bytes=unit_bytes).table
+    keys = listed.column("key").to_pylist()
+    assert len(keys) == 41 and "phantom" not in keys
+    notes = dict(zip(keys, listed.column("note").to_pylist()))
+    assert notes["q"] == "a note that runs\n/images/phantom.jpg,phantom,over\nthree lines"
+
+
 def _csv_key(line: str) -> str:
     return line.split(",")[1]
 
@@ -288,6 +314,22 @@ def test_a_folder_that_cannot_be_listed_fails_loudly(tmp_path, monkeypatch):
     monkeypatch.setattr(listing.os, "scandir", scandir)
     with pytest.raises(SourceError, match=r"cannot list folder .*locked .*Permission denied.*would be missing"):
         list_inputs([parse_input(str(tmp_path))], {})
+
+
+def test_an_s3_prefix_lists_objects_under_empty_path_segments_at_every_depth(s3_server, s3_bucket):
+    """`p//b.jpg` is an object like any other: S3 shows its empty segment as a sub-prefix named like its parent,
+    which the fan-out levels once took for the parent's own marker and dropped without a count."""
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    bucket = s3_bucket.removeprefix("s3://")
+    keys = ["a.jpg", "/b.jpg", "//e.jpg", "x/d.jpg", "x//c.jpg", "x/y//f.jpg", "x/y/z/w//g.jpg"]
+    for key in keys:
+        fs.pipe_file(f"{bucket}/p/{key}", key.encode())
+    listing = list_inputs([parse_input(f"s3://{bucket}/p/")], s3_server.storage_options)
+    assert sorted(listing.table.column("key").to_pylist()) == sorted(keys)
+    from pipeline.stages.sources import read_bytes
+
+    for key, path in zip(listing.table.column("key").to_pylist(), listing.table.column("path").to_pylist()):
+        assert read_bytes(path, s3_server.storage_options) == key.encode()  # read literally: each its own object
 
 
 def test_an_s3_prefix_fans_out_over_sub_prefixes(s3_server, s3_bucket, tmp_path):

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -25,6 +25,7 @@ from pipeline.stages.plan import (
     duplicate_keys,
     keys_path,
     raise_on_duplicates,
+    shard_path,
     unify_schemas,
     write_keys,
     write_plan,
@@ -50,6 +51,7 @@ class ListedUnit:
     skipped: list[str] = field(default_factory=list)
     skipped_count: int = 0
     keys_written: bool = False
+    splits_record: bool = False  # a CSV byte range whose quotes do not pair up (`UnitListing.splits_record`)
 
 
 def build_plan(
@@ -90,27 +92,57 @@ def build_plan(
     tallies: dict[str, UnitTally] = {}
     key_units: list[str] = []
     folders: set[tuple[int, int]] = set()  # local folders listed (device, inode): each once, whatever links reach it
+    # CSV manifests listed in byte ranges: a file's ranges are held until all are listed, then taken, or, if one
+    # split a quoted record, dropped (their shards deleted) and the file listed whole
+    ranges_left: dict[str, int] = {}
+    for unit in pending:
+        if unit.byte_range is not None:
+            ranges_left[unit.spec.uri] = ranges_left.get(unit.spec.uri, 0) + 1
+    held: dict[str, list[ListedUnit]] = {}
+    whole: set[str] = set()
     listed = 0
+
+    def take(result: ListedUnit) -> None:
+        nonlocal listed
+        pending.extend(distinct_units(result.more, folders))
+        shards.extend(result.shards)
+        if on_shards is not None and result.shards:
+            on_shards(result.shards)
+        schemas.append(result.schema)
+        images = sum(shard.rows for shard in result.shards)
+        tallies.setdefault(result.input_uri, UnitTally()).add(images, result.skipped, result.skipped_count)
+        if result.keys_written:
+            key_units.append(result.unit_id)
+        listed += 1
+        if on_progress is not None:
+            on_progress(listed, sum(t.images for t in tallies.values()))
+
     while pending or in_flight:
         while pending and len(in_flight) < LISTING_TASKS_IN_FLIGHT:
             unit = pending.pop()
             in_flight[list_task.remote(unit, output, dict(storage_options), shard_size, check_keys)] = unit
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in ready:
-            in_flight.pop(ref)
+            unit = in_flight.pop(ref)
             result: ListedUnit = unwrap(ray, ref)
-            pending.extend(distinct_units(result.more, folders))
-            shards.extend(result.shards)
-            if on_shards is not None and result.shards:
-                on_shards(result.shards)
-            schemas.append(result.schema)
-            images = sum(shard.rows for shard in result.shards)
-            tallies.setdefault(result.input_uri, UnitTally()).add(images, result.skipped, result.skipped_count)
-            if result.keys_written:
-                key_units.append(result.unit_id)
-            listed += 1
-            if on_progress is not None:
-                on_progress(listed, sum(t.images for t in tallies.values()))
+            if unit.byte_range is None:
+                take(result)
+                continue
+            uri = unit.spec.uri
+            if uri in whole:
+                _drop(fs, root, [result])
+                continue
+            if result.splits_record:
+                log.warning("manifest %s has a quoted field with a line break across a byte range's edge: listing it whole", uri)
+                whole.add(uri)
+                _drop(fs, root, held.pop(uri, []))
+                pending.append(replace(unit, byte_range=None))
+                continue
+            held.setdefault(uri, []).append(result)
+            ranges_left[uri] -= 1
+            if ranges_left[uri] == 0:
+                for each in held.pop(uri):
+                    take(each)
     for spec in specs:
         tallies.get(spec.uri, UnitTally()).check(spec)
     images = sum(shard.rows for shard in shards)
@@ -137,6 +169,15 @@ def build_plan(
     return plan
 
 
+def _drop(fs: fsspec.AbstractFileSystem, root: str, results: Sequence[ListedUnit]) -> None:
+    """Delete the shard and key files that listing tasks wrote for units whose listing is discarded."""
+    for result in results:
+        for shard in result.shards:
+            fs.rm(shard_path(root, shard.id))
+        if result.keys_written:
+            fs.rm(keys_path(root, result.unit_id))
+
+
 def _list_unit_task(unit: ListingUnit, output: str, storage_options: dict[str, Any], shard_size: int, check_keys: bool) -> ListedUnit:
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
     root = root.rstrip("/")
@@ -154,6 +195,7 @@ def _list_unit_task(unit: ListingUnit, output: str, storage_options: dict[str, A
         skipped=listed.skipped,
         skipped_count=listed.skipped_count,
         keys_written=check_keys and table.num_rows > 0,
+        splits_record=listed.splits_record,
     )
 
 

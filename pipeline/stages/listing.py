@@ -77,6 +77,13 @@ class UnitListing:
     more: list[ListingUnit] = field(default_factory=list)  # sub-folders, each for its own task
     skipped: list[str] = field(default_factory=list)  # the first few skipped files, full URIs
     skipped_count: int = 0
+    # a CSV byte range whose text leaves a quote open: a record crosses an edge, so the file's ranges cannot be
+    # trusted (their edges may fall inside quoted fields) and the file is listed whole instead
+    splits_record: bool = False
+
+
+class _RecordAcrossRanges(Exception):
+    """A CSV byte range holds an odd number of quote characters: a quoted field runs across one of its edges."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,10 @@ def list_unit(unit: ListingUnit, storage_options: Mapping[str, Any]) -> UnitList
     """
     spec = unit.spec
     if spec.kind == "manifest":
-        return UnitListing(_list_manifest(spec, storage_options, unit.row_groups, unit.byte_range))
+        try:
+            return UnitListing(_list_manifest(spec, storage_options, unit.row_groups, unit.byte_range))
+        except _RecordAcrossRanges:
+            return UnitListing(pa.table({"key": pa.array([], pa.string()), "path": pa.array([], pa.string())}), splits_record=True)
     fs, path = filesystem_for(spec.uri, storage_options)
     path = path.rstrip("/") or path
     more: list[ListingUnit] = []
@@ -185,7 +195,7 @@ def list_unit(unit: ListingUnit, storage_options: Mapping[str, Any]) -> UnitList
     return UnitListing(table, more, skipped[:MAX_SKIPPED_EXAMPLES], len(skipped))
 
 
-def list_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]) -> Listing:
+def list_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any], csv_unit_bytes: int = CSV_UNIT_BYTES) -> Listing:
     """List every image of every input as a (key, path) row, sorted by key, in this process.
 
     The labelling job lists the same units in parallel tasks (`listing_units`, `list_unit`); this is the
@@ -211,14 +221,26 @@ def list_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]) 
     """
     if not specs:
         raise SourceError("no inputs given; pass one or more directories, globs, files, s3:// prefixes or manifests")
-    pending = listing_units(specs, storage_options)
-    tables: list[pa.Table] = []
-    found: dict[str, UnitTally] = {}
+    pending = listing_units(specs, storage_options, csv_unit_bytes=csv_unit_bytes)
+    listed_units: list[tuple[ListingUnit, UnitListing]] = []
     folders: set[tuple[int, int]] = set()
+    whole: set[str] = set()  # CSV manifests whose ranges split a record: listed whole instead
     while pending:
         unit = pending.pop()
+        if unit.byte_range is not None and unit.spec.uri in whole:
+            continue
         listed = list_unit(unit, storage_options)
+        if listed.splits_record:
+            whole.add(unit.spec.uri)
+            pending.append(replace(unit, byte_range=None))
+            continue
         pending.extend(distinct_units(listed.more, folders))
+        listed_units.append((unit, listed))
+    tables: list[pa.Table] = []
+    found: dict[str, UnitTally] = {}
+    for unit, listed in listed_units:
+        if unit.byte_range is not None and unit.spec.uri in whole:
+            continue  # a range of a file listed whole
         tables.append(listed.table)
         found.setdefault(unit.spec.uri, UnitTally()).add(listed.table.num_rows, listed.skipped, listed.skipped_count)
     for spec in specs:
@@ -393,6 +415,11 @@ def _walk_remote(unit: ListingUnit, fs: fsspec.AbstractFileSystem) -> tuple[list
     more: list[ListingUnit] = []
     for entry in entries:
         name = entry["name"].rstrip("/")
+        if name == unit.prefix and entry.get("type") == "directory":
+            # an empty path segment (`p//b.jpg`): the store shows it as a sub-prefix named like this one; its
+            # objects are listed whole, by key, and keep the empty segment in their keys (`/b.jpg`)
+            files.extend(_under_empty_segment(fs, unit.prefix))
+            continue
         if name == unit.prefix or posixpath.basename(name) in OUTPUT_MARKERS:
             continue  # the prefix's own folder-marker object, or an output's bookkeeping
         if entry.get("type") == "directory":
@@ -400,6 +427,17 @@ def _walk_remote(unit: ListingUnit, fs: fsspec.AbstractFileSystem) -> tuple[list
         elif not entry["name"].endswith("/"):
             files.append(name)
     return files, more
+
+
+def _under_empty_segment(fs: fsspec.AbstractFileSystem, prefix: str) -> list[str]:
+    """The objects whose keys continue `prefix` with an empty path segment (`prefix//...`), at any depth."""
+    try:
+        found = fs.find(prefix, withdirs=False)
+    except Exception as error:
+        raise SourceError(
+            f"cannot list {fs.unstrip_protocol(prefix)}// ({type(error).__name__}: {error}); its objects would be missing"
+        ) from None
+    return [name for name in found if name.startswith(prefix.rstrip("/") + "//") and not name.endswith("/")]
 
 
 def _manifest_units(spec: InputSpec, fs: fsspec.AbstractFileSystem, path: str, unit_rows: int) -> list[ListingUnit]:
@@ -446,11 +484,15 @@ def _read_manifest_table(
             # Each range alone cannot tell a column's type (one range's "001" is a number, another's "a1" text),
             # so a manifest read in ranges keeps its columns as text: never a value rewritten by a guess.
             lines = _csv_lines(fs, path, byte_range)
+            # Quotes come in pairs in every whole record (a quote inside a quoted field is doubled): an odd count
+            # means a quoted field, line breaks and all, runs across an edge, and every edge after it is suspect.
+            if (lines.count(b'"') - lines.split(b"\n", 1)[0].count(b'"')) % 2:
+                raise _RecordAcrossRanges()
             names = pa_csv.open_csv(io.BytesIO(lines.split(b"\n", 1)[0] + b"\n")).schema.names
             text = pa_csv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=True)
             return pa_csv.read_csv(io.BytesIO(lines), convert_options=text)
-        with fs.open(path, "rb", compression="infer") as handle:
-            return pa_csv.read_csv(handle, convert_options=convert)
+        with fs.open(path, "rb", compression="infer") as handle:  # a quoted field may hold line breaks
+            return pa_csv.read_csv(handle, parse_options=pa_csv.ParseOptions(newlines_in_values=True), convert_options=convert)
     except FileNotFoundError as error:
         raise SourceError(f"manifest {spec.uri} does not exist; check the path") from error
     except (pa.ArrowInvalid, EOFError, UnicodeDecodeError) as error:
@@ -461,8 +503,8 @@ def _csv_lines(fs: fsspec.AbstractFileSystem, path: str, byte_range: tuple[int, 
     """The header line of a CSV file and every line that starts in `byte_range`: neighbouring ranges share no line.
 
     A line starting before `start` belongs to the range before; a line starting before `end` is read to its
-    end. A quoted field holding a line break can be cut by a range's edge: its range then fails to parse
-    (a wrong column count) and the job stops naming the manifest, rather than reading wrong rows.
+    end. A quoted field holding a line break can be cut by a range's edge: the range's quotes then do not pair
+    up, and the file is listed whole instead (`UnitListing.splits_record`), never guessed.
     """
     start, end = byte_range
     with fs.open(path, "rb") as handle:
