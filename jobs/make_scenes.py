@@ -91,10 +91,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-frame", type=int, default=None, help="plain test images per class (default: --per-class)")
     parser.add_argument("--seed", type=int, default=0, help="fixes every scene (default: %(default)s)")
     parser.add_argument("--data", default=FASHION_MNIST_DIR, help="folder of the Fashion-MNIST IDX files (default: %(default)s)")
+    parser.add_argument(
+        "--subset", type=int, nargs="*", default=[], metavar="N", help="also write manifest-N.csv: the first N scenes per class and group"
+    )
     args = parser.parse_args(argv)
     manifest = write_scenes(Path(args.output), args.per_class, tuple(args.scales), args.seed, args.full_frame, args.data)
     print(f"wrote {manifest}")
+    for size in args.subset:
+        print(f"wrote {write_subset(manifest, size)}")
     return 0
+
+
+def write_subset(manifest: Path, per_class: int) -> Path:
+    """`manifest-<per_class>.csv` beside `manifest`: its first `per_class` rows of each class in each group (a
+    smaller instrument for sweeps whose every setting costs encoder passes)."""
+    with manifest.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    seen: dict[tuple[str, str], int] = {}
+    kept = []
+    for row in rows:
+        cell = (row["group"], row["label"])
+        seen[cell] = seen.get(cell, 0) + 1
+        if seen[cell] <= per_class:
+            kept.append(row)
+    subset = manifest.with_name(f"manifest-{per_class}.csv")
+    with subset.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+    return subset
 
 
 if __name__ == "__main__":

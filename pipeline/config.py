@@ -25,6 +25,10 @@ DEFAULT_PROMPT = "a photo of a {}."
 # on the learned model's scenes (docs/EVALUATION.md, "Choosing the defaults"). wca's default is 0 (WCA's
 # official code aggregates the crops only).
 LGCA_GLOBAL_WEIGHT = 0.3
+# Crop sides as fractions of the shorter side when `crop_scale` is not given: WCA's paper setting for wca; for
+# lgca, smaller crops, whose lineages regrow the context (docs/EVALUATION.md, "Choosing the defaults").
+WCA_CROP_SCALE = (0.5, 0.9)
+LGCA_CROP_SCALE = (0.3, 0.7)
 DESCRIPTOR_WEIGHTS = ("softmax", "mean")
 REGION_POOLS = ("lineages", "all")
 SELECTIONS = ("pool", "lineages")
@@ -59,12 +63,12 @@ class ScoringConfig:
 
     method: str = "lgca"  # clip | ensemble | descriptors | wca | lgca
     crops: int = 60  # N: local crops per image (wca, lgca)
-    crop_scale: tuple[float, float] = (0.5, 0.9)  # (alpha, beta): crop side as a fraction of min(W, H)
+    crop_scale: tuple[float, float] | None = None  # (alpha, beta): crop side as a fraction of min(W, H); None: the method's default
     crop_layout: str = "random"  # random: seeded uniform crops; grid: sqrt(N) x sqrt(N) tiles at one scale
-    saliency: str = "margin"  # margin: top-1 minus top-2 of the region's class probabilities | class | global | agreement
+    saliency: str = "class"  # class: the region's best class similarity | margin: its top-1 minus top-2 probability | global | agreement
     steps: int = 3  # T: expansion steps (lgca)
     regions: int = 2  # K: regions selected and grown per step (lgca)
-    growth: float = 1.4  # gamma: growth of a selected region's side, capped at min(W, H)
+    growth: float = 2.0  # gamma: growth of a selected region's side, capped at min(W, H)
     growth_target: float | None = None  # if set, lineages grow geometrically to this fraction of min(W, H) at step T
     overlap_iou: float = 0.5  # a selected region overlaps earlier selections (its ancestors aside) at most this much
     image_scale: float = 4.0  # region weights: softmax(exp(image_scale) * <f(b), f(x)>)
@@ -77,12 +81,12 @@ class ScoringConfig:
     region_pool: str = "lineages"
     selection: str = "pool"  # pool: each step grows the K most salient regions of the pool | lineages: K crops once, grown every step
     level_aggregation: str = "embedding"  # per level: embedding, <normalise(sum u_b f(b)), T_c> | similarity, sum u_b <f(b), T_c>
-    lineage_weights: str = "uniform"  # u_b within a level: uniform | saliency, softmax(saliency_scale * sigma(b))
+    lineage_weights: str = "saliency"  # u_b within a level: saliency, softmax(saliency_scale * sigma(b)) | uniform
     saliency_scale: float = 20.0  # temperature of saliency lineage weights
     level0: str = "selected"  # level 0 of the lineage term: the selected crops | all local crops, with WCA's weights
     # fixed: lambda for every image | confidence: lambda + (1 - lambda) * m, m the global view's top-1 minus top-2
     # probability, so a confident whole image keeps its say and an unsure one defers to its lineages
-    global_weight_rule: str = "fixed"
+    global_weight_rule: str = "confidence"
     # confidence cascade (lgca): an image whose global view alone gives a top-1 minus top-2 probability of at
     # least this keeps that (descriptors) result; only the others get crops and expansion. None: off
     cascade_margin: float | None = None
@@ -92,7 +96,8 @@ class ScoringConfig:
     descriptor_weights: str = "softmax"  # descriptors method: softmax (METHOD.md) | mean (CuPL's plain mean, WCA's baseline)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
+        if self.crop_scale is not None:
+            object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
         _require(self.method in METHODS, f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         _require(self.saliency in SALIENCY_RULES, f"saliency {self.saliency!r} is unknown; choose one of {', '.join(SALIENCY_RULES)}")
         _require(self.crop_layout in CROP_LAYOUTS, f"crop layout {self.crop_layout!r} is unknown; choose random or grid")
@@ -100,7 +105,7 @@ class ScoringConfig:
         _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         _require(self.regions >= 0, f"regions must be >= 0, got {self.regions}")
         _require(
-            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            self.crop_scale is None or (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1),
             f"crop scale must be two numbers 0 < alpha <= beta <= 1, got {self.crop_scale}",
         )
         _require(self.growth >= 1.0, f"growth must be >= 1 (a grown region contains its parent), got {self.growth}")
@@ -184,6 +189,18 @@ class ScoringConfig:
         return LGCA_GLOBAL_WEIGHT if method == "lgca" else 0.0
 
     @property
+    def view_crop_scale(self) -> tuple[float, float]:
+        """(alpha, beta) of the configured method: `crop_scale`, or the method's default when it is None."""
+        return self.crop_scale_for(self.method)
+
+    def crop_scale_for(self, method: str) -> tuple[float, float]:
+        """(alpha, beta) with which `method` cuts its crops: `crop_scale`, else WCA_CROP_SCALE for wca (and the
+        global-only methods, which cut none) and LGCA_CROP_SCALE for lgca."""
+        if self.crop_scale is not None:
+            return self.crop_scale  # type: ignore[return-value]
+        return LGCA_CROP_SCALE if method == "lgca" else WCA_CROP_SCALE
+
+    @property
     def grown_views(self) -> int:
         """K * T for lgca, else 0."""
         return self.regions * self.steps if self.method == "lgca" else 0
@@ -194,9 +211,10 @@ class ScoringConfig:
         return 1 + (self.crops if self.uses_crops else 0) + self.grown_views
 
     def to_dict(self) -> dict[str, Any]:
-        """The parameters as recorded in provenance: lambda is the value the method scores with, never None."""
+        """The parameters as recorded in provenance: lambda and the crop scale are the values the method scores
+        with, never None."""
         out = asdict(self)
-        out["crop_scale"] = list(self.crop_scale)
+        out["crop_scale"] = list(self.view_crop_scale)
         out["global_weight"] = self.view_global_weight
         return out
 

@@ -475,10 +475,10 @@ FULL_JOB = JobConfig(
         region_pool="all",
         selection="lineages",
         level_aggregation="similarity",
-        lineage_weights="saliency",
+        lineage_weights="uniform",
         saliency_scale=5.0,
         level0="all",
-        global_weight_rule="confidence",
+        global_weight_rule="fixed",
         cascade_margin=0.25,
     ),
     decode=DecodeConfig(

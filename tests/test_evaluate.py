@@ -226,6 +226,7 @@ ANALYTIC = ScoringConfig(
     regions=1,
     steps=3,
     region_pool="all",  # revision 2's region term, whose sums the comments below count; lineages: see the test
+    global_weight_rule="fixed",
 )
 
 
@@ -626,8 +627,10 @@ def test_cli_with_random_weights_runs_end_to_end_and_reports_chance(tmp_path, ca
         assert record["model"] == "lgca-tiny-vit" and record["dataset"] == "photos"
     assert records["lgca"]["runs"] == 2 and len(records["lgca"]["acc1_runs"]) == 2 and "acc1_std" in records["lgca"]
     assert records["clip"]["runs"] == 1
-    # every view once: one global view, then per seed 4 crops and 1 grown region
-    assert document["encoder_views"] == 16 * (1 + 2 * (4 + 1))
+    # every view once: one global view, then per seed lgca's 4 crops and 1 grown region, and wca's own 4 crops
+    # (wca keeps WCA's crop scale, lgca defaults to smaller crops: their crops are not the same boxes)
+    assert document["encoder_views"] == 16 * (1 + 2 * (4 + 1) + 2 * 4)
+    assert records["wca"]["scoring"]["crop_scale"] == [0.5, 0.9] and records["lgca"]["scoring"]["crop_scale"] == [0.3, 0.7]
 
 
 def test_cli_sweep_prints_a_row_per_setting_and_reports_skipped_ones(tmp_path, capsys):

@@ -81,7 +81,7 @@ def test_an_unselected_crop_counts_under_all(changes):
 def test_the_lineage_term_averages_the_levels_by_hand(model, images):
     """S = lambda <k0, T_c> + (1 - lambda) mean_t <normalise(mean of level t's lineage boxes), T_c>, recomputed
     from the views with plain numpy."""
-    config = ScoringConfig(method="lgca", global_weight=0.4, **SMALL)
+    config = ScoringConfig(method="lgca", global_weight=0.4, global_weight_rule="fixed", lineage_weights="uniform", **SMALL)
     scorer = scorer_for(model, config)
     keys = [f"h{i}" for i in range(len(images))]
     views = scorer.embed(images, keys)
@@ -108,8 +108,8 @@ def test_lambda_one_and_the_default_lambda_under_lineages(model, images):
     descriptors = scorer_for(model, ScoringConfig(method="descriptors")).score(images, keys)
     for a, b in zip(one, descriptors):
         np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=0, atol=1e-6)
-    default = scorer_for(model, ScoringConfig(method="lgca", **SMALL)).score(images, keys)
-    assert all(r.view_shares[0] == LGCA_GLOBAL_WEIGHT for r in default)
+    fixed = scorer_for(model, ScoringConfig(method="lgca", global_weight_rule="fixed", **SMALL)).score(images, keys)
+    assert all(r.view_shares[0] == LGCA_GLOBAL_WEIGHT for r in fixed)
 
 
 def test_the_pooling_choices_change_the_score(model, images):
@@ -119,10 +119,10 @@ def test_the_pooling_choices_change_the_score(model, images):
     default = np.stack([r.probabilities for r in scorer_for(model, base).score(images, keys)])
     for changes in (
         dict(level_aggregation="similarity"),
-        dict(lineage_weights="saliency"),
+        dict(lineage_weights="uniform"),
         dict(level0="all"),
         dict(region_pool="all"),
-        dict(global_weight_rule="confidence"),
+        dict(global_weight_rule="fixed"),
         dict(selection="lineages"),
     ):
         other = np.stack([r.probabilities for r in scorer_for(model, dataclasses.replace(base, **changes)).score(images, keys)])
@@ -212,5 +212,10 @@ def test_cascade_rows_equal_their_scoring_alone_and_only_escalated_images_get_cr
         else:
             alone = _colour_scorer(ScoringConfig(method="descriptors")).score([image], [key])[0]
             assert plain.margin >= threshold and result.boxes == [] and result.method == "descriptors"
-        assert result.label == alone.label and result.boxes == alone.boxes
+        assert result.label == alone.label and len(result.boxes) == len(alone.boxes)
+        for mine, single in zip(result.boxes, alone.boxes):  # the same boxes; float sums of a batch may differ in the last bit
+            assert (mine.x0, mine.y0, mine.x1, mine.y1, mine.level, mine.parent, mine.label) == (
+                single.x0, single.y0, single.x1, single.y1, single.level, single.parent, single.label
+            )
+            assert mine.saliency == pytest.approx(single.saliency, abs=1e-5) and mine.score == pytest.approx(single.score, abs=1e-5)
         np.testing.assert_allclose(result.probabilities, alone.probabilities, rtol=0, atol=1e-6)

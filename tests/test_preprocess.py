@@ -275,7 +275,7 @@ def test_a_file_gives_the_same_pixels_through_the_api_eval_and_run(tmp_path, mak
     path = tmp_path / "image.png"
     path.write_bytes(data)
     decode = decode_config(224, ScoringConfig(method="lgca"))  # what `lgca run` and `lgca eval` decode at
-    assert decode.min_short_side == 448
+    assert decode.min_short_side == 747  # ceil(224 / 0.3): lgca's smallest crop, 0.3 of the shorter side, is 224 pixels
     pipeline = decode_image(data, decode)  # the decoder of `lgca run` and `lgca eval`
     from_path, size = to_pixels(path, decode)
     from_pil, pil_size = to_pixels(Image.open(path), decode)

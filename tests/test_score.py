@@ -16,8 +16,9 @@ from pipeline.scoring.text import class_vectors
 from .analytic import COLOURS, PALETTE, VIEW, ColourEncoder, encode_colour_text, make_scene
 from .tiny import CLASSES, random_images, scorer_for, tiny_model
 
-SMALL = dict(crops=8, steps=2, regions=2)
-ALL = dict(region_pool="all")  # revision 2's region term: every crop and grown box with WCA's weights
+SMALL = dict(crops=8, steps=2, regions=2, crop_scale=(0.5, 0.9))  # one crop scale: wca and lgca cut the same crops
+ALL = dict(region_pool="all", global_weight_rule="fixed")  # revision 2's region term: every crop and grown box, WCA's weights
+WCA_CROPS = dict(crop_scale=(0.5, 0.9))  # lgca cutting wca's crops, for the identities between them
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +42,14 @@ def _probabilities(model, config, images, **kwargs):
 
 @pytest.mark.parametrize("global_weight", [0.0, LGCA_GLOBAL_WEIGHT, 0.7])
 def test_lgca_all_regions_without_regions_equals_wca(model, images, global_weight):
-    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=0, steps=3, global_weight=global_weight, **ALL), images)
+    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=0, steps=3, global_weight=global_weight, **ALL, **WCA_CROPS), images)
     wca = _probabilities(model, ScoringConfig(method="wca", crops=8, global_weight=global_weight), images)
     np.testing.assert_array_equal(lgca, wca)
 
 
 @pytest.mark.parametrize("global_weight", [0.0, LGCA_GLOBAL_WEIGHT, 0.7])
 def test_lgca_all_regions_without_steps_equals_wca(model, images, global_weight):
-    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=2, steps=0, global_weight=global_weight, **ALL), images)
+    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=2, steps=0, global_weight=global_weight, **ALL, **WCA_CROPS), images)
     wca = _probabilities(model, ScoringConfig(method="wca", crops=8, global_weight=global_weight), images)
     np.testing.assert_array_equal(lgca, wca)
 
@@ -64,7 +65,7 @@ def test_lgca_lineages_without_lineages_equal_descriptors(model, images, shape):
 def test_lgca_and_wca_default_to_other_global_weights(model, images):
     """lgca's lambda defaults to LGCA_GLOBAL_WEIGHT, wca's to 0 (crops only, as WCA's code): with no regions
     grown they differ by lambda alone."""
-    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=0, **ALL), images)
+    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=0, **ALL, **WCA_CROPS), images)
     wca = _probabilities(model, ScoringConfig(method="wca", crops=8), images)
     same_lambda = _probabilities(model, ScoringConfig(method="wca", crops=8, global_weight=LGCA_GLOBAL_WEIGHT), images)
     np.testing.assert_array_equal(lgca, same_lambda)
@@ -120,9 +121,9 @@ def test_methods_differ_from_each_other(model, images):
     [
         ScoringConfig(method="wca", crops=8),
         ScoringConfig(method="wca", crops=8, global_weight=0.4),
-        ScoringConfig(method="lgca", **SMALL),
-        ScoringConfig(method="lgca", global_weight=0.0, **SMALL),
-        ScoringConfig(method="lgca", global_weight=0.9, expand_weight=5.0, **SMALL),
+        ScoringConfig(method="lgca", global_weight_rule="fixed", **SMALL),
+        ScoringConfig(method="lgca", global_weight=0.0, global_weight_rule="fixed", **SMALL),
+        ScoringConfig(method="lgca", global_weight=0.9, expand_weight=5.0, global_weight_rule="fixed", **SMALL),
     ],
     ids=lambda c: f"{c.method}-lambda{c.global_weight}-m{c.expand_weight}",
 )
@@ -212,7 +213,7 @@ def test_crops_do_not_depend_on_the_decode_scale(model):
     scorer = scorer_for(model, ScoringConfig(method="lgca", crops=6, steps=1, regions=1, saliency="global"))
     a = scorer.score([full], ["same"], sizes=[size])[0]
     b = scorer.score([half], ["same"], sizes=[size])[0]
-    sampled = sample_crops("same", size[0], size[1], 6, (0.5, 0.9), 0)
+    sampled = sample_crops("same", size[0], size[1], 6, scorer.config.view_crop_scale, 0)
     assert [box for box in a.boxes if box.level == 0]
     for result in (a, b):
         for box in result.boxes:
@@ -486,7 +487,7 @@ def test_every_saliency_rule_runs(rule):
 
 
 def _selected_crops(rule: str) -> list[tuple[float, float, float, float, str]]:
-    config = ScoringConfig(method="lgca", crops=60, crop_scale=(0.2, 0.3), regions=2, steps=2, saliency=rule)
+    config = ScoringConfig(method="lgca", crops=60, crop_scale=(0.2, 0.3), regions=2, steps=2, growth=1.4, saliency=rule)
     result = _colour_scorer(config, ColourEncoder()).score([_two_objects()], ["two"])[0]
     return [(b.x0, b.y0, b.x1, b.y1, b.label) for b in result.boxes if b.level == 0]
 

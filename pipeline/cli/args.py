@@ -110,7 +110,8 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
         nargs=2,
         default=d.crop_scale,
         metavar=("ALPHA", "BETA"),
-        help="crop side as a fraction of the shorter image side, drawn from [ALPHA, BETA] (default: 0.5 0.9)",
+        help="crop side as a fraction of the shorter image side, drawn from [ALPHA, BETA] (default: 0.5 0.9 for wca, as "
+        "WCA's paper; 0.3 0.7 for lgca, whose lineages regrow the context)",
     )
     group.add_argument(
         "--crop-layout",
@@ -297,7 +298,7 @@ def _scoring_values(args: argparse.Namespace) -> dict:
     return {
         "method": args.method,
         "crops": args.crops,
-        "crop_scale": tuple(args.crop_scale),
+        "crop_scale": tuple(args.crop_scale) if args.crop_scale is not None else None,
         "crop_layout": args.crop_layout,
         "saliency": args.saliency,
         "steps": args.steps,

@@ -64,6 +64,8 @@ def result_records(evaluation: Evaluation, identity: Mapping[str, Any], baseline
             }
             if "global_weight" in record["scoring"]:
                 record["scoring"]["global_weight"] = scoring.global_weight_for(scored_as)  # the λ used, not "default"
+            if "crop_scale" in record["scoring"]:
+                record["scoring"]["crop_scale"] = list(scoring.crop_scale_for(scored_as))  # the crops this method cut
             record["encoder_passes"] = result.encoder_passes
             if result.cascade is not None:
                 record["cascade"] = _cascade_record(result, setting_result.methods["lgca"], groups)

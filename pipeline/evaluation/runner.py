@@ -247,7 +247,7 @@ def evaluate(
     crop_methods = [m for m in methods if m in CROP_METHODS]
     configs = [dataclasses.replace(s.scoring, method=embed_as) for s in settings]
     if decode is None:
-        alpha = min(c.crop_scale[0] for c in configs) if crop_methods else None
+        alpha = min(c.crop_scale_for(m)[0] for c in configs for m in crop_methods) if crop_methods else None
         decode = DecodeConfig(min_short_side=short_side_for(model.view.size, alpha))
 
     counter = _CountingEncoder(model.encode_image)
@@ -277,6 +277,24 @@ def evaluate(
         ]
         for config, setting_seeds in zip(configs, seeds)
     ]
+    # wca keeps WCA's crop scale while lgca's defaults to its own: then wca's crops are embedded apart
+    own_crops = [
+        [
+            Scorer(
+                counter,
+                classes,
+                vectors("wca", config),
+                model.logit_scale,
+                model.view,
+                dataclasses.replace(config, method="wca", seed=seed),
+                model.device,
+            )
+            if "wca" in methods and embed_as != "wca" and config.crop_scale_for("wca") != config.crop_scale_for(embed_as)
+            else None
+            for seed in setting_seeds
+        ]
+        for config, setting_seeds in zip(configs, seeds)
+    ]
     tallies = [{m: _Tally() for m in (*methods, *((FIRST_PASS,) if cascade else ()))} for _ in settings]
     failures: list[Failure] = []
     bar = _progress(len(images), progress)
@@ -284,7 +302,7 @@ def evaluate(
         for batch, failed in _decoded_batches(images, targets, batch_size, decode, storage_options or {}, workers):
             failures.extend(failed)
             if batch.keys:
-                _score_batch(batch, scorers, tallies, configs, vectors, k, observe)
+                _score_batch(batch, scorers, own_crops, tallies, configs, vectors, k, observe)
             bar.update(len(batch.keys) + len(failed))
     finally:
         bar.close()
@@ -345,6 +363,7 @@ def _seeds(config: ScoringConfig, runs: int) -> tuple[int, ...]:
 def _score_batch(
     batch: _Batch,
     scorers: list[list[Scorer]],
+    own_crops: list[list[Scorer | None]],
     tallies: list[dict[str, _Tally]],
     configs: list[ScoringConfig],
     vectors: Callable[[str, ScoringConfig], torch.Tensor],
@@ -360,6 +379,9 @@ def _score_batch(
                 embedded[view_key] = scorer.embed(batch.images, batch.keys, batch.sizes, global_emb=global_emb)
             views = embedded[view_key]
             global_emb = views.global_emb
+            wca = own_crops[index][run]
+            if wca is not None and embedding_key(wca.config) not in embedded:
+                embedded[embedding_key(wca.config)] = wca.embed(batch.images, batch.keys, batch.sizes, global_emb=global_emb)
             for method, method_tally in tally.items():
                 if run > 0 and method not in CROP_METHODS:
                     continue  # deterministic: the first run is the only one
@@ -368,11 +390,12 @@ def _score_batch(
                     method_tally.add(run, np.stack([score.probabilities for score in scores]), batch.targets, k)
                     method_tally.margins.append(np.array([score.margin for score in scores], dtype=np.float64))
                     continue
-                scores = scorer.combine(views, vectors(method, config), method)
+                scoring, seen = (wca, embedded[embedding_key(wca.config)]) if method == "wca" and wca is not None else (scorer, views)
+                scores = scoring.combine(seen, vectors(method, config), method)
                 probabilities = np.stack([score.probabilities for score in scores])  # (B, C)
                 method_tally.add(run, probabilities, batch.targets, k)
                 if observe is not None:
-                    observe(Observation(index, run, method, batch.keys, scores, views))
+                    observe(Observation(index, run, method, batch.keys, scores, seen))
 
 
 def embedding_key(config: ScoringConfig) -> ScoringConfig:
@@ -386,6 +409,7 @@ def embedding_key(config: ScoringConfig) -> ScoringConfig:
     """
     base = ScoringConfig()
     neutral: dict[str, Any] = {
+        "crop_scale": config.view_crop_scale,  # None and the method default's value are one crop scale
         "topk": 1,
         "micro_batch": 1,
         "expand_weight": 1.0,

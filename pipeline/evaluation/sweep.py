@@ -154,7 +154,7 @@ def describe_changes(changes: Mapping[str, Any]) -> str:
 
 def _sweep_value(name: str, text: str, default: Any) -> Any:
     try:
-        if isinstance(default, tuple):
+        if name == "crop_scale":
             alpha, sep, beta = text.partition(":")
             if not sep:
                 raise ValueError
@@ -170,7 +170,7 @@ def _sweep_value(name: str, text: str, default: Any) -> Any:
         else:
             value = text
     except ValueError:
-        if isinstance(default, tuple):
+        if name == "crop_scale":
             example = "ALPHA:BETA such as 0.4:0.8"
         else:
             example = "a number or none" if default is None else type(default).__name__

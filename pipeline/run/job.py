@@ -170,7 +170,7 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
                 len(output.committed()),
             )
             mode = "restart"
-    alpha = config.scoring.crop_scale[0] if config.scoring.uses_crops else None
+    alpha = config.scoring.view_crop_scale[0] if config.scoring.uses_crops else None
     decode = replace(config.decode, min_short_side=short_side_for(model_image_size(config.model), alpha))
     return PreparedJob(config, vocabulary, specs, output, mode, decode, model, asked, plan, manifests)
 

@@ -25,7 +25,7 @@ ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 def decode_config(model_image_size: int, scoring: ScoringConfig) -> DecodeConfig:
     """The decoding `lgca run` uses for this model and method: the smallest scale every view needs."""
-    alpha = scoring.crop_scale[0] if scoring.uses_crops else None
+    alpha = scoring.view_crop_scale[0] if scoring.uses_crops else None
     return DecodeConfig(min_short_side=short_side_for(model_image_size, alpha))
 
 

@@ -194,7 +194,7 @@ class Scorer:
         batch, dim = len(keys), global_emb.shape[1]
         crops = cfg.crops if cfg.uses_crops else 0
         boxes = np.stack(
-            [sample_crops(k, w, h, crops, cfg.crop_scale, cfg.seed, cfg.crop_layout) for k, (w, h) in zip(keys, sizes)]
+            [sample_crops(k, w, h, crops, cfg.view_crop_scale, cfg.seed, cfg.crop_layout) for k, (w, h) in zip(keys, sizes)]
         ).reshape(batch, crops, 4)
         encode = functools.partial(self._encode_boxes, pixels)
         embeddings = encode(np.repeat(np.arange(batch), crops), boxes.reshape(-1, 4))
