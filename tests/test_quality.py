@@ -17,6 +17,7 @@ import pytest
 
 from pipeline.cli.main import main
 from pipeline.config import ModelConfig, ScoringConfig, VocabularyConfig
+from pipeline.evaluation.intervals import paired_difference
 from pipeline.evaluation.labelled import list_labelled
 from pipeline.evaluation.runner import ImageModel, Observation, evaluate
 from pipeline.evaluation.scenes import FASHION_MNIST_DIR
@@ -44,14 +45,15 @@ pytestmark = pytest.mark.skipif(
 # measured (docs/EVALUATION.md, "Tests") on the 300 full-frame test images below: clip 78.7%, ensemble 78.3%,
 # descriptors 77.3% (73.4% on the whole 10,000-image test split)
 FULL_FRAME_MIN = 0.74
-# measured on the 200 scenes below (scales 0.6 and 0.4, 10 per class, seed 0), at the defaults: acc1 clip 39.0%,
-# wca 42.5%, lgca 41.5%; the most salient box overlaps the object in 90% of scenes, mean IoU 0.235 against 0.194
-# for the image's local crops. On small objects (0.3 and below) no method beats clip with this model: see
-# docs/EVALUATION.md, so no test claims it.
-MID_SCALE = (0.6, 0.4)
-MID_MARGIN_MIN = 0.015  # wca and lgca acc1 over clip (3 of 200 scenes)
-TOP_BOX_OVERLAP_MIN = 0.8
-TOP_BOX_IOU_GAIN_MIN = 0.02
+# Revision 3 (docs/EVALUATION.md, "In the tests"): measured on the scenes below (seed 0, 20 per class and scale,
+# the committed defaults), the paired difference of acc1 against clip, in points:
+CUT_SCALES = (0.6, 0.4)  # random crops hold only part of the object
+SMALL_SCALES = (0.3, 0.2)
+CUT_GAIN_MIN = 0.10  # measured +14.8 [+10.3, +19.0] over 400 scenes (+15.2 on 2,000 held-out scenes)
+SMALL_GAIN_MIN = 0.08  # measured +13.5 [+9.3, +17.8] (+14.7 held out)
+TOP_BOX_AT_06_MIN = 0.15  # share of scale-0.6 scenes whose most salient box has IoU >= 0.5 with the object: measured 0.225
+CASCADE_MARGIN = 0.3  # the README's recommended threshold
+CASCADE_LOSS_MAX = 0.02  # the cascade's acc1 below full lgca's on the cut scenes: measured 0.5 points
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,23 @@ def full_frame(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mid_scenes(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("mid")
-    return write_scenes(folder, per_class=10, scales=MID_SCALE, seed=0, full_frame=0)
+def model_and_vocabulary():
+    model = load_model(ModelConfig(name=MODEL, pretrained=WEIGHTS, device="cpu"))
+    return model, load_vocabulary(VocabularyConfig(labels=LABELS, templates=TEMPLATES))
+
+
+def _evaluate(scenes: Path, model_and_vocabulary, observe=None, cascade=()):
+    model, vocabulary = model_and_vocabulary
+    return evaluate(
+        list_labelled(str(scenes), {}),
+        vocabulary.classes,
+        lambda method, scoring: text_vectors(model, vocabulary, ScoringConfig(method=method, text_scale=scoring.text_scale)),
+        ImageModel(model.encode_image, model.logit_scale, model.view),
+        ("clip", "lgca"),
+        [Setting({}, ScoringConfig(method="lgca"))],
+        observe=observe,
+        cascade=cascade,
+    )
 
 
 def test_committed_weights_reach_full_frame_accuracy_through_the_cli(full_frame, tmp_path, capsys):
@@ -98,33 +114,33 @@ def test_committed_weights_reach_full_frame_accuracy_through_the_cli(full_frame,
     assert "full-frame" in capsys.readouterr().out  # the per-group table
 
 
-def test_wca_and_lgca_beat_clip_where_crops_cut_the_object_and_boxes_find_it(mid_scenes):
-    """Objects at 0.6 and 0.4 of the shorter side: a crop often holds only part of the object (or little else)."""
-    truth = {key: box for key, (_, box) in read_truth(mid_scenes).items()}
-    top_iou: list[float] = []  # IoU of the most salient output box with the object's box
-    crop_iou: list[float] = []  # mean IoU of the image's local crops with it: where chance placement lands
+def test_lgca_beats_clip_where_crops_cut_the_object_its_boxes_find_it_and_the_cascade_keeps_it(tmp_path, model_and_vocabulary):
+    """Objects at 0.6 and 0.4 of the shorter side: a random crop often holds only part of the object. The salient
+    lineages carry lgca's score, so the crops that cut the object lose their say."""
+    scenes = write_scenes(tmp_path, per_class=20, scales=CUT_SCALES, seed=0, full_frame=0)
+    truth = read_truth(scenes)
+    top_hits: list[bool] = []  # scale 0.6: the most salient output box at IoU >= 0.5 with the object
 
     def observe(seen: Observation) -> None:
         if seen.method == "lgca":
-            for b, (key, score) in enumerate(zip(seen.keys, seen.scores)):
-                top = max(score.boxes, key=lambda box: box.saliency)
-                top_iou.append(float(box_iou(np.array([[top.x0, top.y0, top.x1, top.y1]]), truth[key])[0, 0]))
-                crop_iou.append(float(box_iou(seen.views.boxes[b, : seen.views.crops], truth[key]).mean()))
+            for key, score in zip(seen.keys, seen.scores):
+                group, box = truth[key]
+                if group == "scale-0.60":
+                    top = max(score.boxes, key=lambda b: b.saliency)
+                    top_hits.append(float(box_iou(np.array([[top.x0, top.y0, top.x1, top.y1]]), box)[0, 0]) >= 0.5)
 
-    model = load_model(ModelConfig(name=MODEL, pretrained=WEIGHTS, device="cpu"))
-    vocabulary = load_vocabulary(VocabularyConfig(labels=LABELS, templates=TEMPLATES))
-    evaluation = evaluate(
-        list_labelled(str(mid_scenes), {}),
-        vocabulary.classes,
-        lambda method, scoring: text_vectors(model, vocabulary, ScoringConfig(method=method, text_scale=scoring.text_scale)),
-        ImageModel(model.encode_image, model.logit_scale, model.view),
-        ("clip", "wca", "lgca"),
-        [Setting({}, ScoringConfig(method="lgca"))],
-        observe=observe,
-    )
-    acc = {method: result.acc1[0] for method, result in evaluation.results[0].methods.items()}
-    assert acc["lgca"] >= acc["clip"] + MID_MARGIN_MIN, acc
-    assert acc["wca"] >= acc["clip"] + MID_MARGIN_MIN, acc
-    assert len(top_iou) == 200
-    assert np.mean(np.array(top_iou) > 0) >= TOP_BOX_OVERLAP_MIN
-    assert np.mean(top_iou) >= np.mean(crop_iou) + TOP_BOX_IOU_GAIN_MIN, (np.mean(top_iou), np.mean(crop_iou))
+    results = _evaluate(scenes, model_and_vocabulary, observe, cascade=(CASCADE_MARGIN,)).results[0].methods
+    gain = paired_difference(results["lgca"].correct, results["clip"].correct)
+    assert gain.mean >= CUT_GAIN_MIN and gain.low > 0, gain
+    assert len(top_hits) == 200 and np.mean(top_hits) >= TOP_BOX_AT_06_MIN, np.mean(top_hits)
+    cascade = results[f"cascade@{CASCADE_MARGIN:g}"]
+    loss = paired_difference(results["lgca"].correct, cascade.correct)
+    assert loss.mean <= CASCADE_LOSS_MAX, loss
+    assert cascade.encoder_passes < results["lgca"].encoder_passes
+
+
+def test_lgca_beats_clip_on_small_objects(tmp_path, model_and_vocabulary):
+    scenes = write_scenes(tmp_path, per_class=20, scales=SMALL_SCALES, seed=0, full_frame=0)
+    results = _evaluate(scenes, model_and_vocabulary).results[0].methods
+    gain = paired_difference(results["lgca"].correct, results["clip"].correct)
+    assert gain.mean >= SMALL_GAIN_MIN and gain.low > 0, gain
