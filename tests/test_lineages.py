@@ -166,26 +166,21 @@ def _fields(result):
     return (result.label, result.probabilities.tolist(), result.boxes, result.view_shares, result.method)
 
 
-def test_cascade_at_threshold_zero_equals_descriptors(model, images):
-    keys = [f"z{i}" for i in range(len(images))]
-    encoded = []
-
-    def counting(views):
-        encoded.append(views.shape[0])
-        return model.encode_image(views)
-
-    cascade = scorer_for(model, ScoringConfig(method="lgca", cascade_margin=0.0, **SMALL), encode_image=counting).score(images, keys)
-    descriptors = scorer_for(model, ScoringConfig(method="descriptors")).score(images, keys)
+def test_cascade_at_threshold_zero_equals_descriptors():
+    images, keys = _scenes(8)
+    encoder = ColourEncoder()
+    cascade = _colour_scorer(ScoringConfig(method="lgca", cascade_margin=0.0, **SMALL), encoder).score(images, keys)
+    descriptors = _colour_scorer(ScoringConfig(method="descriptors")).score(images, keys)
     for a, b in zip(cascade, descriptors):
         np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=0, atol=1e-6)
         assert a.label == b.label and a.boxes == [] and a.method == "descriptors"
-    assert sum(encoded) == len(images)  # one pass per image: no crops for anyone
+    assert encoder.rows == len(images)  # one pass per image: no crops for anyone
 
 
-def test_cascade_above_one_equals_lgca(model, images):
-    keys = [f"o{i}" for i in range(len(images))]
-    cascade = scorer_for(model, ScoringConfig(method="lgca", cascade_margin=1.01, **SMALL)).score(images, keys)
-    lgca = scorer_for(model, ScoringConfig(method="lgca", **SMALL)).score(images, keys)
+def test_cascade_above_one_equals_lgca():
+    images, keys = _scenes(8)
+    cascade = _colour_scorer(ScoringConfig(method="lgca", cascade_margin=1.01, **SMALL)).score(images, keys)
+    lgca = _colour_scorer(ScoringConfig(method="lgca", **SMALL)).score(images, keys)
     for a, b in zip(cascade, lgca):
         np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=0, atol=1e-6)
         assert a.boxes == b.boxes and a.method == b.method == "lgca"

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.schema import OK, output_schema
 from pipeline.stages import listing, sources
@@ -352,6 +353,15 @@ def test_an_s3_prefix_fans_out_over_sub_prefixes(s3_server, s3_bucket, tmp_path)
 # ---------------------------------------------------------------- commits
 
 
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An empty output folder on local disk, then on moto's S3: (filesystem, root)."""
+    if request.param == "s3":
+        s3_server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+        return fsspec.filesystem("s3", **s3_server.storage_options), bucket.removeprefix("s3://") + "/out"
+    return fsspec.filesystem("file"), str(tmp_path / "out")
+
+
 def _scored(shard: str, rows: range) -> pa.Table:
     """Scored rows as the scoring actors emit them: the output columns, plus the shard and row of each."""
     schema = output_schema(pa.schema([(ROW_COLUMN, pa.int32()), (SHARD_COLUMN, pa.string())]))
@@ -375,13 +385,8 @@ def _scored(shard: str, rows: range) -> pa.Table:
     return pa.Table.from_pylist(records, schema=schema)
 
 
-@pytest.mark.parametrize("place", ["local", "s3"])
-def test_a_shard_commits_once_its_pieces_cover_it_and_a_retried_batch_counts_once(place, tmp_path, request):
-    if place == "s3":
-        s3_server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
-        fs, root = fsspec.filesystem("s3", **s3_server.storage_options), bucket.removeprefix("s3://") + "/out"
-    else:
-        fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+def test_a_shard_commits_once_its_pieces_cover_it_and_a_retried_batch_counts_once(store):
+    fs, root = store
     schema = output_schema(None)
     mixed = pa.concat_tables([_scored("a", range(0, 3)), _scored("b", range(0, 2))])
     assert stage_pieces(fs, root, mixed).to_pylist() == [{"shard": "a", "rows": 3}, {"shard": "b", "rows": 2}]
@@ -394,21 +399,16 @@ def test_a_shard_commits_once_its_pieces_cover_it_and_a_retried_batch_counts_onc
     assert table.column("key").to_pylist() == [f"a-{i}" for i in range(5)] and table.column_names == schema.names
     assert commit_shard(fs, root, "a", 5, schema) == {OK: 5}  # a retried commit after publishing: same answer
     assert committed_counts(fs, root, ["a"]) == {OK: 5}
-    if place == "local":  # the staged pieces of b are never a result to a glob
+    if isinstance(fs, LocalFileSystem):  # the staged pieces of b are never a result to a glob
         assert glob.glob(f"{root}/**/*.parquet", recursive=True) == [f"{root}/{part_name('a')}"]
     else:
         assert fs.glob(f"{root}/**/*.parquet") == [f"{root}/{part_name('a')}"]
 
 
-@pytest.mark.parametrize("place", ["local", "s3"])
-def test_a_commit_merges_only_its_runs_pieces_and_publishes_only_under_its_lease(place, tmp_path, request):
+def test_a_commit_merges_only_its_runs_pieces_and_publishes_only_under_its_lease(store):
     """A stalled earlier owner's tasks still staging pieces cannot mix rows into this run's shards, and a commit
     of a job whose lease was taken over publishes nothing."""
-    if place == "s3":
-        s3_server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
-        fs, root = fsspec.filesystem("s3", **s3_server.storage_options), bucket.removeprefix("s3://") + "/out"
-    else:
-        fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    fs, root = store
     schema = output_schema(None)
     with Lease(fs, root, "out/") as lease:
         stage_pieces(fs, root, _scored("a", range(0, 3)), run_id="old-run")  # the old owner's pieces
@@ -449,13 +449,8 @@ def test_output_modes(tmp_path):
 # ---------------------------------------------------------------- the lease
 
 
-@pytest.mark.parametrize("place", ["local", "s3"])
-def test_one_writer_per_output(place, tmp_path, request):
-    if place == "s3":
-        s3_server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
-        fs, root = fsspec.filesystem("s3", **s3_server.storage_options), bucket.removeprefix("s3://") + "/out"
-    else:
-        fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+def test_one_writer_per_output(store):
+    fs, root = store
     first = Lease(fs, root, "out/", heartbeat_s=0.2)
     first.acquire()
     with pytest.raises(LeaseError, match=r"being written by another job \(host .*wait for it to end or stop it"):

@@ -37,7 +37,7 @@ from pipeline.stages.sources import (
 RESERVED_COLUMNS = (*(name for name in OUTPUT_COLUMNS if name not in ("key", "path")), "_row", "_shard")
 # The project's own markers (an output directory's bookkeeping): the only names a listing skips, so that
 # photos named _DSC0001.JPG or kept under _archive/ or .thumbnails/ are still labelled.
-OUTPUT_MARKERS = ("_SUCCESS", "_manifest.json", "_staging", "_plan", "_lease.json")
+OUTPUT_MARKERS = ("_SUCCESS", "_manifest.json", "_staging", "_plan", "_lease.json", "_lease.lock")
 CSV_UNIT_BYTES = 64 * 2**20  # uncompressed CSV manifests are listed in byte ranges of this size (about 10^6 rows), one task each
 FAN_OUT_DEPTH = 3  # folder levels listed one at a time (each sub-folder its own listing task) before a subtree is walked whole
 MAX_SKIPPED_EXAMPLES = 20
