@@ -210,7 +210,13 @@ def test_cascade_rows_equal_their_scoring_alone_and_only_escalated_images_get_cr
         assert result.label == alone.label and len(result.boxes) == len(alone.boxes)
         for mine, single in zip(result.boxes, alone.boxes):  # the same boxes; float sums of a batch may differ in the last bit
             assert (mine.x0, mine.y0, mine.x1, mine.y1, mine.level, mine.parent, mine.label) == (
-                single.x0, single.y0, single.x1, single.y1, single.level, single.parent, single.label
+                single.x0,
+                single.y0,
+                single.x1,
+                single.y1,
+                single.level,
+                single.parent,
+                single.label,
             )
             assert mine.saliency == pytest.approx(single.saliency, abs=1e-5) and mine.score == pytest.approx(single.score, abs=1e-5)
         np.testing.assert_allclose(result.probabilities, alone.probabilities, rtol=0, atol=1e-6)

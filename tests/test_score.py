@@ -42,14 +42,18 @@ def _probabilities(model, config, images, **kwargs):
 
 @pytest.mark.parametrize("global_weight", [0.0, LGCA_GLOBAL_WEIGHT, 0.7])
 def test_lgca_all_regions_without_regions_equals_wca(model, images, global_weight):
-    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=0, steps=3, global_weight=global_weight, **ALL, **WCA_CROPS), images)
+    lgca = _probabilities(
+        model, ScoringConfig(method="lgca", crops=8, regions=0, steps=3, global_weight=global_weight, **ALL, **WCA_CROPS), images
+    )
     wca = _probabilities(model, ScoringConfig(method="wca", crops=8, global_weight=global_weight), images)
     np.testing.assert_array_equal(lgca, wca)
 
 
 @pytest.mark.parametrize("global_weight", [0.0, LGCA_GLOBAL_WEIGHT, 0.7])
 def test_lgca_all_regions_without_steps_equals_wca(model, images, global_weight):
-    lgca = _probabilities(model, ScoringConfig(method="lgca", crops=8, regions=2, steps=0, global_weight=global_weight, **ALL, **WCA_CROPS), images)
+    lgca = _probabilities(
+        model, ScoringConfig(method="lgca", crops=8, regions=2, steps=0, global_weight=global_weight, **ALL, **WCA_CROPS), images
+    )
     wca = _probabilities(model, ScoringConfig(method="wca", crops=8, global_weight=global_weight), images)
     np.testing.assert_array_equal(lgca, wca)
 
