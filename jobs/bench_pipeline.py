@@ -88,7 +88,7 @@ def overhead(args: argparse.Namespace) -> dict:
         model.device,
     )
     # decoded up front as the pipeline's CPU workers decode them (same draft scale), so both score the same pixels
-    decode = DecodeConfig(min_short_side=short_side_for(model.image_size, scoring.crop_scale[0] if scoring.uses_crops else None))
+    decode = DecodeConfig(min_short_side=short_side_for(model.image_size, scoring.view_crop_scale[0] if scoring.uses_crops else None))
     files = sorted(images.iterdir())[: args.in_process_images]  # enough for a rate, not the whole set
     decoded = [d for d in (decode_image(path.read_bytes(), decode) for path in files) if isinstance(d, DecodedImage)]  # all decode
     pixels = [torch.from_numpy(d.pixels.copy()).permute(2, 0, 1).contiguous() for d in decoded]

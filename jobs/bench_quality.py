@@ -166,8 +166,9 @@ def _print_goals(goals: dict) -> None:
         for method in cascades:
             by_group = goals[method]
             escalated = next(iter(by_group.values()))["escalated"]
-            cells = "".join(f"{f'{g[0]:+.1f} [{g[1]:+.1f}, {g[2]:+.1f}]':>36}" for g in (by_group[name]["vs_lgca"] for name in GOAL_GROUPS))
-            print(f"{method:<14}{100 * escalated:>6.0f}%" + cells)
+            against = [by_group[name]["vs_lgca"] for name in GOAL_GROUPS]
+            line = "".join(f"{f'{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]':>36}" for d in against)
+            print(f"{method:<14}{100 * escalated:>6.0f}%" + line)
 
 
 def _base_config(methods: tuple[str, ...], items: list[str]) -> ScoringConfig:

@@ -197,7 +197,7 @@ class ScoringConfig:
         """(alpha, beta) with which `method` cuts its crops: `crop_scale`, else WCA_CROP_SCALE for wca (and the
         global-only methods, which cut none) and LGCA_CROP_SCALE for lgca."""
         if self.crop_scale is not None:
-            return self.crop_scale  # type: ignore[return-value]
+            return self.crop_scale
         return LGCA_CROP_SCALE if method == "lgca" else WCA_CROP_SCALE
 
     @property
