@@ -753,8 +753,8 @@ def test_manifest_keys_and_paths_cannot_make_the_job_write_outside_the_output(tm
     assert not list(tmp_path.rglob("escape*")) and not Path("/tmp/escape-root.jpg").exists()
     # file names come from shard ids (hashes of the unit), never from keys or paths
     names_written = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()}
-    assert {"_SUCCESS", "_manifest.json", "_plan/plan.json"} <= names_written
-    others = names_written - {"_SUCCESS", "_manifest.json", "_plan/plan.json"}
+    assert {"_SUCCESS", "_manifest.json", "_plan/plan.json", "_lease.lock"} <= names_written
+    others = names_written - {"_SUCCESS", "_manifest.json", "_plan/plan.json", "_lease.lock"}
     assert others and all(
         re.fullmatch(r"(part-|_plan/shards/|_plan/keys/)[0-9a-f]{12}(-\d{5})?\.(parquet|shard|keys)", n) for n in others
     ), others
