@@ -209,7 +209,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
     """Validate options, sweep, data and vocabulary; print the warnings. Raises ConfigError subclasses."""
     from pipeline.evaluation.errors import EvaluationError
     from pipeline.evaluation.labelled import check_classes, limit_images, list_labelled, require_scorable, unused_classes_warning
-    from pipeline.evaluation.runner import embedding_method
+    from pipeline.evaluation.runner import check_cascade, embedding_method
     from pipeline.evaluation.sweep import Setting, describe_changes, parse_sweep, sweep_settings
     from pipeline.stages.vocab import load_vocabulary
 
@@ -225,11 +225,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
         _prepare_output(args.output)
     model = model_config(args)
     # --cascade-margin names one threshold of --cascade: the views of every method serve the cascade too
-    cascade = tuple(dict.fromkeys((*args.cascade, *((args.cascade_margin,) if args.cascade_margin is not None else ()))))
-    if cascade and "lgca" not in methods:
-        raise EvaluationError("--cascade escalates to lgca; add lgca to --methods")
-    if any(not threshold >= 0 for threshold in cascade):
-        raise EvaluationError(f"--cascade thresholds must be >= 0, got {', '.join(f'{t:g}' for t in cascade)}")
+    cascade = check_cascade(methods, (*args.cascade, *((args.cascade_margin,) if args.cascade_margin is not None else ())))
     if args.baseline is not None and args.baseline not in methods:
         raise EvaluationError(f"--baseline {args.baseline} is not among the evaluated methods {', '.join(methods)}; add it to --methods")
     baseline = args.baseline or ("clip" if "clip" in methods else methods[0])

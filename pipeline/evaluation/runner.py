@@ -226,10 +226,7 @@ def evaluate(
         EvaluationError: bad arguments, a label outside `classes`, or no image could be read and decoded.
     """
     methods = check_methods(methods)
-    if cascade and "lgca" not in methods:
-        raise EvaluationError("the cascade escalates to lgca; add lgca to the methods")
-    if any(not threshold >= 0 for threshold in cascade):
-        raise EvaluationError(f"cascade thresholds must be >= 0, got {', '.join(map(str, cascade))}")
+    cascade = check_cascade(methods, cascade)
     if runs < 1 or batch_size < 1 or workers < 1:
         raise EvaluationError(f"runs, batch size and workers must be >= 1, got {runs}, {batch_size}, {workers}")
     if not settings:
@@ -262,33 +259,23 @@ def evaluate(
         return vector_cache[key]
 
     seeds = [_seeds(config, runs if crop_methods else 1) for config in configs]
-    scorers = [
-        [
-            Scorer(
-                counter,
-                classes,
-                vectors(embed_as, config),
-                model.logit_scale,
-                model.view,
-                dataclasses.replace(config, seed=seed),
-                model.device,
-            )
-            for seed in setting_seeds
-        ]
-        for config, setting_seeds in zip(configs, seeds)
-    ]
+
+    def scorer(method: str, config: ScoringConfig, seed: int) -> Scorer:
+        return Scorer(
+            counter,
+            classes,
+            vectors(method, config),
+            model.logit_scale,
+            model.view,
+            dataclasses.replace(config, method=method, seed=seed),
+            model.device,
+        )
+
+    scorers = [[scorer(embed_as, config, seed) for seed in setting_seeds] for config, setting_seeds in zip(configs, seeds)]
     # wca keeps WCA's crop scale while lgca's defaults to its own: then wca's crops are embedded apart
     own_crops = [
         [
-            Scorer(
-                counter,
-                classes,
-                vectors("wca", config),
-                model.logit_scale,
-                model.view,
-                dataclasses.replace(config, method="wca", seed=seed),
-                model.device,
-            )
+            scorer("wca", config, seed)
             if "wca" in methods and embed_as != "wca" and config.crop_scale_for("wca") != config.crop_scale_for(embed_as)
             else None
             for seed in setting_seeds
@@ -352,6 +339,19 @@ def _cascade_tally(first: _Tally, lgca: _Tally, threshold: float) -> _Tally:
         out.predictions.append([np.where(keep, first_predictions, np.concatenate(run_predictions))])
         out.hits.append([np.where(keep, first_hits, np.concatenate(run_hits))])
     return out
+
+
+def check_cascade(methods: Sequence[str], thresholds: Sequence[float]) -> tuple[float, ...]:
+    """Validated cascade thresholds, repeats dropped.
+
+    Raises:
+        EvaluationError: a threshold below 0, or thresholds without lgca among `methods`.
+    """
+    if thresholds and "lgca" not in methods:
+        raise EvaluationError("the cascade (--cascade) escalates to lgca; add lgca to --methods")
+    if any(not threshold >= 0 for threshold in thresholds):
+        raise EvaluationError(f"cascade thresholds must be >= 0, got {', '.join(f'{t:g}' for t in thresholds)}")
+    return tuple(dict.fromkeys(float(t) for t in thresholds))
 
 
 def _seeds(config: ScoringConfig, runs: int) -> tuple[int, ...]:
@@ -533,6 +533,7 @@ __all__ = [
     "Observation",
     "Observer",
     "SettingResult",
+    "check_cascade",
     "check_methods",
     "embedding_key",
     "embedding_method",

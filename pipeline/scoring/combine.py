@@ -104,6 +104,7 @@ def lineage_term(
     members: torch.Tensor,
     weight_logits: torch.Tensor,
     vectors: torch.Tensor,
+    depth: int,
     aggregation: str = "embedding",
     level0_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +121,7 @@ def lineage_term(
         members: (B, P) bool, True for the lineages' boxes (selected crops and the boxes grown from them).
         weight_logits: (B, P) logits of u_b within a level (zeros for uniform weights).
         vectors: (C, D) class vectors.
+        depth: D, the deepest level of any lineage in the batch (known on the host: no device read), -1 for none.
         aggregation: embedding or similarity.
         level0_logits: (B, P) if given, level 0 is every local crop (level 0 of the pool, member or not) with
             these logits (WCA's weights) instead of the selected crops.
@@ -131,7 +133,6 @@ def lineage_term(
     batch, classes = regions.shape[0], vectors.shape[0]
     term = torch.zeros((batch, classes), device=regions.device, dtype=torch.float32)
     present = torch.zeros(batch, device=regions.device, dtype=torch.float32)
-    depth = int(levels[members].max()) if bool(members.any()) else -1
     for level in range(depth + 1):
         at_level = levels == level
         logits = weight_logits
@@ -139,9 +140,7 @@ def lineage_term(
             logits = level0_logits
         else:
             at_level = at_level & members
-        has = at_level.any(dim=1)  # (B,)
-        if not bool(has.any()):
-            continue
+        has = at_level.any(dim=1)  # (B,): an image with no box at this level adds nothing, and no level
         weights = torch.softmax(logits.float().masked_fill(~at_level, float("-inf")), dim=1)
         weights = torch.nan_to_num(weights, nan=0.0)  # images without boxes at this level: all -inf rows
         if aggregation == "embedding":

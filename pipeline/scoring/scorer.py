@@ -244,8 +244,16 @@ class Scorer:
         level0_logits = None
         if cfg.level0 == "all":  # WCA's weights over every local crop
             level0_logits = math.exp(cfg.image_scale) * torch.einsum("bpd,bd->bp", views.region_emb.float(), views.global_emb.float())
+        depth = int(views.levels[members].max()) if members.any() else -1  # host arrays: no device read
         term, present = lineage_term(
-            views.region_emb, levels, torch.from_numpy(members).to(self.device), logits, vectors, cfg.level_aggregation, level0_logits
+            views.region_emb,
+            levels,
+            torch.from_numpy(members).to(self.device),
+            logits,
+            vectors,
+            depth,
+            cfg.level_aggregation,
+            level0_logits,
         )
         global_sims = views.global_emb @ vectors.T
         global_weight = self._global_weights(global_sims, "lgca")
