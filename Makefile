@@ -1,5 +1,6 @@
 # Two entry points: `make example` (set up, then label the demo scenes on a local embedded Ray)
 # and `make test` (set up with test extras, then run the test suite). Both create .venv on first use.
+# `make test-fast` runs the tests that start no Ray, subprocess or server and are not slow (a few minutes).
 # constraints.txt pins the versions the suite last passed with: installs are reproducible, and pip skips
 # the long backtracking through boto3/botocore releases that s3fs's pins otherwise cause.
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup example test lint bench clean
+.PHONY: setup example test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +31,12 @@ example: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Without the `integration` tests (they start Ray, a subprocess or a server: moto S3, HTTP, Chromium) and the `slow`
+# ones. LGCA_FAST_TESTS=1 fails any test that starts one of those unmarked (tests/conftest.py): what passes here
+# started none.
+test-fast: setup
+	LGCA_FAST_TESTS=1 $(BIN)/python -m pytest -q -m "not integration and not slow"
 
 # Lint, format, the package boundaries of ../shared/STYLE.md (import contracts in pyproject.toml), types.
 lint: setup

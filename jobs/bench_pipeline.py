@@ -10,8 +10,9 @@ Ray (read, decode, score, write). The ratio of images/s is the pipeline's effici
 labelling phase, start-up included) and after the first rows are committed.
 
 scaling: `lgca run` on 1k / 10k / 100k synthetic JPEGs with the tiny model and `--method clip` (so the
-pipeline, not the encoder, is what is measured), on a Ray head started for the purpose: images/s and the
-peak RSS of the driver and of the largest worker, which must stay flat as the job grows.
+pipeline, not the encoder, is what is measured), on a Ray cluster started for the purpose: images/s and the
+peak RSS of the driver and of the largest worker, which must stay flat as the job grows (tests/test_scaling.py
+runs it on 200 and 2,000 images). Exits 1 if a run fails or does not write one ok row per image.
 """
 
 from __future__ import annotations
@@ -30,20 +31,19 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "jobs"))
+sys.path.insert(0, str(ROOT))  # `pipeline` importable when run as a plain script
 
-from benchlib import measure, megabytes, ray_workers_root, synthetic_jpegs, venv_bin  # noqa: E402
+from benchlib import lgca_command, local_cluster, measure, megabytes, ray_workers_root, synthetic_jpegs  # noqa: E402
 
-from pipeline.config import DecodeConfig, ModelConfig, ScoringConfig, VocabularyConfig  # noqa: E402
+from pipeline.config import ModelConfig, ScoringConfig, VocabularyConfig  # noqa: E402
 from pipeline.models.load import load_model  # noqa: E402
 from pipeline.models.text_vectors import text_vectors  # noqa: E402
-from pipeline.scoring.scorer import Scorer  # noqa: E402
-from pipeline.stages.decode import DecodedImage, decode_image, short_side_for  # noqa: E402
-from pipeline.stages.vocab import load_vocabulary  # noqa: E402
+from pipeline.stages.decode import DecodedImage, decode_for_views, decode_image  # noqa: E402
+from pipeline.stages.score_rows import scorer_for  # noqa: E402
+from pipeline.vocab import load_vocabulary  # noqa: E402
 
-TINY_MODEL = str(ROOT / "tests" / "fixtures" / "lgca-tiny-vit.json")
 SUMMARY = re.compile(r"([\d.]+) images/s \(first rows after ([\d.]+) s(?:, then ([\d.]+) images/s)?\)")
+ROWS = re.compile(r"(\d+) rows written: (\d+) ok")
 
 
 def photo_jpegs(directory: Path, count: int, size: tuple[int, int]) -> Path:
@@ -78,17 +78,9 @@ def overhead(args: argparse.Namespace) -> dict:
     model = load_model(ModelConfig(name=args.model, pretrained="random", compile=args.compile))
     vocabulary = load_vocabulary(VocabularyConfig(labels=str(labels)))
     vectors = text_vectors(model, vocabulary, scoring)
-    scorer = Scorer(
-        model.encode_image,
-        vocabulary.classes,
-        vectors,
-        model.logit_scale,
-        model.view,
-        scoring,
-        model.device,
-    )
+    scorer = scorer_for(model, vocabulary.classes, vectors, scoring)
     # decoded up front as the pipeline's CPU workers decode them (same draft scale), so both score the same pixels
-    decode = DecodeConfig(min_short_side=short_side_for(model.image_size, scoring.view_crop_scale[0] if scoring.uses_crops else None))
+    decode = decode_for_views(model.image_size, [scoring])
     files = sorted(images.iterdir())[: args.in_process_images]  # enough for a rate, not the whole set
     decoded = [d for d in (decode_image(path.read_bytes(), decode) for path in files) if isinstance(d, DecodedImage)]  # all decode
     pixels = [torch.from_numpy(d.pixels.copy()).permute(2, 0, 1).contiguous() for d in decoded]
@@ -102,24 +94,8 @@ def overhead(args: argparse.Namespace) -> dict:
     in_process = len(decoded) / (time.perf_counter() - started)
     del model, scorer
 
-    command = [
-        str(venv_bin() / "lgca"),
-        "run",
-        str(images),
-        "--labels",
-        str(labels),
-        "--output",
-        str(work / "out"),
-        "--model",
-        args.model,
-        "--pretrained",
-        "random",
-        "--batch-size",
-        str(args.batch_size),
-        "--decode-batch-size",
-        str(args.batch_size),
-        *flags,
-    ]
+    batches = ["--batch-size", str(args.batch_size), "--decode-batch-size", str(args.batch_size)]
+    command = lgca_command("run", images, labels, work / "out", *batches, *flags, model=args.model)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
@@ -154,49 +130,32 @@ def overhead(args: argparse.Namespace) -> dict:
 
 
 def scaling(args: argparse.Namespace) -> list[dict]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from ray_head import RayHead  # the same loopback head the tests use
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lgca-scale-"))
     labels = work / "labels.txt"
     labels.parent.mkdir(parents=True, exist_ok=True)
     labels.write_text("cat\ndog\nbird\ncar\n")
+    flags = ["--method", "clip", "--batch-size", str(args.batch_size), "--decode-batch-size", str(args.decode_batch_size)]
+    flags += ["--rows-per-file", str(args.rows_per_file)] if args.rows_per_file else []
     rows = []
-    with RayHead(num_cpus=args.num_cpus) as head:
+    with local_cluster(args.num_cpus) as cluster:
         for count in args.sizes:
             images = synthetic_jpegs(work / f"images-{count}", count)
             output = work / f"out-{count}"
             shutil.rmtree(output, ignore_errors=True)
-            command = [
-                str(venv_bin() / "lgca"),
-                "run",
-                str(images),
-                "--labels",
-                str(labels),
-                "--output",
-                str(output),
-                "--model",
-                TINY_MODEL,
-                "--pretrained",
-                "random",
-                "--method",
-                "clip",
-                "--address",
-                head.address,
-                "--batch-size",
-                "256",
-                "--decode-batch-size",
-                "64",
-            ]
-            run = measure(command, head.env(), ray_workers_root(head.temp_dir))
+            command = lgca_command("run", images, labels, output, *flags, "--address", cluster.address)
+            run = measure(command, cluster.env(), ray_workers_root(cluster.temp_dir))
             if run.returncode != 0:
                 raise SystemExit(run.stderr[-3000:])
-            match = SUMMARY.search(run.stdout)
-            assert match, run.stdout[-2000:]
+            match, written = SUMMARY.search(run.stdout), ROWS.search(run.stdout)
+            assert match and written, run.stdout[-2000:]
+            if written.groups() != (str(count), str(count)):
+                raise SystemExit(f"{count} images, but {written.group(0)}:\n{run.stdout[-2000:]}")
             end_to_end, _, steady = (float(v or 0) for v in match.groups())
             rows.append(
                 {
                     "images": count,
+                    "rows_written": int(written.group(1)),
+                    "ok": int(written.group(2)),
                     "wall_s": run.seconds,
                     "images_per_s": end_to_end,
                     "steady_images_per_s": steady,
@@ -234,6 +193,9 @@ def main() -> None:
     scale.add_argument("--sizes", type=int, nargs="+", default=(1000, 10000, 100000))
     scale.add_argument("--num-cpus", type=int, default=2)
     scale.add_argument("--workdir", default=None, help="keep the synthetic images here between runs")
+    scale.add_argument("--batch-size", type=int, default=256, help="lgca run --batch-size (default: %(default)s)")
+    scale.add_argument("--decode-batch-size", type=int, default=64, help="lgca run --decode-batch-size (default: %(default)s)")
+    scale.add_argument("--rows-per-file", type=int, default=None, help="lgca run --rows-per-file (default: lgca's)")
     args = parser.parse_args()
     result = overhead(args) if args.command == "overhead" else scaling(args)
     if args.json:

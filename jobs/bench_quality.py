@@ -46,7 +46,7 @@ from pipeline.evaluation.sweep import Setting, describe_changes, parse_sweep, sw
 from pipeline.models.load import load_model  # noqa: E402
 from pipeline.models.text_vectors import text_vectors  # noqa: E402
 from pipeline.scoring.regions import box_iou  # noqa: E402
-from pipeline.stages.vocab import load_vocabulary  # noqa: E402
+from pipeline.vocab import load_vocabulary  # noqa: E402
 
 FASHION = ROOT / "examples" / "fashion"
 SMALL_SCALE = 0.3  # "small objects": tile side at most this share of the shorter side

@@ -4,14 +4,14 @@
     python jobs/bench_scale.py prefix --objects 100000 --folders 100
 
 manifests: for each size, a Parquet manifest of that many unique keys over a few hundred small JPEGs, then
-`lgca run` with the tiny model and `--method clip` on a Ray head started for the purpose. Timed from the
+`lgca run` with the tiny model and `--method clip` on a Ray cluster started for the purpose. Timed from the
 driver's start: the plan written (`_plan/plan.json`), the first staged piece (labelling has begun), the first
 committed part file (a whole shard of SHARD images); sampled: the driver's
 peak RSS and the object store's peak use. The job is killed once a few shards are committed, and
 `lgca run --resume` is timed until it stages rows again and until it commits a new shard (resume reads the
 plan and lists part files; it reads no committed row).
 
-prefix: an S3 prefix on moto (loopback) with OBJECTS objects in FOLDERS sub-prefixes, listed once by one
+prefix: an S3 prefix on moto (loopback, in this process) with OBJECTS objects in FOLDERS sub-prefixes, listed once by one
 sequential `fs.find` (what a single-process lister does) and once by `lgca plan` (parallel listing tasks
 fanned out over the sub-prefixes); wall time and peak RSS of each.
 
@@ -31,20 +31,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+from benchlib import Cluster, lgca_command, local_cluster, megabytes, synthetic_jpegs, venv_bin
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from benchlib import megabytes, synthetic_jpegs, venv_bin  # noqa: E402
-
-TINY_MODEL = str(ROOT / "tests" / "fixtures" / "lgca-tiny-vit.json")
 POOL = 300  # distinct JPEG files the manifest rows point at
 SHARD = 2000  # images per shard in this benchmark: the first commit needs one whole shard
 
@@ -134,30 +130,25 @@ def make_manifest(path: Path, rows: int, images: list[str]) -> None:
 
 
 def manifests(args: argparse.Namespace) -> list[dict]:
-    from ray_head import RayHead
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lgca-scale-"))
     pool = synthetic_jpegs(work / "pool", POOL, size=(48, 36))
     images = sorted(str(p) for p in pool.rglob("*.jpg"))
     labels = work / "labels.txt"
     labels.write_text("cat\ndog\nbird\ncar\n")
     rows = []
-    with RayHead(num_cpus=args.num_cpus) as head:
+    with local_cluster(args.num_cpus) as cluster:
         for size in args.sizes:
             manifest = work / f"manifest-{size}.parquet"
             if not manifest.exists():
                 make_manifest(manifest, size, images)
             output = work / f"out-{size}"
             shutil.rmtree(output, ignore_errors=True)
-            command = [
-                str(venv_bin() / "lgca"), "run", str(manifest), "--labels", str(labels), "--output", str(output),
-                "--model", TINY_MODEL, "--pretrained", "random", "--method", "clip", "--rows-per-file", str(SHARD),
-                "--address", head.address,
-            ]  # fmt: skip
-            first = _run_until(command, head, output, lambda t: t.parts() >= 3, args.timeout)
+            flags = ["--method", "clip", "--rows-per-file", str(SHARD), "--address", cluster.address]
+            command = lgca_command("run", manifest, labels, output, *flags)
+            first = _run_until(command, cluster, output, lambda t: t.parts() >= 3, args.timeout)
             # the cluster ends a dead driver's tasks and actors on its own; resume is timed from an idle cluster
             idle_after = _wait_for_idle_cluster(timeout_s=120)
-            resumed = _run_until([*command, "--resume"], head, output, lambda t: t.parts() >= 1, args.timeout)
+            resumed = _run_until([*command, "--resume"], cluster, output, lambda t: t.parts() >= 1, args.timeout)
             row = {
                 "images": size,
                 "shards": -(-size // SHARD),
@@ -187,11 +178,11 @@ def manifests(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _run_until(command: Sequence[str], head, output: Path, done, timeout_s: float) -> dict:
+def _run_until(command: Sequence[str], cluster: Cluster, output: Path, done, timeout_s: float) -> dict:
     """Start `command`, wait until `done(timeline)` (or the driver exits), SIGKILL it, and return the timeline."""
-    env = {**head.env(), "LGCA_CACHE_DIR": str(output.parent / "cache")}
+    env = {**cluster.env(), "LGCA_CACHE_DIR": str(output.parent / "cache")}
     process = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    timeline = Timeline(process, output, head.address)
+    timeline = Timeline(process, output, cluster.address)
     finished = timeline.wait_for(lambda: done(timeline), timeout_s)
     if process.poll() is None:
         os.kill(process.pid, signal.SIGKILL)
@@ -221,41 +212,29 @@ def _wait_for_idle_cluster(timeout_s: float) -> float:
 
 
 def prefix(args: argparse.Namespace) -> dict:
-    from ray_head import RayHead
-    from s3_server import MotoS3Server
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lgca-prefix-"))
     labels = work / "labels.txt"
     labels.parent.mkdir(parents=True, exist_ok=True)
     labels.write_text("cat\ndog\n")
-    with MotoS3Server() as server:
-        bucket = server.make_bucket()
+    with moto_s3() as (bucket, storage_options, store):
         per_folder = args.objects // args.folders
         names = [f"images/f{f:04d}/{i:06d}.jpg" for f in range(args.folders) for i in range(per_folder)]
         started = time.perf_counter()
-        # Straight into the server's store (it runs in this process): 10^5 PUTs over HTTP take over 7 minutes.
-        from moto.core import DEFAULT_ACCOUNT_ID
-        from moto.s3.models import s3_backends
-
-        store = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
         for name in names:
             store.put_object(bucket[5:], name, b"x")
         print(f"stored {len(names):,} objects in {time.perf_counter() - started:.0f} s", flush=True)
-        options = json.dumps(server.storage_options)
+        options = json.dumps(storage_options)
         find = _measure_process(
             [sys.executable, "-c", f"import fsspec, json, time; fs = fsspec.filesystem('s3', **json.loads({options!r})); "
              f"found = fs.find('{bucket[5:]}/images'); print(len(found))"],
-            server_env(server),
+            server_env(),
         )  # fmt: skip
-        with RayHead(num_cpus=args.num_cpus) as head:
-            command = [
-                str(venv_bin() / "lgca"), "plan", f"{bucket}/images", "--labels", str(labels), "--output", str(work / "plan-out"),
-                "--model", TINY_MODEL, "--pretrained", "random", "--address", head.address,
-                *[f"--storage-option={k}={v}" for k, v in server.storage_options.items() if k == "endpoint_url"],
-            ]  # fmt: skip
-            planned = _measure_process(command, {**head.env(), **server_env(server)})
+        with local_cluster(args.num_cpus) as cluster:
+            endpoint = f"--storage-option=endpoint_url={storage_options['endpoint_url']}"
+            command = lgca_command("plan", f"{bucket}/images", labels, work / "plan-out", "--address", cluster.address, endpoint)
+            planned = _measure_process(command, {**cluster.env(), **server_env()})
             ray_started = _measure_process(
-                [str(venv_bin() / "python"), "-c", f"import ray; ray.init(address='{head.address}')"], head.env()
+                [str(venv_bin() / "python"), "-c", f"import ray; ray.init(address='{cluster.address}')"], cluster.env()
             )
     row = {
         "objects": len(names),
@@ -275,12 +254,32 @@ def prefix(args: argparse.Namespace) -> dict:
     return row
 
 
-def server_env(server) -> dict[str, str]:
-    return dict(os.environ) | {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def server_env() -> dict[str, str]:
+    return dict(os.environ) | FAKE_AWS_ENV
+
+
+@contextmanager
+def moto_s3() -> Iterator[tuple[str, dict[str, Any], Any]]:
+    """moto's S3 server in this process on a free loopback port, with one empty bucket: the bucket's URI, the s3fs
+    options that reach it, and moto's store, filled directly below (10^5 PUTs over HTTP take over 7 minutes)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(FAKE_AWS_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        store = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+        store.create_bucket("bench", FAKE_AWS_ENV["AWS_DEFAULT_REGION"])
+        options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
+        yield "s3://bench", {**options, "client_kwargs": {"region_name": FAKE_AWS_ENV["AWS_DEFAULT_REGION"]}}, store
+    finally:
+        server.stop()
 
 
 def _measure_process(command: Sequence[str], env: dict[str, str]) -> dict:

@@ -44,7 +44,8 @@ from pipeline.config import ModelConfig, ScoringConfig
 from pipeline.models.load import load_model
 from pipeline.models.text_vectors import text_vectors
 from pipeline.scoring.scorer import Scorer
-from pipeline.stages.vocab import Vocabulary
+from pipeline.stages.score_rows import scorer_for
+from pipeline.vocab import Vocabulary
 
 CLASSES = ("cat", "dog", "car", "bird", "boat", "plane", "horse", "truck", "ship", "frog")
 
@@ -116,7 +117,7 @@ def scorer_rate(model, vectors, config: ScoringConfig, images, batch: int, class
     the encoder (immune to machine noise: both are measured over the same calls), and the share of images
     scored with lgca (the cascade's escalated share; 1 for lgca, 0 for the global-view methods)."""
     encoder = _TimedEncoder(model)
-    scorer = Scorer(encoder, classes, vectors, model.logit_scale, model.view, config, model.device)
+    scorer = scorer_for(model, classes, vectors, config, encoder)
     scorer.score(images[:batch], [f"w{i}" for i in range(batch)])
     encoder.seconds = 0.0
     escalated = 0
@@ -237,7 +238,7 @@ def main() -> None:
     )
     if args.labels:
         from pipeline.config import VocabularyConfig
-        from pipeline.stages.vocab import load_vocabulary
+        from pipeline.vocab import load_vocabulary
 
         vocabulary = load_vocabulary(VocabularyConfig(labels=args.labels))
     else:

@@ -37,9 +37,10 @@ from pipeline.cli.args import WCA_PRESET_SCORING  # noqa: E402
 from pipeline.config import ModelConfig, ScoringConfig, VocabularyConfig  # noqa: E402
 from pipeline.models.load import load_model  # noqa: E402
 from pipeline.models.text_vectors import text_vectors  # noqa: E402
-from pipeline.run.labeler import decode_config, to_pixels  # noqa: E402
-from pipeline.scoring.scorer import Scorer  # noqa: E402
-from pipeline.stages.vocab import load_vocabulary  # noqa: E402
+from pipeline.run.labeler import to_pixels  # noqa: E402
+from pipeline.stages.decode import decode_for_views  # noqa: E402
+from pipeline.stages.score_rows import scorer_for  # noqa: E402
+from pipeline.vocab import load_vocabulary  # noqa: E402
 
 FASHION = ROOT / "examples" / "fashion"
 OFFICIAL_RUNS = 20
@@ -93,8 +94,8 @@ def main() -> int:
             if precision != "fp32" and name != "preset":
                 continue
             vectors = text_vectors(model, vocabulary, dataclasses.replace(scoring, method="wca"))
-            scorer = Scorer(model.encode_image, vocabulary.classes, vectors, model.logit_scale, model.view, scoring, model.device)
-            decode = decode_config(model.image_size, scoring)
+            scorer = scorer_for(model, vocabulary.classes, vectors, scoring)
+            decode = decode_for_views(model.image_size, [scoring])
             predicted: list[int] = []
             global_parts: list[torch.Tensor] = []
             crop_parts: list[torch.Tensor] = []

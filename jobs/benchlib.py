@@ -1,18 +1,25 @@
-"""Shared benchmark helpers: synthetic JPEG folders, and `lgca run` timed with the peak RSS of its driver and workers."""
+"""Shared benchmark helpers: synthetic JPEG folders, `lgca` command lines, a Ray cluster of the benchmark's own,
+and `lgca run` timed with the peak RSS of its driver and workers."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import psutil
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = str(ROOT / "tests" / "fixtures" / "lgca-tiny-vit.json")  # a real open_clip architecture, tiny (a config file)
 
 
 def synthetic_jpegs(directory: Path, count: int, size: tuple[int, int] = (96, 72), seed: int = 0) -> Path:
@@ -99,4 +106,54 @@ def megabytes(value: int) -> float:
 
 
 def venv_bin() -> Path:
-    return Path(os.environ.get("VIRTUAL_ENV", Path(__file__).resolve().parents[1] / ".venv")) / "bin"
+    return Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+
+
+def lgca_command(
+    command: str,
+    inputs: str | Path,
+    labels: str | Path,
+    output: str | Path,
+    *flags: str,
+    model: str = TINY_MODEL,
+    pretrained: str = "random",
+) -> list[str]:
+    """`lgca COMMAND INPUTS --labels ... --output ... --model ... --pretrained ... FLAGS`, for `run` or `plan`."""
+    named = ["--labels", str(labels), "--output", str(output), "--model", model, "--pretrained", pretrained]
+    return [str(venv_bin() / "lgca"), command, str(inputs), *named, *flags]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str  # the GCS address `lgca --address` joins
+    temp_dir: str  # its session folder: `ray_workers_root(temp_dir)` finds the raylet
+
+    def env(self) -> dict[str, str]:
+        """The environment of a driver that joins this cluster."""
+        return {**os.environ, **_CLUSTER_ENV, "RAY_ADDRESS": self.address, "PYTHONUNBUFFERED": "1"}
+
+
+_CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # a throwaway local cluster: no token
+
+
+@contextmanager
+def local_cluster(num_cpus: int) -> Iterator[Cluster]:
+    """A Ray cluster on this machine, started by this process (`ray.init`) for the `lgca` drivers it runs, and ended
+    with every process of it on exit. Its session folder is a fresh one, so other Ray instances stay untouched."""
+    import ray
+
+    os.environ.update(_CLUSTER_ENV)
+    temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's socket paths must stay under ~107 bytes
+    ray.init(  # "local": a new cluster, whatever RAY_ADDRESS says
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=0,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=temp_dir,
+    )
+    try:
+        yield Cluster(ray.get_runtime_context().gcs_address, temp_dir)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -64,7 +64,7 @@ def job_from_arguments(argv: Sequence[str]) -> tuple[JobConfig, dict[str, Any]]:
         config, storage_options = load_spec(args.spec)
         if args.resume or args.overwrite:
             config = replace(config, resume=args.resume, overwrite=args.overwrite)
-        from pipeline.stages.sources import gather_storage_options
+        from pipeline.stages.storage import gather_storage_options
 
         # a spec holds no secrets: those come from LGCA_STORAGE_OPTIONS (e.g. a secret in the job's environment)
         return config, {**storage_options, **gather_storage_options([])}

@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="folder to write the scenes and manifest.csv into")
     parser.add_argument("--per-class", type=int, default=20, help="scenes per class and scale (default: %(default)s)")
     parser.add_argument(
-        "--scales", type=float, nargs="+", default=list(SCENE_SCALES), help="object tile side / canvas shorter side (default: %(default)s)"
+        "--scales",
+        type=float,
+        nargs="*",
+        default=list(SCENE_SCALES),
+        help="object tile side / canvas shorter side; none: only the full-frame images (default: %(default)s)",
     )
     parser.add_argument("--full-frame", type=int, default=None, help="plain test images per class (default: --per-class)")
     parser.add_argument("--seed", type=int, default=0, help="fixes every scene (default: %(default)s)")

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.evaluation.scenes import CLASSES, FASHION_MNIST_DIR, load_fashion_mnist, training_views  # noqa: E402
-from pipeline.models.load import architecture_name  # noqa: E402
+from pipeline.models.spec import architecture_name  # noqa: E402
 
 FASHION = ROOT / "examples" / "fashion"
 BACKGROUND = (  # captions of views with no whole object: the class the vocabulary never names

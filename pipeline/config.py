@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-import types
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from pipeline.credentials import REFUSED as CREDENTIALS_REFUSED
 from pipeline.credentials import has_credentials, mask_credentials
@@ -46,7 +44,22 @@ class RunFailed(Exception):
     """Work had started and the run could not finish (exit 1); committed results stay for --resume."""
 
 
-def _require(condition: bool, message: str) -> None:
+def decodes_on_device(decode_device: str, scoring_device: str) -> bool:
+    """Whether the scoring stage decodes JPEGs on its GPU (`--decode`), given where it scores: the one rule.
+
+    Raises:
+        ConfigError: `--decode gpu` while scoring runs on the CPU.
+    """
+    on_cuda = scoring_device.startswith("cuda")
+    if decode_device == "gpu" and not on_cuda:
+        raise ConfigError(
+            "--decode gpu decodes on the scoring GPU, but the scoring actors run on the CPU here (--device cpu, "
+            "--num-gpus 0, or no GPU in the cluster); use --decode auto or cpu"
+        )
+    return on_cuda and decode_device in ("gpu", "auto")
+
+
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
@@ -98,19 +111,19 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         if self.crop_scale is not None:
             object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
-        _require(self.method in METHODS, f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
-        _require(self.saliency in SALIENCY_RULES, f"saliency {self.saliency!r} is unknown; choose one of {', '.join(SALIENCY_RULES)}")
-        _require(self.crop_layout in CROP_LAYOUTS, f"crop layout {self.crop_layout!r} is unknown; choose random or grid")
-        _require(self.crops >= 0, f"crops must be >= 0, got {self.crops}")
-        _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
-        _require(self.regions >= 0, f"regions must be >= 0, got {self.regions}")
-        _require(
+        require(self.method in METHODS, f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        require(self.saliency in SALIENCY_RULES, f"saliency {self.saliency!r} is unknown; choose one of {', '.join(SALIENCY_RULES)}")
+        require(self.crop_layout in CROP_LAYOUTS, f"crop layout {self.crop_layout!r} is unknown; choose random or grid")
+        require(self.crops >= 0, f"crops must be >= 0, got {self.crops}")
+        require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        require(self.regions >= 0, f"regions must be >= 0, got {self.regions}")
+        require(
             self.crop_scale is None or (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1),
             f"crop scale must be two numbers 0 < alpha <= beta <= 1, got {self.crop_scale}",
         )
-        _require(self.growth >= 1.0, f"growth must be >= 1 (a grown region contains its parent), got {self.growth}")
-        _require(0 <= self.overlap_iou <= 1, f"overlap IoU must lie in [0, 1], got {self.overlap_iou}")
-        _require(self.expand_weight >= 0, f"expand weight must be >= 0, got {self.expand_weight}")
+        require(self.growth >= 1.0, f"growth must be >= 1 (a grown region contains its parent), got {self.growth}")
+        require(0 <= self.overlap_iou <= 1, f"overlap IoU must lie in [0, 1], got {self.overlap_iou}")
+        require(self.expand_weight >= 0, f"expand weight must be >= 0, got {self.expand_weight}")
         for name, choices in (
             ("region_pool", REGION_POOLS),
             ("selection", SELECTIONS),
@@ -120,52 +133,52 @@ class ScoringConfig:
             ("global_weight_rule", GLOBAL_WEIGHT_RULES),
         ):
             value = getattr(self, name)
-            _require(value in choices, f"{name.replace('_', ' ')} {value!r} is unknown; choose one of {', '.join(choices)}")
-        _require(
+            require(value in choices, f"{name.replace('_', ' ')} {value!r} is unknown; choose one of {', '.join(choices)}")
+        require(
             math.isfinite(self.saliency_scale) and 0 <= self.saliency_scale <= 100,
             f"saliency scale must lie in [0, 100] (softmax temperature of saliency lineage weights), got {self.saliency_scale}",
         )
         for name in ("global_weight", "growth_target", "cascade_margin"):  # optional numbers: a string here is a parsing slip
             value = getattr(self, name)
-            _require(
+            require(
                 value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
                 f"{name.replace('_', ' ')} must be a number or None, got {value!r}",
             )
-        _require(
+        require(
             self.global_weight is None or 0 <= self.global_weight <= 1,
             f"global weight must lie in [0, 1], got {self.global_weight}",
         )
-        _require(
+        require(
             self.cascade_margin is None or self.cascade_margin >= 0,
             f"cascade margin must be >= 0 (0: every image keeps its global-view result; above 1: every image escalates), "
             f"got {self.cascade_margin}",
         )
-        _require(
+        require(
             self.cascade_margin is None or self.method == "lgca",
             f"the confidence cascade escalates to lgca; use --method lgca with --cascade-margin, not {self.method}",
         )
-        _require(
+        require(
             self.growth_target is None or 0 < self.growth_target <= 1,
             f"growth target must lie in (0, 1] (a fraction of the shorter side), got {self.growth_target}",
         )
         for name in ("image_scale", "text_scale"):
             value = getattr(self, name)
-            _require(
+            require(
                 math.isfinite(value) and abs(value) <= MAX_SCALE,
                 f"{name.replace('_', ' ')} must lie in [-{MAX_SCALE:g}, {MAX_SCALE:g}] (it is used as exp(scale); WCA's value is "
                 f"{4.0 if name == 'image_scale' else 2.0}), got {value}",
             )
-        _require(
+        require(
             self.descriptor_weights in DESCRIPTOR_WEIGHTS,
             f"descriptor weights {self.descriptor_weights!r} are unknown; choose one of {', '.join(DESCRIPTOR_WEIGHTS)}",
         )
-        _require(self.topk >= 1, f"topk must be >= 1, got {self.topk}")
-        _require(self.micro_batch >= 1, f"micro batch must be >= 1, got {self.micro_batch}")
+        require(self.topk >= 1, f"topk must be >= 1, got {self.topk}")
+        require(self.micro_batch >= 1, f"micro batch must be >= 1, got {self.micro_batch}")
         if self.crop_layout == "grid" and self.crops:
             side = math.isqrt(self.crops)
-            _require(side * side == self.crops, f"the grid layout needs a square number of crops (e.g. 49, 64), got {self.crops}")
+            require(side * side == self.crops, f"the grid layout needs a square number of crops (e.g. 49, 64), got {self.crops}")
         if self.method == "lgca" and self.regions and self.steps:
-            _require(
+            require(
                 self.crops >= self.regions,
                 f"lgca grows {self.regions} regions a step but has only {self.crops} crops; use --crops >= --regions",
             )
@@ -243,27 +256,27 @@ class ModelConfig:
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
             if value is not None:
-                _require(
+                require(
                     len(value) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
                     f"{name.replace('_', ' ')} must be three numbers (R, G, B), got {value!r}",
                 )
                 object.__setattr__(self, name, tuple(float(v) for v in value))
-        _require(self.image_std is None or all(v > 0 for v in self.image_std), f"image std must be > 0 per channel, got {self.image_std}")
-        _require(
+        require(self.image_std is None or all(v > 0 for v in self.image_std), f"image std must be > 0 per channel, got {self.image_std}")
+        require(
             self.interpolation is None or self.interpolation in INTERPOLATIONS,
             f"interpolation {self.interpolation!r} is unknown; choose one of {', '.join(INTERPOLATIONS)}",
         )
-        _require(
+        require(
             self.resize_mode is None or self.resize_mode in RESIZE_MODES,
             f"resize mode {self.resize_mode!r} is unknown; choose one of {', '.join(RESIZE_MODES)}",
         )
-        _require(bool(self.name), "model name is empty; pass --model, e.g. ViT-B-32")
+        require(bool(self.name), "model name is empty; pass --model, e.g. ViT-B-32")
         _refuse_credentials("--model", self.name)
         _refuse_credentials("--pretrained", self.pretrained)
         _refuse_credentials("--cache-dir", self.cache_dir)
-        _require(bool(self.pretrained), "pretrained is empty; pass an open_clip tag, a weights file, a URI or 'random'")
-        _require(self.precision in PRECISIONS, f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-        _require(
+        require(bool(self.pretrained), "pretrained is empty; pass an open_clip tag, a weights file, a URI or 'random'")
+        require(self.precision in PRECISIONS, f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+        require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N",
         )
@@ -278,8 +291,8 @@ class VocabularyConfig:
     prompt: str = DEFAULT_PROMPT  # the label prompt p_c of the clip method and of description weighting
 
     def __post_init__(self) -> None:
-        _require(bool(self.labels), "no labels given; pass --labels FILE (one class per line, or a descriptors JSON)")
-        _require("{}" in self.prompt, f"prompt {self.prompt!r} needs a {{}} where the class name goes")
+        require(bool(self.labels), "no labels given; pass --labels FILE (one class per line, or a descriptors JSON)")
+        require("{}" in self.prompt, f"prompt {self.prompt!r} needs a {{}} where the class name goes")
         _refuse_credentials("--labels", self.labels)
         _refuse_credentials("--templates", self.templates)
 
@@ -300,14 +313,14 @@ class DecodeConfig:
     device: str = "cpu"  # cpu | gpu: JPEGs decoded by nvJPEG on the scoring GPU | auto: gpu when scoring runs on CUDA
 
     def __post_init__(self) -> None:
-        _require(self.device in DECODE_DEVICES, f"decode device {self.device!r} is unknown; choose one of {', '.join(DECODE_DEVICES)}")
+        require(self.device in DECODE_DEVICES, f"decode device {self.device!r} is unknown; choose one of {', '.join(DECODE_DEVICES)}")
         object.__setattr__(self, "allowed_schemes", tuple(str(scheme).lower().removesuffix("://") for scheme in self.allowed_schemes))
-        _require(bool(self.allowed_schemes), "no URL scheme allowed; keep the defaults (file, s3) or add --allow-scheme")
-        _require(self.max_bytes > 0, f"max bytes must be > 0, got {self.max_bytes}")
-        _require(self.read_timeout_s > 0, f"read timeout must be > 0, got {self.read_timeout_s}")
-        _require(self.max_pixels > 0, f"max pixels must be > 0, got {self.max_pixels}")
-        _require(self.min_short_side > 0, f"min short side must be > 0, got {self.min_short_side}")
-        _require(self.timeout_s > 0, f"decode timeout must be > 0, got {self.timeout_s}")
+        require(bool(self.allowed_schemes), "no URL scheme allowed; keep the defaults (file, s3) or add --allow-scheme")
+        require(self.max_bytes > 0, f"max bytes must be > 0, got {self.max_bytes}")
+        require(self.read_timeout_s > 0, f"read timeout must be > 0, got {self.read_timeout_s}")
+        require(self.max_pixels > 0, f"max pixels must be > 0, got {self.max_pixels}")
+        require(self.min_short_side > 0, f"min short side must be > 0, got {self.min_short_side}")
+        require(self.timeout_s > 0, f"decode timeout must be > 0, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -323,12 +336,12 @@ class ExecutionConfig:
     rows_per_file: int = 10_000  # output rows per committed Parquet file
 
     def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _require(self.concurrency is None or self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}")
-        _require(self.num_gpus is None or self.num_gpus >= 0, f"num_gpus must be >= 0, got {self.num_gpus}")
-        _require(self.num_cpus_per_actor > 0, f"num_cpus_per_actor must be > 0, got {self.num_cpus_per_actor}")
-        _require(self.decode_batch_size >= 1, f"decode_batch_size must be >= 1, got {self.decode_batch_size}")
-        _require(self.rows_per_file >= 1, f"rows_per_file must be >= 1, got {self.rows_per_file}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.concurrency is None or self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}")
+        require(self.num_gpus is None or self.num_gpus >= 0, f"num_gpus must be >= 0, got {self.num_gpus}")
+        require(self.num_cpus_per_actor > 0, f"num_cpus_per_actor must be > 0, got {self.num_cpus_per_actor}")
+        require(self.decode_batch_size >= 1, f"decode_batch_size must be >= 1, got {self.decode_batch_size}")
+        require(self.rows_per_file >= 1, f"rows_per_file must be >= 1, got {self.rows_per_file}")
 
 
 @dataclass(frozen=True)
@@ -348,134 +361,21 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
-        _require(bool(self.inputs), "no inputs given; pass one or more directories, globs, s3:// prefixes or manifests")
-        _require(bool(self.output), "no output given; pass --output DIR")
+        require(bool(self.inputs), "no inputs given; pass one or more directories, globs, s3:// prefixes or manifests")
+        require(bool(self.output), "no output given; pass --output DIR")
         _refuse_credentials("--output", self.output)
         for given in self.inputs:
             _refuse_credentials("input", given)
-        _require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pick one")
-        _require(self.resume or not self.retry_failed, "--retry-failed works on an existing output; add --resume")
-        _require(
-            not (self.decode.device == "gpu" and self.model.device == "cpu"),
-            "--decode gpu decodes on the scoring GPU, but --device cpu scores on the CPU; use --decode cpu or auto",
-        )
-
-
-def config_from_mapping(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    """Build a config dataclass from a mapping, naming unknown keys.
-
-    Raises:
-        ConfigError: a key is not a field of `cls`, or a value is invalid.
-    """
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    _require(not unknown, f"unknown key(s) in {where}: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-    hints = get_type_hints(cls)
-    for name, value in values.items():
-        expected, optional = _scalar_type(hints[name])
-        if expected is not None and not (optional and value is None) and not _fits(value, expected):
-            nullable = " or null" if optional else ""
-            raise ConfigError(f"{where}: `{name}` must be {expected.__name__}{nullable}, got {type(value).__name__} {value!r}")
-    try:
-        return cls(**values)
-    except ConfigError as error:
-        raise ConfigError(f"{where}: {error}") from None
-    except TypeError as error:
-        raise ConfigError(f"{where}: {error}") from None
-
-
-def _scalar_type(annotation: Any) -> tuple[type | None, bool]:
-    """(int, float, str or bool, else None; whether None is allowed) for a field annotation such as `int | None`."""
-    args = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
-    scalars = [arg for arg in args if arg in (int, float, str, bool)]
-    return (scalars[0] if len(scalars) == 1 else None), type(None) in args
-
-
-def _secret_names(options: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of secret-looking keys in storage options, nested mappings (client_kwargs, ...) included."""
-    found = []
-    for name, value in options.items():
-        dotted = f"{prefix}{name}"
-        if any(word in str(name).lower() for word in ("secret", "token", "password", "key")):
-            found.append(dotted)
-        elif isinstance(value, Mapping):
-            found.extend(_secret_names(value, f"{dotted}."))
-    return found
-
-
-def _fits(value: Any, expected: type) -> bool:
-    if isinstance(value, bool) and expected is not bool:
-        return False  # YAML's `yes` must not pass for a number
-    if expected is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, expected)
-
-
-JOB_SECTIONS = {
-    "vocabulary": VocabularyConfig,
-    "model": ModelConfig,
-    "scoring": ScoringConfig,
-    "decode": DecodeConfig,
-    "execution": ExecutionConfig,
-}
-JOB_SCALARS = ("inputs", "output", "resume", "retry_failed", "overwrite", "storage_options")
-
-
-def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[JobConfig, dict[str, Any]]:
-    """A JobConfig and non-secret storage options from a parsed job spec (YAML or JSON).
-
-    The spec mirrors JobConfig: top-level `inputs`, `output`, `resume`, `retry_failed`, `overwrite`, `storage_options`,
-    and one mapping per section (`vocabulary`, `model`, `scoring`, `decode`, `execution`).
-
-    Raises:
-        ConfigError: an unknown key (named with its section), a wrong type, or an invalid value.
-    """
-    _require(isinstance(spec, Mapping), f"{where} must be a mapping of keys to values, got {type(spec).__name__}")
-    unknown = sorted(set(spec) - set(JOB_SECTIONS) - set(JOB_SCALARS))
-    _require(
-        not unknown, f"unknown key(s) in {where}: {', '.join(unknown)}; valid keys: {', '.join(sorted([*JOB_SECTIONS, *JOB_SCALARS]))}"
-    )
-    sections = {}
-    for name, cls in JOB_SECTIONS.items():
-        values = spec.get(name) or {}
-        _require(isinstance(values, Mapping), f"{where}: `{name}` must be a mapping, got {type(values).__name__}")
-        if "crop_scale" in values:
-            values = {**values, "crop_scale": tuple(values["crop_scale"])}
-        sections[name] = config_from_mapping(cls, values, f"{where} `{name}`")
-    inputs = spec.get("inputs")
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    _require(
-        isinstance(inputs, list) and bool(inputs) and all(isinstance(i, str) for i in inputs),
-        f"{where}: `inputs` must be a non-empty list of paths or URIs",
-    )
-    output = spec.get("output")
-    _require(isinstance(output, str) and bool(output), f"{where}: `output` must be a path or URI")
-    for flag in ("resume", "retry_failed", "overwrite"):
-        _require(isinstance(spec.get(flag, False), bool), f"{where}: `{flag}` must be true or false")
-    storage = spec.get("storage_options") or {}
-    _require(isinstance(storage, Mapping), f"{where}: `storage_options` must be a mapping")
-    secrets = sorted(_secret_names(storage))
-    _require(
-        not secrets,
-        f"{where}: `storage_options` must not hold secrets ({', '.join(secrets)}); "
-        "give credentials through AWS environment variables, files or service accounts",
-    )
-    assert isinstance(inputs, list) and isinstance(output, str)  # checked above; tells the type checker
-    job = JobConfig(
-        inputs=tuple(inputs),
-        output=output,
-        resume=spec.get("resume", False),
-        retry_failed=spec.get("retry_failed", False),
-        overwrite=spec.get("overwrite", False),
-        **sections,
-    )
-    return job, dict(storage)
+        require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pick one")
+        require(self.resume or not self.retry_failed, "--retry-failed works on an existing output; add --resume")
+        if self.model.device == "cpu":  # known before any cluster work; `auto` is decided where actors are placed
+            decodes_on_device(self.decode.device, self.model.device)
 
 
 __all__ = [
     "CROP_LAYOUTS",
     "ConfigError",
+    "decodes_on_device",
     "DECODE_DEVICES",
     "DESCRIPTOR_WEIGHTS",
     "INTERPOLATIONS",
@@ -491,6 +391,4 @@ __all__ = [
     "SALIENCY_RULES",
     "ScoringConfig",
     "VocabularyConfig",
-    "config_from_mapping",
-    "job_from_spec",
 ]

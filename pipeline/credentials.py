@@ -1,10 +1,12 @@
-"""Credentials in URLs: one rule for what counts as one, and one way to mask it, for every URL a job records.
+"""Credentials: one rule for what counts as one, in URLs and in storage options, and one way to mask it.
 
 A URL carries a credential when it has user information (`user:password@`, `:token@` or `token@`: any of
 them can be a secret, so all are) or a query parameter that signs or authorises the request (`X-Amz-Signature`,
 `X-Amz-Credential`, `X-Amz-Security-Token`, `X-Goog-Signature`, Azure's `sig`, `token`, `access_token`,
 `api_key`, ...). Jobs refuse such URLs as inputs, labels, templates, weights or output, and mask them in
-manifest rows, before anything is written or logged. Pure text: no I/O.
+manifest rows, before anything is written or logged. A storage option is secret by its name (`is_secret_option`):
+its value is masked wherever options are shown, kept a string when parsed, and never allowed in a job spec.
+Pure text: no I/O.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^
 _QUERY = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&#\s]+)=(?P<value>[^&#\s]*)")
 _SECRET_PARAMETER_WORDS = ("signature", "credential", "token", "secret", "password", "passwd", "apikey", "api_key", "access_key")
 _SECRET_PARAMETERS = {"sig", "key", "code", "auth", "authorization", "x-amz-security-token", "googleaccessid"}
+_SECRET_OPTION_WORDS = ("secret", "token", "key", "password", "credential")
+_PUBLIC_OPTION_WORDS = ("endpoint", "url", "region")  # `endpoint_url`, `region_name`: never secret, always shown
+
+
+def is_secret_option(name: str) -> bool:
+    """Whether a storage option of this name holds a secret (key, secret, token, session_token, aws_*, ...)."""
+    lowered = name.lower()
+    if any(word in lowered for word in _PUBLIC_OPTION_WORDS):
+        return False
+    return lowered.startswith("aws_") or any(word in lowered for word in _SECRET_OPTION_WORDS)
 
 
 def is_secret_parameter(name: str) -> bool:
@@ -62,4 +74,4 @@ def _query_part(text: str) -> str:
     return "?" + text.partition("?")[2] if "?" in text else ""
 
 
-__all__ = ["MASK", "REFUSED", "has_credentials", "is_secret_parameter", "mask_credentials"]
+__all__ = ["MASK", "REFUSED", "has_credentials", "is_secret_option", "is_secret_parameter", "mask_credentials"]

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import skimage.data
 from PIL import Image
+
+from .support import photo
 
 MAX_PHOTO_SIDE = 512  # photos are shrunk to this long side so tests stay fast
 RED = (255, 0, 0)
@@ -67,17 +68,8 @@ def _encode(image: Image.Image, image_format: str, **options: object) -> bytes:
 
 
 def _photo(name: str, max_side: int = MAX_PHOTO_SIDE) -> Image.Image:
-    """A colour photograph bundled with scikit-image (no download), shrunk to `max_side` on its long side."""
-    loaders = {
-        "astronaut": skimage.data.astronaut,
-        "chelsea": skimage.data.chelsea,
-        "coffee": skimage.data.coffee,
-        "rocket": skimage.data.rocket,
-        "hubble": skimage.data.hubble_deep_field,
-        "motorcycle": lambda: skimage.data.stereo_motorcycle()[0],
-        "ihc": skimage.data.immunohistochemistry,
-    }
-    image = Image.fromarray(np.ascontiguousarray(loaders[name]())).convert("RGB")
+    """A scikit-image photo (`support.photo`), shrunk to `max_side` on its long side."""
+    image = Image.fromarray(photo(name)).convert("RGB")
     image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # keeps the aspect ratio, never enlarges
     return image
 

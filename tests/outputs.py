@@ -27,10 +27,11 @@ from PIL import Image
 
 from pipeline.schema import DECODE_ERROR, OK, READ_ERROR, output_schema, rows_to_table
 
+from .support import TINY_MODEL, labels_file
+
 CHROMIUM = "/usr/bin/chromium"
 CLASSES = ("cat", "dog", "bird")
 SYNTHETIC_CLASSES = tuple(f"class{i:02d}" for i in range(10))
-TINY_MODEL = str(Path(__file__).parent / "fixtures" / "lgca-tiny-vit.json")
 PASSTHROUGH = pa.schema([("batch", pa.string())])  # one manifest pass-through column in synthetic outputs
 
 _REAL_OUTPUTS: dict[str, Path] = {}  # one real run per session, shared by the test modules
@@ -61,8 +62,7 @@ def real_output(base: Path) -> Path:
         Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR).save(images / f"photo{index}.jpg", quality=90)
     (images / "broken.jpg").write_bytes(b"\xff\xd8 this is not really a jpeg")
     (images / "notes.txt").write_text("not an image\n")
-    labels = base / "labels.txt"
-    labels.write_text("\n".join(CLASSES) + "\n")
+    labels = labels_file(base, CLASSES)
     out = base / "out"
     started_here = not ray.is_initialized()  # the session's ray_local may be up already: reuse it
     if started_here:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from .support import LGCA
+
 ROOT = Path(__file__).resolve().parents[1]
-LGCA = str(Path(sys.executable).with_name("lgca"))
 EXAMPLE_RIGHT_MIN = 0.6  # share of the 20 demo scenes the example must label right (measured: 13 of 20)
 
 
@@ -24,12 +25,14 @@ def _readme_example() -> list[str]:
     return shlex.split(match.group(0).replace("\\\n", " "))
 
 
+@pytest.mark.integration
 def test_help_explains_the_commands():
     result = subprocess.run([LGCA, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "run" in result.stdout and "LGCA" in result.stdout
 
 
+@pytest.mark.integration
 def test_the_command_line_loads_no_torch_ray_or_pandas_until_a_command_runs():
     # `lgca --help` must stay fast: every heavy import happens inside the command that needs it
     code = (
@@ -40,6 +43,7 @@ def test_the_command_line_loads_no_torch_ray_or_pandas_until_a_command_runs():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.integration
 def test_run_help_lists_every_scoring_option():
     result = subprocess.run([LGCA, "run", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
@@ -68,6 +72,7 @@ def test_run_help_lists_every_scoring_option():
         assert flag in result.stdout, flag
 
 
+@pytest.mark.integration
 def test_no_command_prints_help_and_exits_2():
     result = subprocess.run([LGCA], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "COMMAND" in result.stdout
@@ -80,6 +85,7 @@ def test_makefile_example_runs_the_readme_command():
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_readme_example_labels_the_demo_scenes_mostly_right(tmp_path):
     """The README's example, as written: the committed learned model on the committed demo scenes, offline."""
     command = _readme_example()
@@ -101,6 +107,7 @@ def test_readme_example_labels_the_demo_scenes_mostly_right(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_the_cascade_labels_each_row_with_the_pass_that_scored_it(tmp_path):
     """`--cascade-margin`: confident scenes keep their global-view (descriptors) result without boxes, the others
     are lgca rows with boxes; `_manifest.json` and `lgca summary` give the threshold and the share escalated."""

@@ -24,6 +24,8 @@ from PIL import Image
 
 import pipeline.cli.cluster
 import pipeline.run.job
+import pipeline.run.manifest_record
+import pipeline.run.prepare
 from pipeline import __version__
 from pipeline.cli.main import main as lgca_main
 from pipeline.config import ConfigError
@@ -43,11 +45,10 @@ from pipeline.run.submit import (
 )
 
 from .ray_head import RAY, RayHead
+from .support import LGCA, TINY_MODEL, labels_file, lgca_run
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-LGCA = str(VENV_BIN / "lgca")
-TINY_MODEL = str(REPO / "tests" / "fixtures" / "lgca-tiny-vit.json")
 CLASSES = ("cat", "dog", "rocket")
 IMAGE_SIZES = {"wide.png": (96, 64), "tall.jpg": (64, 96), "square.png": (50, 50), "pano.jpg": (120, 40), "small.png": (40, 36)}
 BROKEN = "broken.jpg"  # bytes that are no image: its row must come out as decode_error
@@ -112,8 +113,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _write_spec(directory: Path, images: Path, output: Path) -> Path:
-    labels = directory / "labels.txt"
-    labels.write_text("\n".join(CLASSES) + "\n")
+    labels = labels_file(directory, CLASSES)
     spec = {
         "inputs": [str(images)],
         "output": str(output),
@@ -175,6 +175,7 @@ def _run(command: list[str], env: dict[str, str], timeout: float = JOB_TIMEOUT_S
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_lgca_submit_wait_labels_every_image(cluster: TokenRayHead, images: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
     spec = _write_spec(tmp_path, images, output)
@@ -236,6 +237,7 @@ def test_lgca_submit_wait_labels_every_image(cluster: TokenRayHead, images: Path
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_ray_job_submit_runs_the_same_entrypoint(cluster: TokenRayHead, images: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
     spec = _write_spec(tmp_path, images, output)
@@ -274,6 +276,7 @@ def test_ray_job_submit_runs_the_same_entrypoint(cluster: TokenRayHead, images: 
     ],
     ids=["unknown-key", "unknown-section-key", "missing-labels", "negative-batch-size", "secret"],
 )
+@pytest.mark.integration
 def test_bad_spec_fails_before_submission(tmp_path: Path, body: dict[str, Any], named: str) -> None:
     spec = {"inputs": ["/data/images"], "output": "/data/out", "vocabulary": {"labels": "/data/labels.txt"}, **body}
     path = tmp_path / "bad.yaml"
@@ -286,49 +289,21 @@ def test_bad_spec_fails_before_submission(tmp_path: Path, body: dict[str, Any], 
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.integration
 def test_bad_run_arguments_fail_before_submission() -> None:
-    result = _run(
-        [
-            LGCA,
-            "submit",
-            "--address",
-            "http://127.0.0.1:1",
-            "--",
-            "/data/images",
-            "--labels",
-            "l.txt",
-            "--output",
-            "/data/out",
-            "--batch-size",
-            "0",
-        ],
-        dict(os.environ),
-        timeout=60,
-    )
+    def submit(*options: str) -> subprocess.CompletedProcess:
+        run_arguments = ["/data/images", "--labels", "l.txt", "--output", "/data/out", *options]
+        return _run([LGCA, "submit", "--address", "http://127.0.0.1:1", "--", *run_arguments], dict(os.environ), timeout=60)
+
+    result = submit("--batch-size", "0")
     assert result.returncode == 2 and "batch_size" in result.stderr and "cannot reach" not in result.stderr
-    secret = _run(
-        [
-            LGCA,
-            "submit",
-            "--address",
-            "http://127.0.0.1:1",
-            "--",
-            "/data/images",
-            "--labels",
-            "l.txt",
-            "--output",
-            "/data/out",
-            "--storage-option",
-            "secret=abc",
-        ],
-        dict(os.environ),
-        timeout=60,
-    )
+    secret = submit("--storage-option", "secret=abc")
     assert secret.returncode == 2 and "looks like a secret" in secret.stderr
     neither = _run([LGCA, "submit", "--address", "http://127.0.0.1:1"], dict(os.environ), timeout=60)
     assert neither.returncode == 2 and "--spec FILE" in neither.stderr
 
 
+@pytest.mark.integration
 def test_unreachable_address_fails_in_seconds(tmp_path: Path) -> None:
     started = time.monotonic()
     result = _run(
@@ -387,6 +362,7 @@ class _RecordingClient:
     ],
     ids=["spec-in-repo", "spec-resume", "run-arguments"],
 )
+@pytest.mark.integration
 def test_submit_sends_the_entrypoint_and_code(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, arguments: list[str], expected: str
 ) -> None:
@@ -411,23 +387,7 @@ def test_submit_sends_the_entrypoint_and_code(
 
 
 def _lgca_run(images: Path, output: Path, address: str) -> list[str]:
-    labels = output.parent / "labels.txt"
-    labels.write_text("\n".join(CLASSES) + "\n")
-    return [
-        LGCA,
-        "run",
-        str(images),
-        "--labels",
-        str(labels),
-        "--output",
-        str(output),
-        "--model",
-        TINY_MODEL,
-        "--pretrained",
-        "random",
-        "--address",
-        address,
-    ]
+    return lgca_run(images, labels_file(output.parent, CLASSES), output, "--address", address)
 
 
 def _without_token(env: dict[str, str]) -> dict[str, str]:
@@ -452,6 +412,7 @@ ADDRESS_CASES = {
 
 
 @pytest.mark.parametrize("case", list(ADDRESS_CASES))
+@pytest.mark.integration
 def test_lgca_run_refuses_an_unusable_address_in_seconds(cluster: TokenRayHead, images: Path, tmp_path: Path, case: str) -> None:
     """Against a real head. Before, the dashboard port hung, ray:// went to Ray Client (under which Ray Data fails),
     and a token problem waited 20 s to blame the address; now exit 2 names the fix before any cluster work."""
@@ -472,6 +433,7 @@ def test_lgca_run_refuses_an_unusable_address_in_seconds(cluster: TokenRayHead, 
     print(f"lgca run --address ({case}): exit 2 in {elapsed:.1f}s")
 
 
+@pytest.mark.integration
 def test_the_right_token_passes_the_address_check(cluster: TokenRayHead) -> None:
     code = "import sys; from pipeline.run.cluster_address import check_address; check_address(sys.argv[1], 3.0)"
     env = cluster.env()
@@ -492,7 +454,7 @@ def test_the_right_token_passes_the_address_check(cluster: TokenRayHead) -> None
 def test_address_shapes_are_refused_without_ray(address: str, words: list[str]) -> None:
     started = time.monotonic()
     with pytest.raises(ConfigError) as refused:
-        pipeline.run.job._check_address(address)
+        pipeline.run.prepare.check_address_fast(address)
     for word in words:
         assert word in str(refused.value)
     assert time.monotonic() - started < 5
@@ -596,10 +558,11 @@ def test_job_lets_other_errors_through(monkeypatch: pytest.MonkeyPatch, tmp_path
         label_images.main(["--spec", str(_spec_with_output(tmp_path, "s3://bucket/out/"))])
 
 
+@pytest.mark.integration
 def test_code_version_names_the_shipped_commit_without_git(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no git binary: a submitted job's copy has no .git either
     monkeypatch.delenv(COMMIT_VARIABLE, raising=False)
-    assert pipeline.run.job._code_version() == __version__
+    assert pipeline.run.manifest_record.code_version() == __version__
     monkeypatch.setenv(COMMIT_VARIABLE, "abc1234")
-    assert pipeline.run.job._code_version() == f"{__version__}+abc1234"
+    assert pipeline.run.manifest_record.code_version() == f"{__version__}+abc1234"
     assert working_tree_commit(tmp_path) == ""

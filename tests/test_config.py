@@ -18,8 +18,8 @@ from pipeline.config import (
     ModelConfig,
     ScoringConfig,
     VocabularyConfig,
-    job_from_spec,
 )
+from pipeline.job_spec import job_from_spec
 
 # ---------------------------------------------------------------- ScoringConfig
 

@@ -27,13 +27,15 @@ import pytest
 
 from pipeline.cli import main as cli
 
-from .outputs import TINY_MODEL, real_run, sample_images  # noqa: F401 - fixtures are used by name
+from .outputs import real_run, sample_images  # noqa: F401 - fixtures are used by name
 from .ray_head import RayHead
+from .support import labels_file, lgca_run
+
+pytestmark = pytest.mark.integration  # every test reads a real run's output (Ray), one runs `lgca run` itself
 
 ROOT = Path(__file__).resolve().parents[1]
 CURATION = ROOT / "docs" / "CURATION.md"
 OUTPUT_DOC = ROOT / "docs" / "OUTPUT.md"
-LGCA = str(Path(sys.executable).with_name("lgca"))
 
 
 def doc_block(doc: Path, name: str) -> str:
@@ -225,23 +227,9 @@ def test_readers_see_whole_results_during_a_run_after_it_and_after_a_resume_over
     images = sample_images(tmp_path / "images", 48)
     manifest = tmp_path / "manifest.csv"
     _manifest(manifest, images[:40])  # `note` empty in every row: the plan fixes its type
-    labels = tmp_path / "labels.txt"
-    labels.write_text("cat\ndog\nbird\n")
+    labels = labels_file(tmp_path, ("cat", "dog", "bird"))
     output = tmp_path / "out"
-    command = [
-        LGCA,
-        "run",
-        str(manifest),
-        "--labels",
-        str(labels),
-        "--output",
-        str(output),
-        "--model",
-        TINY_MODEL,
-        "--pretrained",
-        "random",
-    ]
-    command += ["--method", "clip", "--rows-per-file", "4", "--batch-size", "2", "--decode-batch-size", "2"]
+    command = lgca_run(manifest, labels, output, "--method", "clip", "--rows-per-file", "4", "--batch-size", "2", "--decode-batch-size", "2")
     planned = {f"k{i:03d}" for i in range(40)}
     with RayHead() as head, _Readers(output, planned, rows_per_file=4) as readers:
         # The first attempt dies once its first shard is committed, pieces of others staged.

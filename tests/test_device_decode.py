@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import ConfigError, DecodeConfig, JobConfig, ModelConfig, ScoringConfig, VocabularyConfig
-from pipeline.run.labelling import ScoringActor, _read_and_decode, jpegs_on_device
+from pipeline.config import ConfigError, DecodeConfig, JobConfig, ModelConfig, ScoringConfig, VocabularyConfig, decodes_on_device
+from pipeline.models.spec import resolve_model
 from pipeline.schema import DECODE_ERROR, OK
 from pipeline.stages.decode import DecodedImage, DecodeFailure, DeferredJpeg, decode_image, defer_jpeg
 from pipeline.stages.device_decode import CHUNK, box_reduce, decode_jpegs, upright
+from pipeline.stages.read_decode import ReadDecodeStage
+from pipeline.stages.score_rows import ScoreStage
 
 from .corpus import build_corpus
 from .tiny import TINY_MODEL
@@ -127,8 +129,8 @@ def test_deferred_read_and_decode_gives_jpeg_bytes_for_jpegs_and_pixels_for_the_
     expected = build_corpus(tmp_path)
     images = {p: s for p, s in expected.items() if s.status != "skipped"}
     batch = pa.table({"key": list(images), "path": [str(tmp_path / p) for p in images]})
-    plain = _read_and_decode(batch, decode=DecodeConfig(), storage_options={}).to_pylist()
-    deferred = _read_and_decode(batch, decode=DecodeConfig(), storage_options={}, defer_jpegs=True).to_pylist()
+    plain = ReadDecodeStage(DecodeConfig(), {})(batch).to_pylist()
+    deferred = ReadDecodeStage(DecodeConfig(), {}, defer_jpegs=True)(batch).to_pylist()
     jpegs = 0
     for before, after in zip(plain, deferred):
         # the same status and upright size either way; a truncated JPEG passes the header check and fails later
@@ -148,10 +150,10 @@ def actor(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     (cache / "labels.txt").write_text("cat\nrocket\ncoffee\n")
     vocabulary_config = VocabularyConfig(labels=str(cache / "labels.txt"))
-    from pipeline.stages.vocab import load_vocabulary
+    from pipeline.vocab import load_vocabulary
 
-    return ScoringActor(
-        model_config=ModelConfig(name=TINY_MODEL, pretrained="random", device="cpu", cache_dir=str(cache)),
+    return ScoreStage(
+        model=resolve_model(ModelConfig(name=TINY_MODEL, pretrained="random", device="cpu", cache_dir=str(cache))),
         scoring=ScoringConfig(method="lgca", crops=4, regions=1, steps=2),
         vocabulary=load_vocabulary(vocabulary_config, {}),
         decode=DecodeConfig(min_short_side=64),
@@ -170,8 +172,8 @@ def test_scoring_actor_scores_deferred_jpegs_like_cpu_decoded_ones(tmp_path, act
     paths.append(tmp_path / "truncated.jpg")
     batch = pa.table({"key": [p.name for p in paths], "path": [str(p) for p in paths]})
     decode = DecodeConfig(min_short_side=64)  # 200 px short side: neither path reduces
-    rows_cpu = actor(_read_and_decode(batch, decode=decode, storage_options={})).to_pylist()
-    rows_device = actor(_read_and_decode(batch, decode=decode, storage_options={}, defer_jpegs=True)).to_pylist()
+    rows_cpu = actor(ReadDecodeStage(decode, {})(batch)).to_pylist()
+    rows_device = actor(ReadDecodeStage(decode, {}, defer_jpegs=True)(batch)).to_pylist()
     assert [r["key"] for r in rows_device] == [r["key"] for r in rows_cpu]
     for on_cpu, on_device in zip(rows_cpu, rows_device):
         assert on_device["status"] == on_cpu["status"], (on_cpu, on_device)
@@ -198,9 +200,9 @@ def test_decode_device_is_validated_before_any_work():
             decode=DecodeConfig(device="gpu"),
         )
     with pytest.raises(ConfigError, match="no GPU for the scoring actors"):
-        jpegs_on_device("gpu", "cpu")
-    assert [jpegs_on_device(d, "cpu") for d in ("cpu", "auto")] == [False, False]
-    assert [jpegs_on_device(d, "cuda") for d in ("cpu", "auto", "gpu")] == [False, True, True]
+        decodes_on_device("gpu", "cpu")
+    assert [decodes_on_device(d, "cpu") for d in ("cpu", "auto")] == [False, False]
+    assert [decodes_on_device(d, "cuda") for d in ("cpu", "auto", "gpu")] == [False, True, True]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compares nvJPEG decoding with libjpeg on the CPU")

@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import skimage.data
 import torch
 from PIL import Image
 
@@ -28,13 +27,14 @@ from pipeline.evaluation.labelled import (
 )
 from pipeline.evaluation.metrics import confused_pairs, mean_and_std, mean_per_class_recall, topk_accuracy, topk_hits
 from pipeline.evaluation.records import result_records
-from pipeline.evaluation.runner import Evaluation, ImageModel, Observation, embedding_key, evaluate
+from pipeline.evaluation.results import Evaluation
+from pipeline.evaluation.runner import ImageModel, Observation, embedding_key, evaluate
 from pipeline.evaluation.sweep import Setting, parse_sweep, sweep_settings
 from pipeline.scoring.scorer import Scorer
 from pipeline.scoring.text import class_vectors
 
 from .analytic import PALETTE, VIEW, ColourEncoder, encode_colour_text, make_scene
-from .tiny import TINY_MODEL
+from .support import eval_args, labels_file, photo
 
 GREY = (128, 128, 128)
 
@@ -551,61 +551,32 @@ def test_manifest_groups_split_the_accuracy_and_observers_see_every_score(analyt
 # ---------------------------------------------------------------- the CLI, end to end
 
 
-PHOTOS = {  # class: scikit-image photos (bundled, no download)
-    "cat": (skimage.data.chelsea, skimage.data.cat),
-    "astronaut": (skimage.data.astronaut,),
-    "coffee": (skimage.data.coffee,),
-    "rocket": (skimage.data.rocket,),
-}
+PHOTOS = {"cat": ("chelsea", "cat"), "astronaut": ("astronaut",), "coffee": ("coffee",), "rocket": ("rocket",)}  # support.photo
 
 
 def _photo_folders(root: Path) -> None:
     """Four crops of each class's photos, shrunk to 96 px on the short side."""
-    for name, loaders in PHOTOS.items():
+    for name, photos in PHOTOS.items():
         for index in range(4):
-            photo = Image.fromarray(np.ascontiguousarray(loaders[index % len(loaders)]()))
-            width, height = photo.size
+            whole = Image.fromarray(photo(photos[index % len(photos)]))
+            width, height = whole.size
             left, top = (index % 2) * width // 6, (index // 2) * height // 6
-            crop = photo.crop((left, top, left + width * 5 // 6, top + height * 5 // 6))
+            crop = whole.crop((left, top, left + width * 5 // 6, top + height * 5 // 6))
             crop.thumbnail((144, 96))
             _png(root / name / f"{index}.png", np.asarray(crop.convert("RGB")))
 
 
-def test_cli_with_random_weights_runs_end_to_end_and_reports_chance(tmp_path, capsys):
+def _eval_photos(tmp_path: Path, classes: tuple[str, ...], output: Path, *options: str) -> int:
+    """`lgca eval` (tiny model, random weights) on the photo folders, with `classes` as the vocabulary; its exit status."""
     _photo_folders(tmp_path / "photos")
-    labels = tmp_path / "labels.txt"
-    labels.write_text("cat\nastronaut\ncoffee\nrocket\nhorse\n")  # horse: no images, a distractor
+    labels = labels_file(tmp_path, classes)
+    return main(eval_args(tmp_path / "photos", labels, *options, "--output", str(output), "--cache-dir", str(tmp_path / "cache")))
+
+
+def test_cli_with_random_weights_runs_end_to_end_and_reports_chance(tmp_path, capsys):
     output = tmp_path / "results" / "photos.json"
-    code = main(
-        [
-            "eval",
-            "--data",
-            str(tmp_path / "photos"),
-            "--labels",
-            str(labels),
-            "--model",
-            TINY_MODEL,
-            "--pretrained",
-            "random",
-            "--device",
-            "cpu",
-            "--crops",
-            "4",
-            "--steps",
-            "1",
-            "--regions",
-            "1",
-            "--runs",
-            "2",
-            "--batch-size",
-            "5",
-            "--output",
-            str(output),
-            "--no-progress",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ]
-    )
+    classes = ("cat", "astronaut", "coffee", "rocket", "horse")  # horse: no images, a distractor
+    code = _eval_photos(tmp_path, classes, output, "--crops", "4", "--steps", "1", "--regions", "1", "--runs", "2", "--batch-size", "5")
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "have no images" in captured.err and "horse" in captured.err
@@ -634,38 +605,10 @@ def test_cli_with_random_weights_runs_end_to_end_and_reports_chance(tmp_path, ca
 
 
 def test_cli_sweep_prints_a_row_per_setting_and_reports_skipped_ones(tmp_path, capsys):
-    _photo_folders(tmp_path / "photos")
-    labels = tmp_path / "labels.txt"
-    labels.write_text("cat\nastronaut\ncoffee\nrocket\n")
     output = tmp_path / "sweep.json"
-    code = main(
-        [
-            "eval",
-            "--data",
-            str(tmp_path / "photos"),
-            "--labels",
-            str(labels),
-            "--model",
-            TINY_MODEL,
-            "--pretrained",
-            "random",
-            "--device",
-            "cpu",
-            "--methods",
-            "wca,lgca",
-            "--crops",
-            "4",
-            "--limit",
-            "8",
-            "--sweep",
-            "steps=1,2",
-            "regions=1,6",
-            "--output",
-            str(output),
-            "--no-progress",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ]
+    sweep = ("--sweep", "steps=1,2", "regions=1,6")
+    code = _eval_photos(
+        tmp_path, ("cat", "astronaut", "coffee", "rocket"), output, "--methods", "wca,lgca", "--crops", "4", "--limit", "8", *sweep
     )
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -699,8 +642,7 @@ def test_cli_sweep_prints_a_row_per_setting_and_reports_skipped_ones(tmp_path, c
 )
 def test_cli_rejects_bad_options_before_running(tmp_path, capsys, extra, named):
     _png(tmp_path / "data" / "cat" / "a.png", np.zeros((8, 8, 3), np.uint8))
-    (tmp_path / "labels.txt").write_text("cat\n")
-    code = main(["eval", "--data", str(tmp_path / "data"), "--labels", str(tmp_path / "labels.txt"), "--model", "no-such-model", *extra])
+    code = main(eval_args(tmp_path / "data", labels_file(tmp_path, ["cat"]), *extra, model="no-such-model", pretrained=None))
     assert code == 2
     assert named in capsys.readouterr().err
 
@@ -715,9 +657,9 @@ def test_cli_names_a_malformed_cascade_list(capsys):
 def test_cli_names_data_classes_missing_from_the_vocabulary_before_loading_a_model(tmp_path, capsys):
     for name in ("cat", "dog", "golden_retriever"):
         _png(tmp_path / "data" / name / "a.png", np.zeros((8, 8, 3), np.uint8))
-    (tmp_path / "labels.txt").write_text("cat\ngolden retriever\nbird\n")
+    labels = labels_file(tmp_path, ("cat", "golden retriever", "bird"))
     # an unknown architecture would fail if the model were loaded first
-    code = main(["eval", "--data", str(tmp_path / "data"), "--labels", str(tmp_path / "labels.txt"), "--model", "no-such-model"])
+    code = main(eval_args(tmp_path / "data", labels, model="no-such-model", pretrained=None))
     err = capsys.readouterr().err
     assert code == 2
     assert "2 class(es) of the data are not in the vocabulary" in err and "dog, golden_retriever" in err
@@ -738,31 +680,13 @@ def test_class_folders_and_manifests_on_s3_give_the_local_metrics(analytic_root,
         remote = _evaluate_analytic(data, methods=("descriptors", "wca"), storage_options=options)
         assert remote.results[0].methods == local.results[0].methods
     # and through the CLI, with the results written to the bucket
-    labels = tmp_path / "labels.txt"
-    labels.write_text("\n".join(CLASSES) + "\n")
     code = main(
-        [
-            "eval",
-            "--data",
+        eval_args(
             f"{s3_bucket}/data",
-            "--labels",
-            str(labels),
-            "--model",
-            TINY_MODEL,
-            "--pretrained",
-            "random",
-            "--device",
-            "cpu",
-            "--methods",
-            "clip",
-            "--output",
-            f"{s3_bucket}/results/analytic.json",
-            "--no-progress",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--storage-option",
-            f"endpoint_url={s3_server.endpoint_url}",
-        ]
+            labels_file(tmp_path, CLASSES),
+            *("--methods", "clip", "--output", f"{s3_bucket}/results/analytic.json", "--cache-dir", str(tmp_path / "cache")),
+            *("--storage-option", f"endpoint_url={s3_server.endpoint_url}"),
+        )
     )
     assert code == 0
     body = s3_server.client().get_object(Bucket=s3_bucket.removeprefix("s3://"), Key="results/analytic.json")["Body"].read()

@@ -488,6 +488,7 @@ def test_export_from_and_to_s3(s3_bucket, s3_server, tmp_path):
     assert not [p for p in fs.ls(f"{s3_bucket[5:]}/exports") if p.endswith(".partial")]
 
 
+@pytest.mark.integration
 def test_curation_modules_import_neither_torch_nor_ray():
     import subprocess
 
@@ -502,6 +503,7 @@ def test_curation_modules_import_neither_torch_nor_ray():
 # ---------------------------------------------------------------- 100k rows
 
 
+@pytest.mark.integration
 def test_export_100k_rows_in_bounded_time_and_memory(big_output, tmp_path):
     statuses = pq.read_table(big_output, columns=["status"]).column("status")
     ok = pc.sum(pc.equal(statuses, "ok")).as_py()

@@ -20,11 +20,11 @@ import torch
 from pipeline.cli.args import storage_options as cli_storage_options
 from pipeline.config import ConfigError, DecodeConfig
 from pipeline.run.job import run
-from pipeline.run.labelling import _read_and_decode
 from pipeline.run.resources import NodeShape, check_resources
 from pipeline.schema import DECODE_ERROR, OK, READ_ERROR
 from pipeline.stages.journal import JOURNAL_DIR_ENV, DecodeJournal
-from pipeline.stages.sources import (
+from pipeline.stages.read_decode import ReadDecodeStage
+from pipeline.stages.storage import (
     STORAGE_OPTIONS_ENV,
     RefusedInput,
     check_scheme,
@@ -36,9 +36,9 @@ from pipeline.stages.sources import (
 
 from .analytic import COLOURS, encode_colour_text
 from .fault_proxy import FaultProxy, Rule
+from .support import run_args
 from .test_job import _job, _labels, _photos, _read
 from .test_reliability import _report, _run_args
-from .tiny import TINY_MODEL
 
 # Hostile rows must arrive within this bound: the job itself (tiny model, 2 cores) takes 20-40 s.
 HOSTILE_BOUND_S = 120
@@ -104,7 +104,7 @@ def test_a_body_cut_short_by_the_store_is_retried(tmp_path, s3_server, s3_bucket
     with FaultProxy(s3_server.endpoint_url, [rule]) as proxy:
         options = {**s3_server.storage_options, "endpoint_url": proxy.url}
         batch = pa.table({"key": list(objects), "path": [f"{s3_bucket}/{key}" for key in objects]})
-        out = _read_and_decode(batch, decode=DecodeConfig(), storage_options=options)
+        out = ReadDecodeStage(DecodeConfig(), options)(batch)
         # not images: every row reaches decoding (decode_error), none stops at reading with a cut body
         assert set(out.column("status").to_pylist()) == {DECODE_ERROR}, out.column("error_message").to_pylist()
         assert proxy.injected.get("truncate", 0) >= 3
@@ -146,6 +146,7 @@ def test_a_death_during_parallel_reads_makes_the_next_attempt_read_one_at_a_time
     assert DecodeJournal.open("run", ["a", "b"]).read_one_at_a_time
 
 
+@pytest.mark.integration
 def test_an_input_that_kills_its_decode_worker_twice_becomes_a_failed_row(tmp_path):
     images = tmp_path / "images"
     good = _photos(images, 4)
@@ -241,6 +242,7 @@ def test_resources_that_fit_or_that_the_autoscaler_can_add_pass():
         _check(head, gpus_per_actor=2.0)
 
 
+@pytest.mark.integration
 def test_unsatisfiable_resources_fail_in_seconds_on_a_real_cluster(tmp_path):
     asked = ("--num-gpus", "1")  # a GPU on a CPU-only cluster; the other requests are covered above
     ray_tmp = tempfile.mkdtemp(prefix="lg", dir="/tmp")
@@ -364,7 +366,7 @@ def test_a_large_csv_whose_quoted_line_breaks_cross_a_range_edge_plans_every_rec
     holding a line break, whose second line names a real image: an edge falls inside one, and the plan once had
     1,001 images for 1,000 records. The listing tasks now find the split record and list the file whole."""
     from pipeline.cli.main import main
-    from pipeline.stages.listing import CSV_UNIT_BYTES
+    from pipeline.stages.manifests import CSV_UNIT_BYTES
 
     images = tmp_path / "images"
     names = _photos(images, 2)
@@ -375,8 +377,7 @@ def test_a_large_csv_whose_quoted_line_breaks_cross_a_range_edge_plans_every_rec
         for index in range(records):
             out.write(f'images/{names[index % 2]},k{index:04d},"{filler}\nimages/{names[0]},phantom{index},{filler[:99]}"\n')
     assert (tmp_path / "manifest.csv").stat().st_size > CSV_UNIT_BYTES
-    code = main(["plan", str(tmp_path / "manifest.csv"), "--labels", str(_labels(tmp_path)), "--output", str(tmp_path / "out"),
-                 "--model", TINY_MODEL, "--pretrained", "random"])  # fmt: skip
+    code = main(run_args(tmp_path / "manifest.csv", _labels(tmp_path), tmp_path / "out", command="plan"))
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
     assert f"{records} images" in captured.out
@@ -496,10 +497,7 @@ def test_a_run_that_started_labelling_and_cannot_finish_exits_1_not_2(tmp_path, 
     watcher = threading.Thread(target=delete_the_first_part_file, daemon=True)
     watcher.start()
     try:
-        status = main(
-            ["run", str(images), "--labels", str(_labels(tmp_path)), "--output", str(output), "--model", TINY_MODEL]
-            + ["--pretrained", "random", "--rows-per-file", "1", "--crops", "4", "--regions", "1", "--steps", "2"]
-        )
+        status = main(run_args(images, _labels(tmp_path), output, "--rows-per-file", "1", "--crops", "4", "--regions", "1", "--steps", "2"))
     finally:
         stop.set()
         watcher.join()

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,17 +21,16 @@ from pipeline.schema import OUTPUT_COLUMNS
 
 from .corpus import build_corpus
 from .ray_head import RayHead
-from .tiny import TINY_MODEL
+from .support import LGCA, TINY_MODEL, labels_file, lgca_run
 
-bin_dir = Path(sys.executable).parent
+pytestmark = pytest.mark.integration  # every test runs a job: on Ray in this process, or `lgca run` in a subprocess
+
 LABELS = ["astronaut", "cat", "coffee", "rocket", "galaxy"]
 SMALL_LGCA = dict(method="lgca", crops=4, regions=1, steps=2)
 
 
 def _labels(directory: Path) -> Path:
-    path = directory / "labels.txt"
-    path.write_text("\n".join(LABELS) + "\n")
-    return path
+    return labels_file(directory, LABELS)
 
 
 def _job(inputs, output, labels, **overrides) -> JobConfig:
@@ -209,30 +207,9 @@ def test_killed_driver_then_resume_gives_every_input_exactly_once(tmp_path):
     labels = _labels(tmp_path)
     output = tmp_path / "out"
     with RayHead() as head:
-        command = [
-            str(bin_dir / "lgca"),
-            "run",
-            str(images),
-            "--labels",
-            str(labels),
-            "--output",
-            str(output),
-            # a real architecture, so that scoring takes long enough to be interrupted midway
-            "--model",
-            "ViT-B-32",
-            "--pretrained",
-            "random",
-            "--method",
-            "clip",
-            "--batch-size",
-            "2",
-            "--decode-batch-size",
-            "2",
-            "--rows-per-file",
-            "4",
-            "--address",
-            head.address,
-        ]
+        options = ["--method", "clip", "--batch-size", "2", "--decode-batch-size", "2", "--rows-per-file", "4", "--address", head.address]
+        # a real architecture, so that scoring takes long enough to be interrupted midway
+        command = lgca_run(images, labels, output, *options, model="ViT-B-32")
         driver = subprocess.Popen(command, env=head.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 180
         while time.time() < deadline and len(list(output.glob("part-*.parquet"))) < 2 and driver.poll() is None:
@@ -275,7 +252,7 @@ def test_configuration_errors_exit_2_in_seconds(tmp_path, args, message):
     args = [a.format(labels=_labels(tmp_path), empty=tmp_path / "empty.txt") for a in args]
     started = time.time()
     result = subprocess.run(
-        [str(bin_dir / "lgca"), "run", str(images), "--output", str(tmp_path / "out"), *args],
+        [LGCA, "run", str(images), "--output", str(tmp_path / "out"), *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -295,24 +272,7 @@ def test_missing_input_and_output_inside_input_fail_fast(tmp_path):
         ([tmp_path / "nowhere"], tmp_path / "out", "does not exist"),
         ([images], images / "out", "inside input"),
     ]:
-        result = subprocess.run(
-            [
-                str(bin_dir / "lgca"),
-                "run",
-                *map(str, inputs),
-                "--labels",
-                str(labels),
-                "--output",
-                str(output),
-                "--model",
-                TINY_MODEL,
-                "--pretrained",
-                "random",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = subprocess.run(lgca_run(inputs, labels, output), capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
 
 

@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from pipeline.config import ScoringConfig
-from pipeline.models.load import ModelError
+from pipeline.models.errors import ModelError
 from pipeline.run.labeler import Labeler, content_key, to_pixels
-from pipeline.stages.vocab import VocabularyError
+from pipeline.vocab import VocabularyError
 
+from .support import photo
 from .tiny import CLASSES, DESCRIPTIONS, TINY_MODEL, random_images
 
 SMALL = ScoringConfig(method="lgca", crops=4, regions=1, steps=1)
@@ -295,7 +296,7 @@ def test_keys_must_match_images(labeler, count):
 
 
 def test_missing_path(tmp_path, labeler):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(OSError, match="nope.jpg: cannot read: FileNotFoundError"):
         labeler.label([tmp_path / "nope.jpg"])
 
 
@@ -377,9 +378,7 @@ def test_text_cache_distinguishes_vocabularies(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_real_architecture_on_photos(tmp_path):
     """ViT-B-32 (random weights) on three scikit-image photos: shapes, probabilities, and 1 + N + K*T passes."""
-    from skimage import data
-
-    photos = [data.astronaut(), data.chelsea(), data.coffee()]  # HWC uint8 arrays of three sizes
+    photos = [photo(name) for name in ("astronaut", "chelsea", "coffee")]  # HWC uint8 arrays of three sizes
     labels = {
         "astronaut": ["a person in a white space suit", "an astronaut with a flag"],
         "cat": ["a small furry pet with whiskers", "a tabby cat"],

@@ -18,7 +18,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline.stages.lease import ASSUME_SINGLE_WRITER_ENV, LEASE, SAFE_SHARE, Lease, LeaseError, LeaseRecord, host_identity, process_start
+from pipeline.stages.lease import ASSUME_SINGLE_WRITER_ENV, LEASE, SAFE_SHARE, Lease, LeaseError
+from pipeline.stages.lease_record import LeaseRecord, host_identity, process_start
 
 from .fault_proxy import FaultProxy, Rule
 
@@ -41,6 +42,7 @@ def _dead_pid() -> int:
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
 
 
+@pytest.mark.integration
 def test_a_job_killed_on_this_host_releases_its_lease_at_once(tmp_path):
     fs, root = _local(tmp_path)
     pid = _dead_pid()
@@ -60,6 +62,7 @@ def test_a_live_process_with_a_reused_pid_is_not_the_lease_holder(tmp_path):
         Lease(fs, root, "out/").acquire()  # the very process that holds it: alive
 
 
+@pytest.mark.integration
 def test_a_shared_hostname_is_not_a_shared_pid_namespace(tmp_path):
     """A lease written in another PID namespace of a host with our hostname (two containers with one `hostname:`):
     its pid means nothing here, so it is fresh until it expires, even though that pid is not running here."""
@@ -71,6 +74,7 @@ def test_a_shared_hostname_is_not_a_shared_pid_namespace(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare(1) and root for PID namespaces")
+@pytest.mark.integration
 def test_two_processes_in_separate_pid_namespaces_cannot_both_hold_an_output(tmp_path):
     """The real thing: each job in its own PID namespace (as a container is), one hostname."""
     script = tmp_path / "hold.py"

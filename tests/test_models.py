@@ -17,21 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.config import ModelConfig, ScoringConfig
-from pipeline.models.load import (
-    RANDOM_WEIGHTS_WARNING,
-    ModelError,
-    WeightsSource,
-    _autocast_dtype,
-    architecture_name,
-    check_model,
-    fetch_weights,
-    file_sha256,
-    load_model,
-    model_image_size,
-    parse_weights_source,
-    read_state_dict,
-    resolve_device,
-)
+from pipeline.models.errors import ModelError
+from pipeline.models.load import _autocast_dtype, load_model, resolve_device
+from pipeline.models.spec import RANDOM_WEIGHTS_WARNING, WeightsSource, architecture_name, parse_weights_source, resolve_model
+from pipeline.models.weights import fetch_weights, file_sha256, read_state_dict
 
 from .tiny import TINY_MODEL, random_images, scorer_for
 
@@ -89,7 +78,7 @@ def test_model_config_json_registers():
 
     assert architecture_name(TINY_MODEL) == "lgca-tiny-vit"
     assert "lgca-tiny-vit" in open_clip.list_models()
-    assert model_image_size(ModelConfig(name=TINY_MODEL)) == 32
+    assert resolve_model(ModelConfig(name=TINY_MODEL, pretrained="random")).image_size == 32
 
 
 def test_missing_model_config_json(tmp_path):
@@ -143,13 +132,13 @@ def test_check_model_builds_nothing(monkeypatch, tmp_path):
 
     monkeypatch.setattr(open_clip, "create_model", refuse)
     monkeypatch.setattr(open_clip, "create_model_and_transforms", refuse)
-    assert check_model(ModelConfig(name="ViT-B-32", pretrained="openai")).kind == "tag"
-    assert check_model(ModelConfig(name=TINY_MODEL, pretrained="random")).kind == "random"
-    assert check_model(ModelConfig(name="ViT-B-32", pretrained="s3://bucket/w.pt")).kind == "uri"
+    assert resolve_model(ModelConfig(name="ViT-B-32", pretrained="openai")).source.kind == "tag"
+    assert resolve_model(ModelConfig(name=TINY_MODEL, pretrained="random")).source.kind == "random"
+    assert resolve_model(ModelConfig(name="ViT-B-32", pretrained="s3://bucket/w.pt")).source.kind == "uri"
     with pytest.raises(ModelError, match="Did you mean"):
-        check_model(ModelConfig(name="ViT-B-3", pretrained="openai"))
+        resolve_model(ModelConfig(name="ViT-B-3", pretrained="openai"))
     with pytest.raises(ModelError, match="valid tags"):
-        check_model(ModelConfig(name="ViT-B-32", pretrained="nonsense"))
+        resolve_model(ModelConfig(name="ViT-B-32", pretrained="nonsense"))
 
 
 @pytest.mark.timeout(60)
@@ -172,11 +161,11 @@ def test_tag_offline_says_to_pass_a_file_or_uri(monkeypatch, tmp_path):
 
 
 def test_random_weights_warn_loudly_once(caplog):
-    caplog.set_level(logging.WARNING, logger="pipeline.models.load")
+    caplog.set_level(logging.WARNING, logger="pipeline.models")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one message, through logging only: a warnings.warn as well printed it twice
         model = load_model(ModelConfig(name=TINY_MODEL, pretrained="random", device="cpu", random_seed=4))
-    records = [r for r in caplog.records if r.name == "pipeline.models.load" and r.levelno == logging.WARNING]
+    records = [r for r in caplog.records if r.name.startswith("pipeline.models") and r.levelno == logging.WARNING]
     assert [r.getMessage() for r in records] == [RANDOM_WEIGHTS_WARNING]
     assert model.identity == {"model": "lgca-tiny-vit", "pretrained": "random(seed=4)", "weights_sha256": ""}
 
@@ -193,6 +182,7 @@ def test_random_weights_are_deterministic_per_seed(reference):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile on the CPU needs a C compiler")
+@pytest.mark.integration
 def test_compiled_encoder_scores_like_the_eager_one(reference, reference_scores):
     compiled = _load(pretrained="random", random_seed=REFERENCE_SEED, compile=True)
     for batch in (5, 3, 7):  # a smaller last micro-batch must not recompile or fail
@@ -291,6 +281,7 @@ def test_malicious_pickle_is_refused(tmp_path, writer):
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_the_malicious_payload_is_live(tmp_path):
     """Control for the test above: an unrestricted unpickler does run the payload, so its absence means something."""
     marker = tmp_path / "pwned"

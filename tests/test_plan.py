@@ -18,9 +18,10 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.schema import OK, output_schema
-from pipeline.stages import listing, sources
-from pipeline.stages.lease import LEASE, Lease, LeaseError, LeaseRecord
-from pipeline.stages.listing import ListingUnit, list_inputs, list_unit
+from pipeline.stages import listing, manifests, storage
+from pipeline.stages.lease import LEASE, Lease, LeaseError
+from pipeline.stages.lease_record import LeaseRecord
+from pipeline.stages.listing import list_inputs, list_unit
 from pipeline.stages.plan import (
     KEY_BUCKETS,
     ROW_COLUMN,
@@ -43,7 +44,9 @@ from pipeline.stages.plan import (
     write_shards,
 )
 from pipeline.stages.sink import SHARD_COLUMN, Output, OutputError, commit_shard, committed_counts, part_name, stage_pieces
-from pipeline.stages.sources import SourceError, parse_input
+from pipeline.stages.sources import parse_input
+from pipeline.stages.storage import SourceError
+from pipeline.stages.units import ListingUnit
 
 
 def _fingerprint(**changed) -> dict:
@@ -139,7 +142,7 @@ def test_a_csv_manifest_in_byte_ranges_lists_every_row_once(tmp_path, unit_bytes
     manifest = tmp_path / "manifest.csv"
     manifest.write_bytes(CSV_TEXT.encode())
     spec = parse_input(str(manifest))
-    whole = listing._list_manifest(spec, {})
+    whole = manifests.list_manifest(spec, {})
     units = listing.listing_units([spec], {}, csv_unit_bytes=unit_bytes)
     assert len(units) == (1 if unit_bytes >= len(CSV_TEXT) else -(-len(CSV_TEXT) // unit_bytes))
     assert len({unit.id for unit in units}) == len(units)
@@ -199,7 +202,7 @@ def test_a_plan_records_its_manifests_and_names_the_ones_changed_since():
     assert changed_manifests(again, {"s3://b/m.csv": {"size": 14, "version": "e2"}}) == ["s3://b/m.csv (size 10 -> 14)"]
 
 
-@pytest.mark.parametrize("place", ["local", "s3"])
+@pytest.mark.parametrize("place", ["local", pytest.param("s3", marks=pytest.mark.integration)])
 def test_duplicate_keys_are_found_across_units_by_bucket_without_one_process_holding_all_keys(place, tmp_path, request):
     if place == "s3":
         s3_server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
@@ -292,7 +295,7 @@ def test_names_that_are_not_utf8_are_counted_and_shown_and_a_too_long_path_is_na
 
 
 def test_a_local_name_with_a_double_colon_is_one_file_not_a_chained_url(tmp_path):
-    from pipeline.stages.sources import read_bytes
+    from pipeline.stages.storage import read_bytes
 
     (tmp_path / "red.jpg").write_bytes(b"red")
     (tmp_path / "red.jpg::blue.jpg").write_bytes(b"the file itself")
@@ -327,7 +330,7 @@ def test_an_s3_prefix_lists_objects_under_empty_path_segments_at_every_depth(s3_
         fs.pipe_file(f"{bucket}/p/{key}", key.encode())
     listing = list_inputs([parse_input(f"s3://{bucket}/p/")], s3_server.storage_options)
     assert sorted(listing.table.column("key").to_pylist()) == sorted(keys)
-    from pipeline.stages.sources import read_bytes
+    from pipeline.stages.storage import read_bytes
 
     for key, path in zip(listing.table.column("key").to_pylist(), listing.table.column("path").to_pylist()):
         assert read_bytes(path, s3_server.storage_options) == key.encode()  # read literally: each its own object
@@ -341,7 +344,7 @@ def test_an_s3_prefix_fans_out_over_sub_prefixes(s3_server, s3_bucket, tmp_path)
             path.write_bytes(b"x")
     s3_server.upload_tree(tmp_path / "tree", f"{s3_bucket}/tree")
     spec = parse_input(f"{s3_bucket}/tree")
-    fs, path = sources.filesystem_for(spec.uri, s3_server.storage_options)
+    fs, path = storage.filesystem_for(spec.uri, s3_server.storage_options)
     first = list_unit(ListingUnit(spec, root=path, prefix=path), s3_server.storage_options)
     assert first.table.num_rows == 0 and sorted(u.prefix.rsplit("/", 1)[-1] for u in first.more) == [f"g{i}" for i in range(6)]
     second = list_unit(first.more[0], s3_server.storage_options)
@@ -353,7 +356,7 @@ def test_an_s3_prefix_fans_out_over_sub_prefixes(s3_server, s3_bucket, tmp_path)
 # ---------------------------------------------------------------- commits
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def store(request, tmp_path) -> tuple[fsspec.AbstractFileSystem, str]:
     """An empty output folder on local disk, then on moto's S3: (filesystem, root)."""
     if request.param == "s3":
@@ -421,6 +424,7 @@ def test_a_commit_merges_only_its_runs_pieces_and_publishes_only_under_its_lease
         assert commit_shard(fs, root, "a", 3, schema, "this-run", lease.owner) == {OK: 3}
 
 
+@pytest.mark.integration
 def test_overwrite_removes_the_markers_before_the_results(tmp_path):
     """A kill during --overwrite leaves an incomplete-looking output, never `_SUCCESS` over missing part files."""
     out = tmp_path / "out"
@@ -468,7 +472,7 @@ def test_a_shard_feed_hands_out_shards_as_they_are_listed_and_raises_the_listing
     import math
     import threading
 
-    from pipeline.run.planning import ShardFeed
+    from pipeline.run.listing_tasks import ShardFeed
 
     gate = threading.Event()
 
@@ -529,7 +533,7 @@ def test_key_buckets_match_a_plain_reference_and_spread_evenly():
 def test_a_stopped_shard_feed_ends_its_listing_before_the_plan():
     import threading
 
-    from pipeline.run.planning import ListingStopped, ShardFeed
+    from pipeline.run.listing_tasks import ListingStopped, ShardFeed
 
     written = []
     more = threading.Event()

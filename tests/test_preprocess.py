@@ -16,19 +16,23 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN as OPENAI_MEAN
+from open_clip.constants import OPENAI_DATASET_STD as OPENAI_STD
 from PIL import Image
 
 from pipeline.cli.args import job_config
 from pipeline.cli.main import build_parser
 from pipeline.config import DecodeConfig, ModelConfig, ScoringConfig
-from pipeline.models.load import ModelError, check_model, load_model
-from pipeline.models.preprocess import OPENAI_MEAN, OPENAI_STD, resolve_preprocessing
+from pipeline.models.errors import ModelError
+from pipeline.models.load import load_model
+from pipeline.models.preprocess import resolve_preprocessing
+from pipeline.models.spec import resolve_model
 from pipeline.models.text_vectors import text_vectors
-from pipeline.run.labeler import decode_config, to_pixels
+from pipeline.run.labeler import to_pixels
 from pipeline.scoring.combine import image_scores
 from pipeline.scoring.views import ViewFormat
-from pipeline.stages.decode import decode_image
-from pipeline.stages.vocab import Vocabulary
+from pipeline.stages.decode import decode_for_views, decode_image
+from pipeline.vocab import Vocabulary
 from tests.tiny import CLASSES, TINY_MODEL, scorer_for, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,18 +108,18 @@ def test_explicit_values_win_over_the_tag(tmp_path):
 
 def test_a_file_without_a_hint_warns_where_the_tags_disagree(tmp_path):
     with pytest.warns(UserWarning, match=r"no preprocessing hint, and the tags of ViT-B-32 disagree.*--weights-tag"):
-        check_model(_file_config("ViT-B-32", tmp_path))
+        resolve_model(_file_config("ViT-B-32", tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # with a hint, or where every tag agrees (RN50), nothing to warn about
-        check_model(_file_config("ViT-B-32", tmp_path, weights_tag="laion2b_s34b_b79k"))
+        resolve_model(_file_config("ViT-B-32", tmp_path, weights_tag="laion2b_s34b_b79k"))
         assert resolve_preprocessing("RN50", "file", _file_config("RN50", tmp_path)).quick_gelu  # its tags' shared setting
 
 
 def test_a_wrong_weights_tag_fails_fast_with_the_valid_tags(tmp_path):
     with pytest.raises(ModelError, match=r"'webli' is not an open_clip tag of ViT-B-32; valid tags: openai, laion400m_e31"):
-        check_model(_file_config("ViT-B-32", tmp_path, weights_tag="webli"))
+        resolve_model(_file_config("ViT-B-32", tmp_path, weights_tag="webli"))
     with pytest.raises(ModelError, match="is a tag already"):
-        check_model(ModelConfig(name="ViT-B-32", pretrained="openai", weights_tag="openai"))
+        resolve_model(ModelConfig(name="ViT-B-32", pretrained="openai", weights_tag="openai"))
 
 
 def test_the_openai_tag_builds_quickgelu(monkeypatch):
@@ -176,6 +180,7 @@ print(len(results), all(r.error is None for r in results), (peak - before) // 10
 """
 
 
+@pytest.mark.integration
 def test_extreme_aspect_ratios_score_with_bounded_memory():
     """10000 x 20 and 100000 x 10 at S = 224: resizing the whole image before the centre crop took ~0.3 and ~6 GB."""
     done = subprocess.run([sys.executable, "-c", EXTREME.format(repo=str(REPO))], capture_output=True, text=True, timeout=300)
@@ -274,7 +279,7 @@ def test_a_file_gives_the_same_pixels_through_the_api_eval_and_run(tmp_path, mak
     data = make()
     path = tmp_path / "image.png"
     path.write_bytes(data)
-    decode = decode_config(224, ScoringConfig(method="lgca"))  # what `lgca run` and `lgca eval` decode at
+    decode = decode_for_views(224, [ScoringConfig(method="lgca")])  # what `lgca run` and `lgca eval` decode at
     assert decode.min_short_side == 747  # ceil(224 / 0.3): lgca's smallest crop, 0.3 of the shorter side, is 224 pixels
     pipeline = decode_image(data, decode)  # the decoder of `lgca run` and `lgca eval`
     from_path, size = to_pixels(path, decode)
@@ -289,7 +294,7 @@ def test_a_file_gives_the_same_pixels_through_the_api_eval_and_run(tmp_path, mak
 def test_eval_decodes_with_the_labelers_settings():
     model = tiny_model()
     from pipeline.run.labeler import Labeler
-    from pipeline.stages.vocab import Vocabulary as V
+    from pipeline.vocab import Vocabulary as V
 
     scoring = ScoringConfig(method="wca", crops=4, crop_scale=(0.25, 0.9))
     labeler = Labeler(model, V(classes=CLASSES), scoring, torch.randn(len(CLASSES), 32))
@@ -369,7 +374,6 @@ def test_lgca_eval_keeps_its_embedding_method_under_the_preset():
 def test_the_manifest_records_and_the_summary_shows_the_preprocessing(tmp_path):
     from pipeline.config import JobConfig, VocabularyConfig
     from pipeline.review.stats import _preprocessing
-    from pipeline.run.job import _model_record
 
     config = JobConfig(
         inputs=("in/",),
@@ -377,7 +381,7 @@ def test_the_manifest_records_and_the_summary_shows_the_preprocessing(tmp_path):
         vocabulary=VocabularyConfig(labels="l.txt"),
         model=_file_config("ViT-B-16-SigLIP", tmp_path, weights_tag="webli"),
     )
-    record = _model_record(config)["preprocess"]
+    record = resolve_model(config.model).record["preprocess"]
     assert record["mean"] == [0.5, 0.5, 0.5] and record["resize_mode"] == "squash" and "webli" in record["origin"]
     shown = _preprocessing(json.loads(json.dumps(record)))  # as read back from _manifest.json
     assert "squash" in shown and "webli" in shown and "mean [0.5, 0.5, 0.5]" in shown

@@ -6,7 +6,7 @@ import io
 import re
 
 from pipeline.progress import ProgressLine, duration
-from pipeline.run.progress import Progress
+from pipeline.run.plan_progress import Progress
 
 
 def test_a_runs_progress_counts_to_the_plans_total_and_not_beyond():

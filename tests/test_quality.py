@@ -8,7 +8,9 @@ measured with jobs/bench_quality.py (docs/EVALUATION.md), with room for a differ
 
 from __future__ import annotations
 
+import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,22 +27,25 @@ from pipeline.evaluation.sweep import Setting
 from pipeline.models.load import load_model
 from pipeline.models.text_vectors import text_vectors
 from pipeline.scoring.regions import box_iou
-from pipeline.stages.vocab import load_vocabulary
+from pipeline.vocab import load_vocabulary
+
+from .support import eval_args
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "jobs"))
-from make_scenes import read_truth, write_scenes  # noqa: E402
-
+MAKE_SCENES = ROOT / "jobs" / "make_scenes.py"
 FASHION = ROOT / "examples" / "fashion"
 MODEL = str(FASHION / "fashion-clip.json")
 WEIGHTS = str(FASHION / "fashion-clip.safetensors")
 LABELS = str(FASHION / "descriptors.json")
 TEMPLATES = str(FASHION / "templates.txt")
 
-pytestmark = pytest.mark.skipif(
-    not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file(),
-    reason=f"Fashion-MNIST is not installed under {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file(),
+        reason=f"Fashion-MNIST is not installed under {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist",
+    ),
+    pytest.mark.integration,  # the scenes are rendered by jobs/make_scenes.py in a subprocess
+]
 
 # measured (docs/EVALUATION.md, "Tests") on the 300 full-frame test images below: clip 78.7%, ensemble 78.3%,
 # descriptors 77.3% (73.4% on the whole 10,000-image test split)
@@ -54,6 +59,22 @@ SMALL_GAIN_MIN = 0.08  # measured +13.5 [+9.3, +17.8] (+14.7 held out)
 TOP_BOX_AT_06_MIN = 0.15  # share of scale-0.6 scenes whose most salient box has IoU >= 0.5 with the object: measured 0.225
 CASCADE_MARGIN = 0.3  # the README's recommended threshold
 CASCADE_LOSS_MAX = 0.02  # the cascade's acc1 below full lgca's on the cut scenes: measured 0.5 points
+
+
+def write_scenes(folder: Path, per_class: int, scales: tuple[float, ...], full_frame: int, seed: int = 0) -> Path:
+    """Render scenes with jobs/make_scenes.py, as its users do; returns their manifest."""
+    command = [sys.executable, str(MAKE_SCENES), "--output", str(folder), "--per-class", str(per_class), "--seed", str(seed)]
+    command += ["--full-frame", str(full_frame), "--scales", *map(str, scales)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "manifest.csv"
+
+
+def read_truth(manifest: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """Each scene's group and true object box, (1, 4) normalised xyxy, from the columns of make_scenes.py's manifest."""
+    with manifest.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {row["key"]: (row["group"], np.array([[float(row[name]) for name in ("x0", "y0", "x1", "y1")]])) for row in rows}
 
 
 @pytest.fixture(scope="module")
@@ -85,26 +106,13 @@ def _evaluate(scenes: Path, model_and_vocabulary, observe=None, cascade=()):
 def test_committed_weights_reach_full_frame_accuracy_through_the_cli(full_frame, tmp_path, capsys):
     out = tmp_path / "results.json"
     code = main(
-        [
-            "eval",
-            "--data",
-            str(full_frame),
-            "--labels",
+        eval_args(
+            full_frame,
             LABELS,
-            "--templates",
-            TEMPLATES,
-            "--model",
-            MODEL,
-            "--pretrained",
-            WEIGHTS,
-            "--device",
-            "cpu",
-            "--methods",
-            "clip,ensemble,descriptors",
-            "--output",
-            str(out),
-            "--no-progress",
-        ]
+            *("--templates", TEMPLATES, "--methods", "clip,ensemble,descriptors", "--output", str(out)),
+            model=MODEL,
+            pretrained=WEIGHTS,
+        )
     )
     assert code == 0
     records = {r["method"]: r for r in json.loads(out.read_text())["results"]}

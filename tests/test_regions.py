@@ -26,6 +26,7 @@ def test_image_seed_is_pinned():
     assert image_seed(0, "é") == 2952272102594307324
 
 
+@pytest.mark.integration
 def test_image_seed_is_stable_across_processes():
     """Python's `hash` is salted per process; the seed must not be. A child with another PYTHONHASHSEED agrees."""
     code = "from pipeline.scoring.regions import image_seed; print(image_seed(3, 'k/ey.jpg'))"
@@ -69,6 +70,7 @@ def test_sample_crops_ignore_global_random_state():
     assert np.array_equal(first, sample_crops("k", 400, 300, 12, (0.5, 0.9), seed=0))
 
 
+@pytest.mark.integration
 def test_sample_crops_same_in_another_process():
     code = (
         "import json; from pipeline.scoring.regions import sample_crops; "

@@ -33,22 +33,20 @@ from PIL import Image
 from pipeline.config import DecodeConfig, ExecutionConfig, ScoringConfig
 from pipeline.faults import FAULT_ENV, FAULT_POINTS
 from pipeline.run.job import run
-from pipeline.run.labelling import _read_and_decode
 from pipeline.schema import DECODE_ERROR, OK, READ_ERROR, STATUSES
+from pipeline.stages.read_decode import ReadDecodeStage
 
 from .fault_proxy import FaultProxy, Rule
 from .ray_head import RayHead
+from .support import TINY_MODEL, lgca_run
 from .test_job import _job, _labels, _photos, _read
-from .tiny import TINY_MODEL
 
-BIN = Path(sys.executable).parent
-LGCA = str(BIN / "lgca")
 LABEL_IMAGES = str(Path(__file__).resolve().parents[1] / "jobs" / "label_images.py")
 TAG = "LGCA_RELIABILITY_TAG"  # set in the environment of every process a test starts, to find leftovers
 # configuration errors must be reported within this many seconds, before any cluster work: the guard is against
 # hangs; a cold `lgca` process (torch and Ray imports, the address probe) took 20.6 to 24.4 s on a loaded 2-core CI machine
 FAST_FAIL_S = 40
-S3_READ_REQUESTS = 4 * 3  # read_bytes attempts x botocore attempts (pipeline.run.labelling.S3_READ_CONFIG)
+S3_READ_REQUESTS = 4 * 3  # read_bytes attempts x botocore attempts (pipeline.stages.storage.S3_READ_CONFIG)
 
 
 def _report(test: str, **figures: object) -> None:
@@ -81,7 +79,7 @@ def _scoring_actors(roots: list[psutil.Process]) -> list[psutil.Process]:
     for root in roots:
         try:
             for process in [root, *root.children(recursive=True)]:
-                if "ScoringActor" in " ".join(process.cmdline()) and process.status() != psutil.STATUS_ZOMBIE:
+                if "ScoreStage" in " ".join(process.cmdline()) and process.status() != psutil.STATUS_ZOMBIE:
                     found[process.pid] = process
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -100,6 +98,7 @@ def _assert_exactly_once(output: str, keys: list[str], storage_options=None) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_scoring_actor_killed_mid_job_every_input_exactly_once(tmp_path, ray_local):
     images = tmp_path / "images"
     names = _photos(images, 24)
@@ -141,6 +140,7 @@ def test_scoring_actor_killed_mid_job_every_input_exactly_once(tmp_path, ray_loc
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_a_stalled_driver_taken_over_writes_nothing_and_the_new_owner_finishes(tmp_path):
     """Job A stalls (SIGSTOP) with every shard committed, just before writing its final state, for longer than
     the lease's expiry; job B takes the output over with --overwrite and another vocabulary and finishes. A is
@@ -154,8 +154,7 @@ def test_a_stalled_driver_taken_over_writes_nothing_and_the_new_owner_finishes(t
     output = tmp_path / "out"
 
     def command(labels: Path) -> list[str]:
-        return [LGCA, "run", str(images), "--labels", str(labels), "--output", str(output), "--model", TINY_MODEL,
-                "--pretrained", "random", "--method", "clip", "--batch-size", "4", "--rows-per-file", "4"]  # fmt: skip
+        return lgca_run(images, labels, output, "--method", "clip", "--batch-size", "4", "--rows-per-file", "4")
 
     ttl = 8.0
     with RayHead() as head:
@@ -197,33 +196,14 @@ def test_a_stalled_driver_taken_over_writes_nothing_and_the_new_owner_finishes(t
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_driver_killed_at_every_fault_point_then_resume_gives_every_input_once(tmp_path):
     """One output, the driver SIGKILLed at each point in turn, resumed after each: nothing lost, nothing twice."""
     images = tmp_path / "images"
     names = _photos(images, 16)
     labels = _labels(tmp_path)
     output = tmp_path / "out"
-    command = [
-        LGCA,
-        "run",
-        str(images),
-        "--labels",
-        str(labels),
-        "--output",
-        str(output),
-        "--model",
-        TINY_MODEL,
-        "--pretrained",
-        "random",
-        "--method",
-        "clip",
-        "--batch-size",
-        "2",
-        "--decode-batch-size",
-        "2",
-        "--rows-per-file",
-        "4",
-    ]
+    command = lgca_run(images, labels, output, "--method", "clip", "--batch-size", "2", "--decode-batch-size", "2", "--rows-per-file", "4")
     # the driver's points; the workers' (committing, decoding) have tests of their own
     assert FAULT_POINTS == ("listed", "staged", "scoring", "finishing", "before_success", "committing", "decoding", "clearing")
     # staged before scoring: the pieces the second run staged must be dropped by the third
@@ -281,14 +261,14 @@ def test_driver_killed_at_every_fault_point_then_resume_gives_every_input_once(t
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_a_worker_node_lost_mid_job_then_replaced_every_input_exactly_once(tmp_path):
     """A two-node cluster loses the node doing the work (every process on it SIGKILLed); a new node joins, as
     an autoscaler would bring one: the job finishes with every input once, the dead node's pieces ignored."""
     images = tmp_path / "images"
     names = _photos(images, 32)
     output = tmp_path / "out"
-    command = [LGCA, "run", str(images), "--labels", str(_labels(tmp_path)), "--output", str(output), "--model", TINY_MODEL]
-    command += ["--pretrained", "random", "--method", "lgca", "--crops", "8", "--regions", "2", "--steps", "2"]
+    command = lgca_run(images, _labels(tmp_path), output, "--method", "lgca", "--crops", "8", "--regions", "2", "--steps", "2")
     command += ["--batch-size", "2", "--decode-batch-size", "2", "--rows-per-file", "4"]
     with RayHead(num_cpus=1) as head:
         head.add_node("victim", num_cpus=2)  # the head's one CPU holds the scoring actor or a decode task: work lands here
@@ -324,6 +304,7 @@ def _s3_images(s3_server, bucket: str, tmp_path: Path, count: int, prefix: str =
     return [f"{prefix}/{name}" for name in names]
 
 
+@pytest.mark.integration
 def test_flaky_object_store_reads_and_writes_retry_and_every_row_is_ok(tmp_path, s3_server, s3_bucket, ray_local):
     keys = _s3_images(s3_server, s3_bucket, tmp_path, 12)
     # every 3rd object read and every 3rd write (PUT, copy, delete) fails, in turn with 503 SlowDown, 500
@@ -363,6 +344,7 @@ def test_flaky_object_store_reads_and_writes_retry_and_every_row_is_ok(tmp_path,
     )
 
 
+@pytest.mark.integration
 def test_persistently_failing_reads_become_read_error_rows_after_bounded_retries(tmp_path, s3_server, s3_bucket, ray_local):
     good = _s3_images(s3_server, s3_bucket, tmp_path, 4, "images/good")
     broken = _s3_images(s3_server, s3_bucket, tmp_path, 3, "images/broken")
@@ -457,7 +439,7 @@ def test_mutated_bytes_through_read_and_decode_give_a_row_each(cases, missing):
     batch = pa.table({"key": [f"k{i}" for i in range(len(paths))], "path": paths})
     rss_before = psutil.Process().memory_info().rss
     started = time.time()
-    out = _read_and_decode(batch, decode=FUZZ_DECODE, storage_options={})
+    out = ReadDecodeStage(FUZZ_DECODE, {})(batch)
     elapsed = time.time() - started
     memory.rm(folder, recursive=True)
     assert elapsed < 10, elapsed  # no hang: decoding stops at the decode timeout (2 s), a stage at max_pixels
@@ -483,7 +465,7 @@ def test_decompression_bomb_through_read_and_decode_is_a_decode_error(tmp_path):
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
     bomb.write_bytes(bytes(data))
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = _read_and_decode(pa.table({"key": ["bomb"], "path": [str(bomb)]}), decode=FUZZ_DECODE, storage_options={})
+    out = ReadDecodeStage(FUZZ_DECODE, {})(pa.table({"key": ["bomb"], "path": [str(bomb)]}))
     row = out.drop_columns(["pixels"]).to_pylist()[0]
     assert row["status"] == DECODE_ERROR and "max_pixels" in row["error_message"]
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 256 * 1024  # KiB: never allocated
@@ -513,20 +495,7 @@ def _run_args(tmp_path: Path, *extra: str, inputs: list[str] | None = None, outp
     images = tmp_path / "images"
     if not images.exists():
         _photos(images, 2)
-    return [
-        LGCA,
-        "run",
-        *(inputs or [str(images)]),
-        "--labels",
-        str(_labels(tmp_path)),
-        "--output",
-        output or str(tmp_path / "out"),
-        "--model",
-        TINY_MODEL,
-        "--pretrained",
-        "random",
-        *extra,
-    ]
+    return lgca_run(inputs or images, _labels(tmp_path), output or tmp_path / "out", *extra)
 
 
 def _case_malformed_yaml(tmp_path, request):
@@ -686,6 +655,7 @@ def _enforced_auth(s3_server):
 
 
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
+@pytest.mark.integration
 def test_bad_configuration_fails_fast_with_exit_2_before_any_work(case, tmp_path, request):
     command, message = CONFIG_CASES[case](tmp_path, request)
     tag = uuid.uuid4().hex
@@ -718,6 +688,7 @@ class _Evil:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.integration
 def test_malicious_pickle_weights_are_refused_and_never_executed(tmp_path):
     import torch
 
@@ -732,6 +703,7 @@ def test_malicious_pickle_weights_are_refused_and_never_executed(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.integration
 def test_manifest_keys_and_paths_cannot_make_the_job_write_outside_the_output(tmp_path, ray_local):
     work = tmp_path / "a" / "b"  # room for ../../ to land inside tmp_path, where we can look
     names = _photos(work / "images", 3)
@@ -770,6 +742,7 @@ ENV_KEY = "AKIALGCAENVKEY7TEST0"
 ENV_SECRET = "lgcaEnvSecret/DoNotLog+77ab90"
 
 
+@pytest.mark.integration
 def test_credentials_never_reach_logs_manifest_or_parquet_metadata(tmp_path, s3_server, s3_bucket):
     _s3_images(s3_server, s3_bucket, tmp_path, 4)
     output = f"{s3_bucket}/out"

@@ -500,6 +500,7 @@ def big_report(big_output, tmp_path_factory) -> tuple[Path, dict, dict]:
     return html, result, baseline
 
 
+@pytest.mark.integration
 def test_report_100k_rows_in_bounded_time_and_memory(big_report):
     html, result, baseline = big_report
     growth = result["peak_rss_mb"] - baseline["peak_rss_mb"]
@@ -565,6 +566,7 @@ def test_report_cli_writes_one_page_and_a_files_folder(real_run, tmp_path, capsy
     assert "0 thumbnails" in capsys.readouterr().out and not list((out.parent / "report_files" / "thumbs").glob("*.jpg"))
 
 
+@pytest.mark.integration
 def test_report_modules_import_neither_torch_nor_ray():
     code = "import sys, pipeline.review.report, pipeline.review.summary; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

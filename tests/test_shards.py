@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from pipeline.faults import FAULT_ENV, FAULT_ONCE_ENV
 from pipeline.run.job import plan_only, run
 from pipeline.stages.plan import PlanError
 
-REPO = Path(__file__).resolve().parents[1]
-LGCA = str(Path(sys.executable).parent / "lgca")
-TINY_MODEL = str(REPO / "tests" / "fixtures" / "lgca-tiny-vit.json")
+from .support import LGCA, TINY_MODEL, labels_file, lgca_run
+
+pytestmark = pytest.mark.integration  # every test plans or runs a job on Ray
 
 
 def _photos(directory: Path, count: int, prefix: str = "") -> list[str]:
@@ -38,10 +37,8 @@ def _photos(directory: Path, count: int, prefix: str = "") -> list[str]:
     return names
 
 
-def _labels(directory: Path, classes: str = "cat\ndog\n") -> Path:
-    path = directory / f"labels-{len(classes)}.txt"
-    path.write_text(classes)
-    return path
+def _labels(directory: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
+    return labels_file(directory, classes, f"labels-{len(classes)}.txt")
 
 
 def _job(inputs, output, labels, **overrides) -> JobConfig:
@@ -61,8 +58,7 @@ def _rows(output: Path) -> pa.Table:
 
 
 def _command(images: Path, labels: Path, output: Path, *extra: str) -> list[str]:
-    return [LGCA, "run", str(images), "--labels", str(labels), "--output", str(output), "--model", TINY_MODEL, "--pretrained", "random",
-            "--method", "clip", "--rows-per-file", "3", "--batch-size", "2", "--decode-batch-size", "2", *extra]  # fmt: skip
+    return lgca_run(images, labels, output, "--method", "clip", "--rows-per-file", "3", "--batch-size", "2", "--decode-batch-size", "2", *extra)
 
 
 def test_the_plan_is_written_once_reused_on_resume_and_a_changed_configuration_is_refused(tmp_path, ray_local):
@@ -83,7 +79,7 @@ def test_the_plan_is_written_once_reused_on_resume_and_a_changed_configuration_i
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["plan"]["shards"] == 3 and manifest["counts"]["rows"] == 7
     with pytest.raises(PlanError) as error:  # another vocabulary would mix two label sets in one output
-        run(_job([images], output, _labels(tmp_path, "cat\ndog\nbird\n"), resume=True))
+        run(_job([images], output, _labels(tmp_path, ("cat", "dog", "bird")), resume=True))
     assert "vocabulary_sha256" in str(error.value) and "--overwrite" in str(error.value)
     with pytest.raises(PlanError, match=r"scoring\.method: 'clip' -> 'wca'"):
         run(replace_scoring(_job([images], output, labels, resume=True), method="wca"))

@@ -19,18 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.credentials import mask_credentials
-from pipeline.stages import listing, sources
+from pipeline.stages import listing, manifests, storage
 from pipeline.stages.listing import list_inputs
-from pipeline.stages.sources import (
-    InputSpec,
-    SourceError,
-    check_inputs,
-    filesystem_for,
-    parse_input,
-    read_bytes,
-    redact,
-    storage_options_from,
-)
+from pipeline.stages.sources import InputSpec, check_inputs, parse_input
+from pipeline.stages.storage import SourceError, filesystem_for, read_bytes, redact, storage_options_from
 
 # key -> listed as an image (True), skipped and counted as a non-image file (False), or skipped as a marker (None)
 TREE = {
@@ -74,7 +66,7 @@ class Place:
         return f"{self.root}/{relative}"
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def place(request: pytest.FixtureRequest, tmp_path: Path) -> Place:
     tree = _make_tree(tmp_path / "imgs")
     if request.param == "local":
@@ -505,6 +497,7 @@ def test_redact_hides_secrets() -> None:
     assert options["key"] == "AKIA"  # the input is untouched
 
 
+@pytest.mark.integration
 def test_sources_imports_neither_torch_nor_ray() -> None:
     import subprocess
     import sys
@@ -513,7 +506,7 @@ def test_sources_imports_neither_torch_nor_ray() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.integration)])
 def test_manifest_paths_resolve_alike_in_bulk_and_one_at_a_time(tmp_path, where, request):
     # The listing takes a vectorised shortcut for paths that are final as written; every other form goes
     # through _resolve_manifest_path. Both must give what _resolve_manifest_path gives for every row.
@@ -532,8 +525,8 @@ def test_manifest_paths_resolve_alike_in_bulk_and_one_at_a_time(tmp_path, where,
         uri = f"{bucket}/lists/m.parquet"
         fsspec.filesystem("s3", **options).put(str(manifest), uri)
     spec = parse_input(uri)
-    fs, path = sources.filesystem_for(spec.uri, options)
+    fs, path = storage.filesystem_for(spec.uri, options)
     local = where == "local"
     manifest_dir = os.path.dirname(path) if local else path.rsplit("/", 1)[0]
     expected = [listing._resolve_manifest_path(mask_credentials(raw), fs, manifest_dir, local) for raw in raws]
-    assert listing._list_manifest(spec, options).column("path").to_pylist() == expected  # keys sort as the rows
+    assert manifests.list_manifest(spec, options).column("path").to_pylist() == expected  # keys sort as the rows

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import ConfigError, VocabularyConfig
 from pipeline.scoring.text import class_sentences
-from pipeline.stages.vocab import Vocabulary, VocabularyError, load_vocabulary, parse_labels, parse_templates
+from pipeline.vocab import Vocabulary, VocabularyError, load_vocabulary, parse_labels, parse_templates
 
 
 def _load(tmp_path, name: str, content: str | bytes, **config) -> Vocabulary:

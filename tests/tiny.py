@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -11,8 +9,10 @@ from pipeline.config import ModelConfig, ScoringConfig
 from pipeline.models.load import LoadedModel, load_model
 from pipeline.scoring.scorer import Scorer
 from pipeline.scoring.text import class_vectors
+from pipeline.stages.score_rows import scorer_for as build_scorer
 
-TINY_MODEL = str(Path(__file__).parent / "fixtures" / "lgca-tiny-vit.json")
+from .support import TINY_MODEL
+
 CLASSES = ("cat", "dog", "coffee cup", "rocket", "astronaut")
 DESCRIPTIONS = {
     "cat": ("a small furry pet with whiskers", "a cat sitting on a sofa", "a kitten"),
@@ -36,15 +36,7 @@ def scorer_for(
     encode_image=None,
 ) -> Scorer:
     vectors = class_vectors(config.method, classes, model.encode_text, descriptions, templates, "a photo of a {}.", config.text_scale)
-    return Scorer(
-        encode_image=encode_image or model.encode_image,
-        classes=classes,
-        vectors=vectors,
-        logit_scale=model.logit_scale,
-        view=model.view,
-        config=config,
-        device=model.device,
-    )
+    return build_scorer(model, classes, vectors, config, encode_image)
 
 
 def random_images(count: int, seed: int = 0) -> list[torch.Tensor]:

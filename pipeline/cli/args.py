@@ -269,7 +269,7 @@ def add_storage_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
 
 def storage_options(args: argparse.Namespace) -> dict[str, Any]:
     """The storage options of a command: --storage-options-file, then LGCA_STORAGE_OPTIONS, then --storage-option."""
-    from pipeline.stages.sources import gather_storage_options
+    from pipeline.stages.storage import gather_storage_options
 
     return gather_storage_options(args.storage_option, getattr(args, "storage_options_file", None))
 

@@ -15,10 +15,10 @@ from pipeline.cli.args import job_config
 from pipeline.cli.parser import Parser
 from pipeline.cli.run import add_run_command
 from pipeline.config import ConfigError, JobConfig
+from pipeline.credentials import is_secret_option
 from pipeline.run.submit import (
     DEFAULT_ADDRESS,
     ENTRYPOINT_SCRIPT,
-    SECRET_WORDS,
     ClusterError,
     call_for_job,
     connect,
@@ -69,13 +69,13 @@ def run_arguments_config(run_args: Sequence[str]) -> JobConfig:
             job's entrypoint, visible to anyone who can read the dashboard).
         SystemExit: argparse's usage error (status 2) for unknown or malformed arguments.
     """
-    from pipeline.stages.sources import storage_options_from
+    from pipeline.stages.storage import storage_options_from
 
     parser = Parser(prog="lgca")
     add_run_command(parser.add_subparsers())
     args = parser.parse_args(["run", *run_args])
     storage_options_from(args.storage_option)
-    secrets = sorted({p.partition("=")[0] for p in args.storage_option if any(w in p.partition("=")[0].lower() for w in SECRET_WORDS)})
+    secrets = sorted({p.partition("=")[0] for p in args.storage_option if is_secret_option(p.partition("=")[0])})
     if secrets:
         raise ConfigError(
             f"--storage-option {', '.join(secrets)} looks like a secret and would be stored in the job's entrypoint; "

@@ -25,7 +25,7 @@ from pipeline.config import METHODS, ConfigError, ExecutionConfig, ModelConfig
 if TYPE_CHECKING:  # the evaluation imports torch, pyarrow and fsspec: loaded only when `lgca eval` runs
     from pipeline.evaluation.labelled import LabelledImages
     from pipeline.evaluation.sweep import Setting
-    from pipeline.stages.vocab import Vocabulary
+    from pipeline.vocab import Vocabulary
 
 EVAL_EPILOG = """\
 examples:
@@ -211,7 +211,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
     from pipeline.evaluation.labelled import check_classes, limit_images, list_labelled, require_scorable, unused_classes_warning
     from pipeline.evaluation.runner import check_cascade, embedding_method
     from pipeline.evaluation.sweep import Setting, describe_changes, parse_sweep, sweep_settings
-    from pipeline.stages.vocab import load_vocabulary
+    from pipeline.vocab import load_vocabulary
 
     methods = _requested_methods(args)
     for name in ("runs", "batch_size", "workers", "limit"):
@@ -303,7 +303,7 @@ def _prepare_output(output: str) -> None:
 
 
 def _write_json(output: str, document: Mapping[str, Any], storage_options: Mapping[str, Any]) -> None:
-    from pipeline.stages.sources import filesystem_for
+    from pipeline.stages.storage import filesystem_for
 
     fs, path = filesystem_for(output, storage_options)
     with fs.open(path, "w") as handle:

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from pipeline.evaluation.errors import EvaluationError, shown_names
 from pipeline.stages.listing import list_inputs
-from pipeline.stages.sources import check_inputs, filesystem_for, parse_input
+from pipeline.stages.sources import check_inputs, parse_input
+from pipeline.stages.storage import filesystem_for
 
 _LOCAL_PROTOCOLS = (None, "file", "local")
 

@@ -11,8 +11,8 @@ from pipeline.evaluation.intervals import Interval, mean_interval, paired_differ
 from pipeline.evaluation.metrics import mean_and_std
 from pipeline.evaluation.sweep import METHOD_PARAMETERS
 
-if TYPE_CHECKING:  # the runner imports torch; records are made and read without it
-    from pipeline.evaluation.runner import Evaluation, MethodResult
+if TYPE_CHECKING:
+    from pipeline.evaluation.results import Evaluation, MethodResult
 
 TASK = "zeroshot_classification"  # CLIP_benchmark's task name
 

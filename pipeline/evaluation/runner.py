@@ -1,6 +1,6 @@
 """The in-process scoring loop of `lgca eval`: every method in every setting and seed on labelled images, and its results.
 
-No Ray: images are read with `sources.read_bytes`, decoded with `decode.decode_image` and scored with one
+No Ray: images are read and decoded by the job's `ReadDecodeStage` and scored with one
 `scorer.Scorer` per setting and seed. The encoders and class vectors are injected, so tests can evaluate with
 analytic encoders. Each view of a batch is encoded once and combined for every method (docs/METHOD.md).
 """
@@ -12,24 +12,27 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from tqdm import tqdm
 
 from pipeline.config import CROP_METHODS, METHODS, DecodeConfig, ScoringConfig
 from pipeline.evaluation.errors import EvaluationError, shown_names
 from pipeline.evaluation.labelled import LabelledImages
-from pipeline.evaluation.metrics import TOP_K, confused_pairs, mean_per_class_recall, topk_hits
+from pipeline.evaluation.metrics import TOP_K
+from pipeline.evaluation.results import CascadeCost, Evaluation, Failure, SettingResult, Tally, cascade_tally, method_result
 from pipeline.evaluation.sweep import Setting
-from pipeline.schema import DECODE_ERROR, READ_ERROR
+from pipeline.schema import OK
 from pipeline.scoring.combine import ImageScore
 from pipeline.scoring.scorer import Scorer
 from pipeline.scoring.views import ImageEncoder, ViewFormat, ViewSet
-from pipeline.stages.decode import DecodedImage, decode_image, short_side_for
-from pipeline.stages.sources import read_bytes
+from pipeline.stages.decode import decode_for_views
+from pipeline.stages.read_decode import ReadDecodeStage, decoded_pixels
+from pipeline.stages.score_rows import scorer_for
 
 ClassVectors = Callable[[str, ScoringConfig], torch.Tensor]  # (method, scoring) -> (C, D) class vectors
 
@@ -59,89 +62,12 @@ class ImageModel:
     device: torch.device | str = "cpu"
 
 
-@dataclass(frozen=True)
-class Failure:
-    """An image that could not be read or decoded; it is left out of the metrics and reported."""
-
-    key: str
-    path: str
-    status: str  # read_error | decode_error
-    error_message: str
-
-
-@dataclass(frozen=True)
-class MethodResult:
-    """Metrics of one method in one setting, per run (seed)."""
-
-    method: str
-    seeds: tuple[int, ...]
-    acc1: tuple[float, ...]
-    acc5: tuple[float, ...]  # top-k with k = min(5, classes)
-    mean_per_class_recall: tuple[float, ...]
-    confusions: tuple[tuple[str, str, int], ...]  # most confused (true, predicted, count), first run
-    group_acc1: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # acc1 per run in each group
-    # (n,) per scored image, the share of runs that predicted its class: what paired intervals resample
-    correct: np.ndarray = field(default_factory=lambda: np.zeros(0), compare=False)
-    encoder_passes: float = 1.0  # image-encoder passes per image and run
-    cascade: CascadeCost | None = None  # set for a cascade's result
-
-    @property
-    def runs(self) -> int:
-        return len(self.seeds)
-
-
-@dataclass(frozen=True)
-class CascadeCost:
-    """What the confidence cascade at one threshold spent (docs/METHOD.md step 7)."""
-
-    threshold: float
-    escalated: float  # share of images scored with lgca
-
-
-@dataclass(frozen=True)
-class SettingResult:
-    """All methods' results for one setting."""
-
-    setting: Setting
-    methods: dict[str, MethodResult]  # in the requested order
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """The outcome of `evaluate`."""
-
-    classes: tuple[str, ...]  # the vocabulary: every class competes
-    k: int  # the k of acc5
-    scored: int  # images with predictions
-    failures: tuple[Failure, ...]
-    results: tuple[SettingResult, ...]
-    encoder_rows: int  # views encoded in all
-    groups: tuple[str, ...] | None = None  # group of each scored image, in order, when the data has groups
-
-
 @dataclass
 class _Batch:
     keys: list[str]
     images: list[torch.Tensor]  # uint8 (3, H, W), possibly decoded at reduced scale
     sizes: list[tuple[int, int]]  # (width, height) of each upright original
     targets: np.ndarray  # (B,) true class indices
-
-
-@dataclass
-class _Tally:
-    """Predictions and top-k hits of one method in one setting, per run, batch by batch; for the cascade's
-    first pass also the top-1 minus top-2 margins."""
-
-    predictions: list[list[np.ndarray]] = field(default_factory=list)
-    hits: list[list[np.ndarray]] = field(default_factory=list)
-    margins: list[np.ndarray] = field(default_factory=list)
-
-    def add(self, run: int, probabilities: np.ndarray, targets: np.ndarray, k: int) -> None:
-        while len(self.predictions) <= run:
-            self.predictions.append([])
-            self.hits.append([])
-        self.predictions[run].append(np.argsort(-probabilities, axis=1, kind="stable")[:, 0])
-        self.hits[run].append(topk_hits(probabilities, targets, k))
 
 
 FIRST_PASS = "_first"  # the tally of the cascade's first pass: descriptors on lgca's class vectors
@@ -244,8 +170,7 @@ def evaluate(
     crop_methods = [m for m in methods if m in CROP_METHODS]
     configs = [dataclasses.replace(s.scoring, method=embed_as) for s in settings]
     if decode is None:
-        alpha = min(c.crop_scale_for(m)[0] for c in configs for m in crop_methods) if crop_methods else None
-        decode = DecodeConfig(min_short_side=short_side_for(model.view.size, alpha))
+        decode = decode_for_views(model.view.size, [dataclasses.replace(c, method=m) for c in configs for m in crop_methods])
 
     counter = _CountingEncoder(model.encode_image)
     vector_cache: dict[tuple[str, float, str], torch.Tensor] = {}
@@ -261,15 +186,7 @@ def evaluate(
     seeds = [_seeds(config, runs if crop_methods else 1) for config in configs]
 
     def scorer(method: str, config: ScoringConfig, seed: int) -> Scorer:
-        return Scorer(
-            counter,
-            classes,
-            vectors(method, config),
-            model.logit_scale,
-            model.view,
-            dataclasses.replace(config, method=method, seed=seed),
-            model.device,
-        )
+        return scorer_for(model, classes, vectors(method, config), dataclasses.replace(config, method=method, seed=seed), counter)
 
     scorers = [[scorer(embed_as, config, seed) for seed in setting_seeds] for config, setting_seeds in zip(configs, seeds)]
     # wca keeps WCA's crop scale while lgca's defaults to its own: then wca's crops are embedded apart
@@ -282,7 +199,7 @@ def evaluate(
         ]
         for config, setting_seeds in zip(configs, seeds)
     ]
-    tallies = [{m: _Tally() for m in (*methods, *((FIRST_PASS,) if cascade else ()))} for _ in settings]
+    tallies = [{m: Tally() for m in (*methods, *((FIRST_PASS,) if cascade else ()))} for _ in settings]
     failures: list[Failure] = []
     bar = _progress(len(images), progress)
     try:
@@ -305,7 +222,7 @@ def evaluate(
     for setting, setting_seeds, tally, config in zip(settings, seeds, tallies, configs):
         by_method = {}
         for method in methods:
-            result = _method_result(
+            result = method_result(
                 method,
                 setting_seeds if method in CROP_METHODS else setting_seeds[:1],
                 tally[method],
@@ -316,8 +233,8 @@ def evaluate(
             )
             by_method[method] = dataclasses.replace(result, encoder_passes=float(dataclasses.replace(config, method=method).encoder_passes))
         for threshold in cascade:
-            cascaded = _cascade_tally(tally[FIRST_PASS], tally["lgca"], threshold)
-            result = _method_result("lgca", setting_seeds, cascaded, scored_targets, scored_groups, classes, confusions)
+            cascaded = cascade_tally(tally[FIRST_PASS], tally["lgca"], threshold)
+            result = method_result("lgca", setting_seeds, cascaded, scored_targets, scored_groups, classes, confusions)
             escalated = float(np.mean(np.concatenate(tally[FIRST_PASS].margins) < threshold))
             lgca_passes = dataclasses.replace(config, method="lgca").encoder_passes
             name = f"cascade@{threshold:g}"
@@ -327,18 +244,6 @@ def evaluate(
         results.append(SettingResult(setting, by_method))
     groups = tuple(str(g) for g in scored_groups) if scored_groups is not None else None
     return Evaluation(classes, k, scored, tuple(failures), tuple(results), counter.rows, groups)
-
-
-def _cascade_tally(first: _Tally, lgca: _Tally, threshold: float) -> _Tally:
-    """The cascade at `threshold` from its two passes: the first pass where its margin reaches the threshold,
-    lgca elsewhere, run by run (the first pass does not depend on the seed)."""
-    keep = np.concatenate(first.margins) >= threshold  # NaN margins escalate, as in the Scorer
-    first_predictions, first_hits = np.concatenate(first.predictions[0]), np.concatenate(first.hits[0])
-    out = _Tally()
-    for run_predictions, run_hits in zip(lgca.predictions, lgca.hits):
-        out.predictions.append([np.where(keep, first_predictions, np.concatenate(run_predictions))])
-        out.hits.append([np.where(keep, first_hits, np.concatenate(run_hits))])
-    return out
 
 
 def check_cascade(methods: Sequence[str], thresholds: Sequence[float]) -> tuple[float, ...]:
@@ -364,7 +269,7 @@ def _score_batch(
     batch: _Batch,
     scorers: list[list[Scorer]],
     own_crops: list[list[Scorer | None]],
-    tallies: list[dict[str, _Tally]],
+    tallies: list[dict[str, Tally]],
     configs: list[ScoringConfig],
     vectors: Callable[[str, ScoringConfig], torch.Tensor],
     k: int,
@@ -428,40 +333,6 @@ def embedding_key(config: ScoringConfig) -> ScoringConfig:
     return dataclasses.replace(config, **neutral)
 
 
-def _method_result(
-    method: str,
-    seeds: Sequence[int],
-    tally: _Tally,
-    targets: np.ndarray,
-    groups: np.ndarray | None,
-    classes: Sequence[str],
-    confusions: int,
-) -> MethodResult:
-    acc1, acc5, recall = [], [], []
-    group_acc1: dict[str, list[float]] = {name: [] for name in sorted(set(groups))} if groups is not None else {}
-    run_predictions = []
-    for run in range(len(seeds)):
-        predictions = np.concatenate(tally.predictions[run])
-        hits = np.concatenate(tally.hits[run])
-        acc1.append(float(np.mean(predictions == targets)))
-        acc5.append(float(np.mean(hits)))
-        recall.append(mean_per_class_recall(predictions, targets))
-        for name, values in group_acc1.items():
-            members = groups == name
-            values.append(float(np.mean(predictions[members] == targets[members])))
-        run_predictions.append(predictions)
-    return MethodResult(
-        correct=np.mean([p == targets for p in run_predictions], axis=0),
-        method=method,
-        seeds=tuple(seeds),
-        acc1=tuple(acc1),
-        acc5=tuple(acc5),
-        mean_per_class_recall=tuple(recall),
-        confusions=tuple(confused_pairs(run_predictions[0], targets, classes, confusions)),  # the first run's
-        group_acc1={name: tuple(values) for name, values in group_acc1.items()},
-    )
-
-
 class _CountingEncoder:
     """Counts the views passed to the image encoder (the cost the evaluation reports)."""
 
@@ -481,42 +352,38 @@ def _decoded_batches(
     storage_options: Mapping[str, Any],
     workers: int,
 ) -> Iterator[tuple[_Batch, list[Failure]]]:
-    """Batches of decoded images in key order, each with the images that failed; the next batch decodes meanwhile."""
+    """Batches of decoded images in key order, each with the images that failed; up to `workers` batches are read
+    and decoded ahead, by the job's own read-and-decode stage (its byte limit, read timeout and messages)."""
+    stage = ReadDecodeStage(decode, storage_options)
 
-    def load(i: int) -> DecodedImage | Failure:
-        try:
-            data = read_bytes(images.paths[i], storage_options)
-        except Exception as error:  # reported as a failure, never raised: one bad object must not stop the run
-            return Failure(images.keys[i], images.paths[i], READ_ERROR, f"cannot read: {type(error).__name__}: {error}")
-        decoded = decode_image(data, decode)
-        if isinstance(decoded, DecodedImage):
-            return decoded
-        return Failure(images.keys[i], images.paths[i], DECODE_ERROR, decoded.message)
+    def load(start: int) -> pa.Table:
+        stop = min(start + batch_size, len(images))
+        return stage(pa.table({"key": list(images.keys[start:stop]), "path": list(images.paths[start:stop])}))
 
-    def collect(start: int, futures: list[Future]) -> tuple[_Batch, list[Failure]]:
+    def collect(start: int, rows: pa.Table) -> tuple[_Batch, list[Failure]]:
         batch, failed = _Batch([], [], [], np.zeros(0, dtype=np.int64)), []
         chosen = []
-        for offset, future in enumerate(futures):
-            result = future.result()
-            if isinstance(result, Failure):
-                failed.append(result)
+        for offset, row in enumerate(rows.select(["key", "path", "status", "error_message", "width", "height"]).to_pylist()):
+            if row["status"] != OK:
+                failed.append(Failure(row["key"], row["path"], row["status"], row["error_message"]))
                 continue
             chosen.append(start + offset)
-            batch.keys.append(images.keys[start + offset])
-            batch.images.append(torch.from_numpy(result.pixels.copy()).permute(2, 0, 1).contiguous())  # (3, H, W)
-            batch.sizes.append((result.width, result.height))
+            batch.keys.append(row["key"])
+            batch.images.append(torch.from_numpy(decoded_pixels(rows, offset).copy()).permute(2, 0, 1).contiguous())  # (3, H, W)
+            batch.sizes.append((row["width"], row["height"]))
         batch.targets = targets[chosen]
         return batch, failed
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque[tuple[int, list[Future]]] = deque()
+        pending: deque[tuple[int, Future]] = deque()
         for start in range(0, len(images), batch_size):
-            stop = min(start + batch_size, len(images))
-            pending.append((start, [pool.submit(load, i) for i in range(start, stop)]))
-            if len(pending) > 1:
-                yield collect(*pending.popleft())
+            pending.append((start, pool.submit(load, start)))
+            if len(pending) > workers:
+                first, future = pending.popleft()
+                yield collect(first, future.result())
         while pending:
-            yield collect(*pending.popleft())
+            first, future = pending.popleft()
+            yield collect(first, future.result())
 
 
 def _progress(total: int, enabled: bool) -> tqdm:
@@ -524,15 +391,10 @@ def _progress(total: int, enabled: bool) -> tqdm:
 
 
 __all__ = [
-    "CascadeCost",
     "ClassVectors",
-    "Evaluation",
-    "Failure",
     "ImageModel",
-    "MethodResult",
     "Observation",
     "Observer",
-    "SettingResult",
     "check_cascade",
     "check_methods",
     "embedding_key",

@@ -6,8 +6,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the runner imports torch; the report is formatted without it
-    from pipeline.evaluation.runner import Evaluation
+if TYPE_CHECKING:
+    from pipeline.evaluation.results import Evaluation
 
 
 def format_report(

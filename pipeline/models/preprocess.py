@@ -14,12 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline.config import ModelConfig
+from pipeline.models.errors import ModelError
 
 log = logging.getLogger(__name__)
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -40,11 +37,15 @@ class Preprocessing:
 
 
 def _settings(cfg: dict[str, Any]) -> tuple[Any, ...]:
+    """(mean, std, interpolation, resize mode, quick_gelu) of `cfg` over open_clip's own defaults (`PreprocessCfg`)."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    merged = merge_preprocess_dict(PreprocessCfg(), cfg)
     return (
-        tuple(cfg.get("mean", OPENAI_MEAN)),
-        tuple(cfg.get("std", OPENAI_STD)),
-        cfg.get("interpolation", "bicubic"),
-        cfg.get("resize_mode", "shortest"),
+        tuple(merged["mean"]),
+        tuple(merged["std"]),
+        merged["interpolation"],
+        merged["resize_mode"],
         bool(cfg.get("quick_gelu", False)),
     )
 
@@ -59,7 +60,9 @@ def tag_settings(architecture: str) -> dict[tuple[Any, ...], list[str]]:
     return groups
 
 
-def resolve_preprocessing(architecture: str, source_kind: str, config: ModelConfig, warn: bool = True) -> Preprocessing:
+def resolve_preprocessing(
+    architecture: str, source_kind: str, config: ModelConfig, warn: bool = True, model_preprocess: dict[str, Any] | None = None
+) -> Preprocessing:
     """The preprocessing for `config`'s weights: tag configuration, then explicit values on top.
 
     Args:
@@ -68,15 +71,14 @@ def resolve_preprocessing(architecture: str, source_kind: str, config: ModelConf
         config: `pretrained`, `weights_tag` and the explicit `image_mean`, `image_std`, `interpolation`,
             `resize_mode`, `quick_gelu`.
         warn: warn when file weights give no hint and the architecture's tags disagree.
+        model_preprocess: a model-config JSON's own `preprocess_cfg` (`spec.Architecture`), under everything else.
 
     Raises:
         ConfigError (ModelError): `weights_tag` is no tag of the architecture, or is given with a tag as `pretrained`.
     """
     import open_clip
 
-    from pipeline.models.load import JSON_PREPROCESS, ModelError
-
-    base = dict(JSON_PREPROCESS.get(architecture) or {})  # a model-config JSON's own `preprocess_cfg`
+    base = dict(model_preprocess or {})
     quick_gelu_default = bool((open_clip.get_model_config(architecture) or {}).get("quick_gelu", False))
     tag = config.pretrained if source_kind == "tag" else config.weights_tag
     if config.weights_tag and source_kind == "tag":
@@ -93,7 +95,7 @@ def resolve_preprocessing(architecture: str, source_kind: str, config: ModelConf
     elif len(groups) == 1 and source_kind != "random":
         base.update(dict(zip(("mean", "std", "interpolation", "resize_mode", "quick_gelu"), next(iter(groups)))))
         origin = f"open_clip configuration shared by every tag of {architecture}"
-    elif architecture in JSON_PREPROCESS:
+    elif model_preprocess is not None:
         origin = f"preprocess_cfg of the {architecture} model config"
     else:
         origin = f"{architecture} architecture default"

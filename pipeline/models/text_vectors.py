@@ -15,7 +15,7 @@ import torch
 from pipeline.config import ScoringConfig
 from pipeline.models.load import LoadedModel
 from pipeline.scoring.text import class_vectors, sentence_count
-from pipeline.stages.vocab import Vocabulary
+from pipeline.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pipeline.review.fiftyone import FIFTYONE_FILES, write_fiftyone
 from pipeline.review.formats import FORMATS
 from pipeline.review.labelstudio import labelstudio_config, write_labelstudio
 from pipeline.review.output_dir import CurationError, OutputDir, RowFilter
-from pipeline.stages.sources import filesystem_for
+from pipeline.stages.storage import filesystem_for
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pipeline.config import ConfigError
 from pipeline.review.formats import PREDICTION_FORMATS
 from pipeline.schema import OK, OUTPUT_COLUMNS, STATUSES, output_schema
 from pipeline.stages.sink import MANIFEST, PART_PATTERN, SUCCESS
-from pipeline.stages.sources import filesystem_for
+from pipeline.stages.storage import filesystem_for
 
 BATCH_ROWS = 8192  # rows per Arrow batch while streaming a directory: bounded memory, few Python round trips
 

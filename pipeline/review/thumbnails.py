@@ -17,7 +17,7 @@ from pipeline.config import DecodeConfig
 from pipeline.progress import ProgressLine
 from pipeline.review.text import one_line
 from pipeline.stages.decode import DecodeFailure, decode_image
-from pipeline.stages.sources import check_scheme, read_bytes
+from pipeline.stages.storage import check_scheme, read_bytes
 
 THUMBNAIL_QUALITY = 82  # JPEG quality of thumbnails: small files, boxes stay readable
 THUMBNAIL_NAME = re.compile(r"^[0-9a-f]{16}\.jpg$")  # names this module writes; only these are ever deleted

@@ -14,9 +14,10 @@ import threading
 import time
 from typing import Any
 
-from pipeline.config import ModelConfig, ScoringConfig
+from pipeline.config import ScoringConfig
+from pipeline.models.spec import ModelSpec
 from pipeline.stages.plan import PLAN_DIR, put_atomically
-from pipeline.stages.vocab import Vocabulary
+from pipeline.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,10 @@ PROGRESS_EVERY_S = 10.0
 class VocabularyEmbedder:
     """A Ray actor that embeds one vocabulary and stores the class vectors under the output."""
 
-    def __init__(self, model_config: ModelConfig, scoring: ScoringConfig, vocabulary: Vocabulary, storage_options: dict[str, Any]) -> None:
+    def __init__(self, model: ModelSpec, scoring: ScoringConfig, vocabulary: Vocabulary, storage_options: dict[str, Any]) -> None:
         from pipeline.models.load import load_model
 
-        self.model = load_model(model_config, storage_options, warn=False)
+        self.model = load_model(model, storage_options, warn=False)
         self.scoring = scoring
         self.vocabulary = vocabulary
         self.storage_options = storage_options
@@ -65,7 +66,7 @@ def embed_vocabulary_once(
     ray: Any,
     *,
     output: str,
-    model_config: ModelConfig,
+    model: ModelSpec,
     scoring: ScoringConfig,
     vocabulary: Vocabulary,
     storage_options: dict[str, Any],
@@ -93,7 +94,7 @@ def embed_vocabulary_once(
     )
     # max_concurrency 2: progress() answers while embed() runs
     embedder = ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_concurrency=2)(VocabularyEmbedder).remote(
-        model_config, scoring, vocabulary, storage_options
+        model, scoring, vocabulary, storage_options
     )
     try:
         result = embedder.embed.remote(output)

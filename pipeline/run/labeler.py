@@ -9,27 +9,26 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
 from pipeline.config import DecodeConfig, ModelConfig, ScoringConfig, VocabularyConfig
 from pipeline.models.load import LoadedModel, default_cache_dir, load_model
 from pipeline.models.text_vectors import text_vectors
+from pipeline.schema import OK, READ_ERROR
 from pipeline.scoring.combine import ImageScore
-from pipeline.scoring.scorer import Scorer
-from pipeline.stages.decode import DecodedImage, DecodeFailure, decode_image, short_side_for, upright_pixels
-from pipeline.stages.vocab import Vocabulary, load_vocabulary
+from pipeline.stages.decode import DecodedImage, decode_for_views, upright_pixels
+from pipeline.stages.read_decode import ReadDecodeStage, decoded_pixels
+from pipeline.stages.score_rows import scorer_for
+from pipeline.vocab import Vocabulary, load_vocabulary
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 
-def decode_config(model_image_size: int, scoring: ScoringConfig) -> DecodeConfig:
-    """The decoding `lgca run` uses for this model and method: the smallest scale every view needs."""
-    alpha = scoring.view_crop_scale[0] if scoring.uses_crops else None
-    return DecodeConfig(min_short_side=short_side_for(model_image_size, alpha))
-
-
-def to_pixels(image: ImageLike, decode: DecodeConfig | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+def to_pixels(
+    image: ImageLike, decode: DecodeConfig | None = None, storage_options: Mapping[str, Any] | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """A uint8 RGB tensor (3, H, W) and the (width, height) of the upright original.
 
     Paths and PIL images go through the pipeline's own decoder (`decode_image`, `upright_pixels`): EXIF
@@ -38,15 +37,21 @@ def to_pixels(image: ImageLike, decode: DecodeConfig | None = None) -> tuple[tor
     as given (uint8, or float in [0, 1]).
 
     Raises:
+        OSError: a file that cannot be read (missing, larger than the byte limit, ...).
         ValueError: a file that cannot be decoded (the message says why), or an array of the wrong shape.
     """
     decode = decode or DecodeConfig()
-    if isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as handle:
-            decoded = decode_image(handle.read(), decode)
-        if isinstance(decoded, DecodeFailure):
-            raise ValueError(f"cannot decode {image}: {decoded.message}")
-        return _from_decoded(decoded)
+    if isinstance(image, (str, os.PathLike)):  # read and decoded by the job's own stage: its limits and messages
+        path = os.fspath(image)
+        rows = ReadDecodeStage(decode, storage_options or {})(pa.table({"key": [path], "path": [path]}))
+        status, message = rows.column("status")[0].as_py(), rows.column("error_message")[0].as_py()
+        if status == READ_ERROR:
+            raise OSError(f"{image}: {message}")
+        if status != OK:
+            raise ValueError(f"cannot decode {image}: {message}")
+        pixels = decoded_pixels(rows, 0)
+        width, height = rows.column("width")[0].as_py(), rows.column("height")[0].as_py()
+        return _from_decoded(DecodedImage(pixels, width, height))
     if isinstance(image, Image.Image):
         if 0 in image.size:
             raise ValueError(f"the image has no pixels (size {image.size})")
@@ -101,16 +106,8 @@ class Labeler:
         self.model = model
         self.vocabulary = vocabulary
         self.scoring = scoring
-        self.decode = decode_config(model.image_size, scoring)
-        self.scorer = Scorer(
-            encode_image=model.encode_image,
-            classes=vocabulary.classes,
-            vectors=vectors,
-            logit_scale=model.logit_scale,
-            view=model.view,
-            config=scoring,
-            device=model.device,
-        )
+        self.decode = decode_for_views(model.image_size, [scoring])
+        self.scorer = scorer_for(model, vocabulary.classes, vectors, scoring)
 
     @classmethod
     def load(
@@ -183,7 +180,7 @@ def _vocabulary_from(
     templates: Sequence[str] | None,
     storage_options: Mapping[str, Any] | None,
 ) -> Vocabulary:
-    from pipeline.stages.vocab import parse_labels
+    from pipeline.vocab import parse_labels
 
     if isinstance(labels, (str, os.PathLike)):
         vocabulary = load_vocabulary(VocabularyConfig(labels=str(labels)), storage_options)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, ExecutionConfig, decodes_on_device
+from pipeline.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +81,8 @@ def check_resources(
     described = _describe(shapes)
     if device.startswith("cuda") and not has_gpu:
         raise ConfigError(f"--device {device} needs a GPU, but no node of this cluster has one ({described}); use --device auto or cpu")
-    gpus = (1.0 if has_gpu else 0.0) if gpus_per_actor is None else gpus_per_actor
-    if decode_device == "gpu" and (gpus == 0 or device == "cpu"):
-        raise ConfigError(
-            "--decode gpu decodes on the scoring GPU, but this cluster has no GPU for the scoring actors; use --decode auto or cpu"
-        )
+    gpus = _gpus_per_actor(shapes, gpus_per_actor)
+    decodes_on_device(decode_device, _scoring_device(device, gpus) if gpus > 0 else "cpu")  # `--decode gpu` needs a GPU here
     fits = [shape for shape in shapes if shape.gpus >= gpus and shape.cpus >= cpus_per_actor]
     if not fits:
         asked = f"{gpus:g} GPU and {cpus_per_actor:g} CPU per scoring actor"
@@ -103,6 +102,63 @@ def check_resources(
             f"--concurrency {actors} scoring actors of {gpus:g} GPU and {cpus_per_actor:g} CPU each can never all run: "
             f"the cluster holds at most {capacity:g} ({described}); lower --concurrency"
         )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where scoring runs, decided once after Ray starts: the scoring actors, their resources and device."""
+
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    model: ModelSpec  # on the device the actors score on
+    decode_on_device: bool  # JPEGs travel as bytes and the scoring stage decodes them on its GPU
+
+    @property
+    def cpu_threads(self) -> int | None:
+        """Torch threads per CPU actor: the machine's cores shared among the actors; GPU actors keep torch's default."""
+        return max(1, (os.cpu_count() or 1) // self.actors) if self.gpus_per_actor == 0 else None
+
+
+def place_scoring(
+    shapes: Sequence[NodeShape], execution: ExecutionConfig, model: ModelSpec, decode_device: str, decode_memory: float
+) -> Placement:
+    """Check that the cluster (`cluster_shapes`) can run the job and decide the scoring actors' placement.
+
+    One actor per live GPU by default (or one CPU actor without GPUs), `--num-gpus` 1 where any node has a GPU,
+    and the model on `cuda` for GPU actors when `--device auto`.
+
+    Raises:
+        ConfigError: as `check_resources`.
+    """
+    check_resources(
+        shapes,
+        gpus_per_actor=execution.num_gpus,
+        cpus_per_actor=execution.num_cpus_per_actor,
+        actors=execution.concurrency,
+        device=model.config.device,
+        decode_device=decode_device,
+        decode_memory=decode_memory,
+    )
+    gpus = _gpus_per_actor(shapes, execution.num_gpus)
+    total_gpus = sum(shape.gpus for shape in shapes if shape.live)
+    actors = execution.concurrency or (max(1, int(total_gpus // gpus)) if gpus else 1)
+    device = _scoring_device(model.config.device, gpus)
+    return Placement(actors, gpus, execution.num_cpus_per_actor, model.on_device(device), decodes_on_device(decode_device, device))
+
+
+def _gpus_per_actor(shapes: Sequence[NodeShape], asked: float | None) -> float:
+    """--num-gpus, or 1 where any node has a GPU, else 0."""
+    if asked is not None:
+        return asked
+    return 1.0 if any(shape.gpus > 0 for shape in shapes) else 0.0
+
+
+def _scoring_device(device: str, gpus_per_actor: float) -> str:
+    """The device the scoring actors load the model on: `--device`, with `auto` resolved by their GPUs."""
+    if device != "auto":
+        return device
+    return "cuda" if gpus_per_actor > 0 else "cpu"
 
 
 def _actors_per_node(shape: NodeShape, gpus: float, cpus: float) -> float:

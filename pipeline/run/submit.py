@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, JobConfig, job_from_spec
+from pipeline.config import ConfigError, JobConfig
+from pipeline.job_spec import job_from_spec
 
 ENTRYPOINT_SCRIPT = "jobs/label_images.py"  # relative to the working dir; the image's WORKDIR holds the same tree
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -39,7 +40,6 @@ WORKING_DIR_EXCLUDES = [
 ]
 PINNED_DISTRIBUTION = "lgca-label"
 UNPINNED = ("ray",)  # the cluster's own Ray runs every worker; a second copy from pip would not match it
-SECRET_WORDS = ("secret", "token", "password", "key")  # the rule job_from_spec applies to spec storage options
 COMMIT_VARIABLE = "LGCA_CODE_COMMIT"  # the shipped tree's commit: the job records it as code_version (no .git travels)
 RAY_WORKING_DIR_COPIES = "working_dir_files"  # Ray unpacks a job's working_dir into runtime_resources/<this>/_ray_pkg_HASH
 MISSING_MODULE = re.compile(r"No module named '([\w.]+)'")  # also in the text of Ray's wrappers of a worker's error

@@ -7,14 +7,14 @@ import math
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from pipeline.config import DecodeConfig
+from pipeline.config import DecodeConfig, ScoringConfig
 
 # Formats we open. Others PIL knows are left out on purpose: EPS runs Ghostscript on load, TGA has no
 # signature (random bytes can pass as one), and the rest are scientific or legacy formats nobody labels.
@@ -48,6 +48,16 @@ class DecodeFailure:
 
 class _Refused(Exception):
     """The decoder stopped on purpose; the message is the final failure text."""
+
+
+def decode_for_views(image_size: int, scorings: Iterable[ScoringConfig], decode: DecodeConfig | None = None) -> DecodeConfig:
+    """`decode` (default limits) at the smallest scale every view of `scorings` needs: the one rule for the scale.
+
+    The job, `lgca eval` (over every method and setting it scores) and `Labeler` decode at this scale, so a file
+    gives the same pixels, and the same scores, through each.
+    """
+    alphas = [scoring.view_crop_scale[0] for scoring in scorings if scoring.uses_crops]
+    return replace(decode or DecodeConfig(), min_short_side=short_side_for(image_size, min(alphas) if alphas else None))
 
 
 def short_side_for(image_size: int, crop_scale_min: float | None) -> int:

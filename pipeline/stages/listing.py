@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import os
 import posixpath
@@ -15,84 +13,22 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.credentials import mask_credentials
-from pipeline.schema import OUTPUT_COLUMNS
-from pipeline.stages.plan import unify_schemas
-from pipeline.stages.sources import (
-    IMAGE_EXTENSIONS,
-    LOCAL_PROTOCOLS,
-    InputSpec,
-    SourceError,
-    filesystem_for,
-    full_uri,
-    glob_root,
-    is_local,
-)
+from pipeline.stages.manifests import CSV_UNIT_BYTES, ManifestHeader, RecordAcrossRanges, list_manifest, manifest_units
+from pipeline.stages.plan import raise_on_duplicates, unify_schemas
+from pipeline.stages.sources import IMAGE_EXTENSIONS, InputSpec, glob_root
+from pipeline.stages.storage import SourceError, filesystem_for, full_uri
+from pipeline.stages.units import Listing, ListingUnit, UnitListing
 
-# Columns the pipeline writes, and a row's place in its shard: a manifest column of one of these names is refused.
-RESERVED_COLUMNS = (*(name for name in OUTPUT_COLUMNS if name not in ("key", "path")), "_row", "_shard")
 # The project's own markers (an output directory's bookkeeping): the only names a listing skips, so that
 # photos named _DSC0001.JPG or kept under _archive/ or .thumbnails/ are still labelled.
 OUTPUT_MARKERS = ("_SUCCESS", "_manifest.json", "_staging", "_plan", "_lease.json", "_lease.lock")
-CSV_UNIT_BYTES = 64 * 2**20  # uncompressed CSV manifests are listed in byte ranges of this size (about 10^6 rows), one task each
 FAN_OUT_DEPTH = 3  # folder levels listed one at a time (each sub-folder its own listing task) before a subtree is walked whole
 MAX_SKIPPED_EXAMPLES = 20
-_MAX_DUPLICATE_EXAMPLES = 5
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ListingUnit:
-    """A piece of an input that one task lists: a folder level, a glob, a file, or row groups of a manifest."""
-
-    spec: InputSpec
-    root: str = ""  # folders: the input root that keys are relative to (filesystem path, no protocol)
-    prefix: str = ""  # folders: the level this unit lists (filesystem path)
-    depth: int = 0  # folders: levels below the root; at FAN_OUT_DEPTH the subtree is walked whole
-    ancestors: tuple[tuple[int, int], ...] = ()  # local folders: (device, inode) of the folders above, against symlink loops
-    folder: tuple[int, int] | None = None  # local folders: (device, inode) of this unit's own folder, listed once per job
-    row_groups: tuple[int, ...] | None = None  # Parquet manifests: the row groups of this unit; None: the whole file
-    byte_range: tuple[int, int] | None = None  # CSV manifests: the lines starting in [start, end); None: the whole file
-    input_index: int = 0  # the input's place among the job's inputs
-
-    @property
-    def id(self) -> str:
-        """Stable within a plan, and independent of where the input lives: the same tree on local disk and on
-        S3 gives the same unit ids, so the same shards (keys are relative too)."""
-        relative = self.prefix[len(self.root) :] if self.prefix.startswith(self.root) else self.prefix
-        text = f"{self.input_index}|{self.spec.kind}|{relative}|{self.row_groups}" + (f"|{self.byte_range}" if self.byte_range else "")
-        return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
-
-
-@dataclass(frozen=True)
-class UnitListing:
-    """What listing one unit found: its images, the folders still to list, and the files skipped."""
-
-    table: pa.Table  # key, path and a manifest's other columns
-    more: list[ListingUnit] = field(default_factory=list)  # sub-folders, each for its own task
-    skipped: list[str] = field(default_factory=list)  # the first few skipped files, full URIs
-    skipped_count: int = 0
-    # a CSV byte range whose text leaves a quote open: a record crosses an edge, so the file's ranges cannot be
-    # trusted (their edges may fall inside quoted fields) and the file is listed whole instead
-    splits_record: bool = False
-
-
-class _RecordAcrossRanges(Exception):
-    """A CSV byte range holds an odd number of quote characters: a quoted field runs across one of its edges."""
-
-
-@dataclass(frozen=True)
-class Listing:
-    """Every image found, one row each, plus the non-image files seen on the way."""
-
-    table: pa.Table  # key (string), path (string, full URI; plain absolute path locally), manifest pass-through columns
-    skipped: list[str] = field(default_factory=list)  # the first few skipped files, full URIs
-    skipped_count: int = 0  # all skipped files
 
 
 def listing_units(
@@ -100,12 +36,14 @@ def listing_units(
     storage_options: Mapping[str, Any],
     manifest_unit_rows: int = 1_000_000,
     csv_unit_bytes: int = CSV_UNIT_BYTES,
+    headers: Mapping[str, ManifestHeader] | None = None,
 ) -> list[ListingUnit]:
     """The first units to list: one per folder input (it fans out into sub-folders), glob and file, Parquet
     manifests cut by row groups into units of about `manifest_unit_rows` rows, and uncompressed CSV manifests
     into byte ranges of `csv_unit_bytes` (a compressed one is one unit).
 
-    Only Parquet footers and file sizes are read here, never rows or file names: O(inputs + row groups).
+    Only Parquet footers (none where `headers` holds them already) and file sizes are read here, never rows or
+    file names: O(inputs + row groups).
 
     Raises:
         SourceError: a manifest is unreadable or has no rows.
@@ -118,7 +56,8 @@ def listing_units(
             fs.invalidate_cache(path)  # a long-lived process may list a prefix again after it changed
             units.append(ListingUnit(spec, root=path, prefix=path, input_index=index))
         elif spec.kind == "manifest" and path.lower().endswith(".parquet"):
-            units.extend(replace(unit, input_index=index) for unit in _manifest_units(spec, fs, path, manifest_unit_rows))
+            header = (headers or {}).get(spec.uri)
+            units.extend(replace(unit, input_index=index) for unit in manifest_units(spec, fs, path, manifest_unit_rows, header))
         elif spec.kind == "manifest" and path.lower().endswith(".csv"):
             size = fs.size(path)
             ranges = [(start, min(size, start + csv_unit_bytes)) for start in range(0, size, csv_unit_bytes)]
@@ -132,7 +71,9 @@ def listing_units(
     return units
 
 
-def known_schema(specs: Sequence[InputSpec], storage_options: Mapping[str, Any]) -> pa.Schema | None:
+def known_schema(
+    specs: Sequence[InputSpec], storage_options: Mapping[str, Any], headers: Mapping[str, ManifestHeader] | None = None
+) -> pa.Schema | None:
     """The listing rows' schema before anything is listed, or None where only reading the rows tells it.
 
     Folders, globs and files give key and path; a Parquet manifest adds its other columns, typed by its
@@ -145,8 +86,12 @@ def known_schema(specs: Sequence[InputSpec], storage_options: Mapping[str, Any])
         fs, path = filesystem_for(spec.uri, storage_options)
         if not path.lower().endswith(".parquet"):
             return None
-        with fs.open(path, "rb") as handle:
-            schema = pq.read_schema(handle)
+        header = (headers or {}).get(spec.uri)
+        if header is not None and header.schema is not None:
+            schema = header.schema  # the footer the driver read once (`manifests.read_manifest_header`)
+        else:
+            with fs.open(path, "rb") as handle:
+                schema = pq.read_schema(handle)
         schemas.append(pa.schema([field_ for field_ in schema if field_.name not in ("key", "path")]))
     return unify_schemas(schemas)  # the plan's own rule, so the two agree
 
@@ -164,8 +109,8 @@ def list_unit(unit: ListingUnit, storage_options: Mapping[str, Any]) -> UnitList
     spec = unit.spec
     if spec.kind == "manifest":
         try:
-            return UnitListing(_list_manifest(spec, storage_options, unit.row_groups, unit.byte_range))
-        except _RecordAcrossRanges:
+            return UnitListing(list_manifest(spec, storage_options, unit.row_groups, unit.byte_range))
+        except RecordAcrossRanges:
             return UnitListing(pa.table({"key": pa.array([], pa.string()), "path": pa.array([], pa.string())}), splits_record=True)
     fs, path = filesystem_for(spec.uri, storage_options)
     path = path.rstrip("/") or path
@@ -440,208 +385,6 @@ def _under_empty_segment(fs: fsspec.AbstractFileSystem, prefix: str) -> list[str
     return [name for name in found if name.startswith(prefix.rstrip("/") + "//") and not name.endswith("/")]
 
 
-def _manifest_units(spec: InputSpec, fs: fsspec.AbstractFileSystem, path: str, unit_rows: int) -> list[ListingUnit]:
-    try:
-        with fs.open(path, "rb") as handle:
-            metadata = pq.ParquetFile(handle).metadata
-    except FileNotFoundError as error:
-        raise SourceError(f"manifest {spec.uri} does not exist; check the path") from error
-    except (pa.ArrowInvalid, OSError) as error:
-        raise SourceError(f"manifest {spec.uri} could not be read ({error}); write it as Parquet or UTF-8 CSV with a header") from error
-    if metadata.num_rows == 0:
-        raise SourceError(f"manifest {spec.uri} has no rows; add images or drop the input")
-    units: list[ListingUnit] = []
-    group: list[int] = []
-    rows = 0
-    for index in range(metadata.num_row_groups):
-        group.append(index)
-        rows += metadata.row_group(index).num_rows
-        if rows >= unit_rows:
-            units.append(ListingUnit(spec, row_groups=tuple(group)))
-            group, rows = [], 0
-    if group:
-        units.append(ListingUnit(spec, row_groups=tuple(group)))
-    return units
-
-
-def _read_manifest_table(
-    spec: InputSpec,
-    fs: fsspec.AbstractFileSystem,
-    path: str,
-    row_groups: tuple[int, ...] | None,
-    byte_range: tuple[int, int] | None = None,
-) -> pa.Table:
-    try:
-        if path.lower().endswith(".parquet"):
-            with fs.open(path, "rb") as handle:
-                if row_groups is None:
-                    return pq.read_table(handle)
-                return pq.ParquetFile(handle).read_row_groups(list(row_groups))
-        # path and key stay strings even when they look numeric ("001" must not become 1). An empty field is
-        # null in every column, so a byte range whose rows leave a column empty agrees with the others.
-        convert = pa_csv.ConvertOptions(column_types={"path": pa.string(), "key": pa.string()}, strings_can_be_null=True)
-        if byte_range is not None:
-            # Each range alone cannot tell a column's type (one range's "001" is a number, another's "a1" text),
-            # so a manifest read in ranges keeps its columns as text: never a value rewritten by a guess.
-            lines = _csv_lines(fs, path, byte_range)
-            # Quotes come in pairs in every whole record (a quote inside a quoted field is doubled): an odd count
-            # means a quoted field, line breaks and all, runs across an edge, and every edge after it is suspect.
-            if (lines.count(b'"') - lines.split(b"\n", 1)[0].count(b'"')) % 2:
-                raise _RecordAcrossRanges()
-            names = pa_csv.open_csv(io.BytesIO(lines.split(b"\n", 1)[0] + b"\n")).schema.names
-            text = pa_csv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=True)
-            return pa_csv.read_csv(io.BytesIO(lines), convert_options=text)
-        with fs.open(path, "rb", compression="infer") as handle:  # a quoted field may hold line breaks
-            return pa_csv.read_csv(handle, parse_options=pa_csv.ParseOptions(newlines_in_values=True), convert_options=convert)
-    except FileNotFoundError as error:
-        raise SourceError(f"manifest {spec.uri} does not exist; check the path") from error
-    except (pa.ArrowInvalid, EOFError, UnicodeDecodeError) as error:
-        raise SourceError(f"manifest {spec.uri} could not be read ({error}); write it as Parquet or UTF-8 CSV with a header") from error
-
-
-def _csv_lines(fs: fsspec.AbstractFileSystem, path: str, byte_range: tuple[int, int]) -> bytes:
-    """The header line of a CSV file and every line that starts in `byte_range`: neighbouring ranges share no line.
-
-    A line starting before `start` belongs to the range before; a line starting before `end` is read to its
-    end. A quoted field holding a line break can be cut by a range's edge: the range's quotes then do not pair
-    up, and the file is listed whole instead (`UnitListing.splits_record`), never guessed.
-    """
-    start, end = byte_range
-    with fs.open(path, "rb") as handle:
-        header = handle.readline()
-        if start > len(header):
-            handle.seek(start - 1)
-            handle.readline()  # the rest of a line that started in the range before (just "\n" if one ends there)
-        begin = handle.tell()
-        if begin >= end:
-            return header
-        body = handle.read(end - begin)
-        if body and not body.endswith(b"\n"):
-            body += handle.readline()  # the last line starting in the range, to its end
-    return header + body
-
-
-def _string_column(table: pa.Table, name: str, spec: InputSpec, part: str = "") -> pa.ChunkedArray:
-    column = table.column(name)
-    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or (name == "key" and pa.types.is_integer(kind))):
-        raise SourceError(f"manifest {spec.uri}: column {name!r} holds {column.type}, not text; write it as strings")
-    column = column.cast(pa.string())
-    empty = pc.or_kleene(pc.is_null(column), pc.equal(column, "")).combine_chunks().fill_null(True)
-    if pc.any(empty).as_py():
-        rows = pc.indices_nonzero(empty)[:5].to_pylist()
-        raise SourceError(f"manifest {spec.uri}: column {name!r} is empty in rows {rows} (0-based{part}); fill or remove those rows")
-    return column
-
-
-def _resolve_manifest_path(raw: str, fs: fsspec.AbstractFileSystem, manifest_dir: str, local: bool) -> str:
-    protocol, rest = fsspec.core.split_protocol(raw)
-    if protocol is not None:
-        return rest if protocol in LOCAL_PROTOCOLS else raw  # file:///x -> /x; other URIs as written
-    if local:
-        return os.path.normpath(os.path.join(manifest_dir, os.path.expanduser(raw)))
-    # Remote: relative to the manifest's folder; a leading "/" means "/bucket/key" on the same store.
-    return full_uri(fs, posixpath.normpath(posixpath.join(manifest_dir, raw)).lstrip("/"))
-
-
-def check_manifest_columns(spec: InputSpec, storage_options: Mapping[str, Any]) -> None:
-    """Fail fast on a manifest whose header is unusable, reading its header (CSV) or footer (Parquet) only.
-
-    Raises:
-        SourceError: the manifest cannot be read, lacks a `path` column, repeats a column name, or uses an
-            output column's name.
-    """
-    fs, path = filesystem_for(spec.uri, storage_options)
-    try:
-        if path.lower().endswith(".parquet"):
-            with fs.open(path, "rb") as handle:
-                names = pq.read_schema(handle).names
-        else:
-            with fs.open(path, "rb", compression="infer") as handle:
-                names = pa_csv.open_csv(handle).schema.names
-    except FileNotFoundError as error:
-        raise SourceError(f"manifest {spec.uri} does not exist; check the path") from error
-    except (pa.ArrowInvalid, EOFError, UnicodeDecodeError) as error:
-        raise SourceError(f"manifest {spec.uri} could not be read ({error}); write it as Parquet or UTF-8 CSV with a header") from error
-    _check_columns(spec, names)
-
-
-def manifest_version(spec: InputSpec, storage_options: Mapping[str, Any]) -> dict[str, Any]:
-    """What identifies this version of a manifest file without reading it: its size and its ETag or modification time.
-
-    A plan records it, so a resume can say that the manifest changed since (its new rows are not labelled).
-    """
-    fs, path = filesystem_for(spec.uri, storage_options)
-    fs.invalidate_cache(path)
-    info = fs.info(path)
-    changed = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("last_modified")
-    return {"size": info.get("size"), "version": str(changed) if changed is not None else None}
-
-
-def _check_columns(spec: InputSpec, names: Sequence[str]) -> None:
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise SourceError(f"manifest {spec.uri} repeats column name(s) {', '.join(repeated)}; give each column its own name")
-    if "path" not in names:
-        raise SourceError(
-            f"manifest {spec.uri} has no 'path' column (found: {', '.join(names) or 'none'}); "
-            "add a column 'path' with one image path or URI per row"
-        )
-    reserved = [name for name in names if name in RESERVED_COLUMNS]
-    if reserved:
-        raise SourceError(f"manifest {spec.uri} has column(s) {', '.join(reserved)}, which the output already uses; rename them")
-
-
-def _list_manifest(
-    spec: InputSpec,
-    storage_options: Mapping[str, Any],
-    row_groups: tuple[int, ...] | None = None,
-    byte_range: tuple[int, int] | None = None,
-) -> pa.Table:
-    fs, path = filesystem_for(spec.uri, storage_options)
-    table = _read_manifest_table(spec, fs, path, row_groups, byte_range)
-    _check_columns(spec, table.column_names)
-    if table.num_rows == 0 and row_groups is None and byte_range is None:
-        raise SourceError(f"manifest {spec.uri} has no rows; add images or drop the input")
-    # Row numbers in messages count from the start of the part this unit read.
-    part = (
-        f", in row groups {list(row_groups)}"
-        if row_groups
-        else f", in the lines starting in bytes {byte_range[0]}-{byte_range[1]}"
-        if byte_range
-        else ""
-    )
-    paths = _string_column(table, "path", spec, part).combine_chunks()
-    # Credentials in a row's URL are masked here, before the plan stores it: the row then fails to read, saying why.
-    raw_paths = _rewritten(paths, pc.match_substring_regex(paths, "[@?]"), mask_credentials)
-    keys = _string_column(table, "key", spec, part) if "key" in table.column_names else raw_paths
-    local = is_local(spec.uri)
-    manifest_dir = os.path.dirname(path) if local else posixpath.dirname(path)
-    # Most rows are final as written (another store's URL; an absolute local path in normal form in a local
-    # manifest): found with vectorised matches, so only the others go through Python, one at a time.
-    final = pc.and_(pc.match_substring_regex(raw_paths, _URL), pc.invert(pc.match_substring_regex(raw_paths, _LOCAL_URL)))
-    if local:
-        final = pc.or_(final, pc.and_(pc.starts_with(raw_paths, "/"), pc.invert(pc.match_substring_regex(raw_paths, _NOT_NORMAL))))
-    resolved = _rewritten(raw_paths, pc.invert(final), lambda raw: _resolve_manifest_path(raw, fs, manifest_dir, local))
-    extra = [name for name in table.column_names if name not in ("key", "path")]
-    columns = {"key": keys, "path": resolved}
-    columns.update({name: table.column(name) for name in extra})
-    return pa.table(columns).sort_by("key")
-
-
-_URL = r"^[A-Za-z][A-Za-z0-9+.-]*://"
-_LOCAL_URL = r"^(file|local)://"
-_NOT_NORMAL = r"//|/\.\.?(/|$)|/$"  # what os.path.normpath would change in an absolute path
-
-
-def _rewritten(values: pa.Array, where: pa.Array, rewrite: Any) -> pa.Array:
-    """`values` with `rewrite(value)` in the rows `where` is true, the other rows untouched (and never made Python strings)."""
-    chosen = values.filter(where)
-    if len(chosen) == 0:
-        return values
-    return pc.replace_with_mask(values, where, pa.array([rewrite(value) for value in chosen.to_pylist()], pa.string()))
-
-
 def _raise_on_duplicate_keys(keys: pa.ChunkedArray) -> None:
     # keys are sorted, so duplicates are neighbours.
     keys = keys.combine_chunks()
@@ -651,8 +394,4 @@ def _raise_on_duplicate_keys(keys: pa.ChunkedArray) -> None:
     if not pc.any(same).as_py():
         return
     duplicates = sorted(set(keys[1:].filter(same).to_pylist()))
-    shown = ", ".join(duplicates[:_MAX_DUPLICATE_EXAMPLES]) + (", ..." if len(duplicates) > _MAX_DUPLICATE_EXAMPLES else "")
-    raise SourceError(
-        f"{len(duplicates)} key(s) appear more than once across the inputs ({shown}); keys must be unique so each "
-        "output row maps to one image: list the inputs in a manifest with a unique 'key' column, or drop overlapping inputs"
-    )
+    raise_on_duplicates(len(duplicates), duplicates)

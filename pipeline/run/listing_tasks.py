@@ -17,7 +17,8 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.config import ConfigError
-from pipeline.stages.listing import MAX_SKIPPED_EXAMPLES, ListingUnit, UnitTally, distinct_units, list_unit, listing_units
+from pipeline.stages.listing import MAX_SKIPPED_EXAMPLES, UnitTally, distinct_units, list_unit, listing_units
+from pipeline.stages.manifests import ManifestHeader
 from pipeline.stages.plan import (
     Plan,
     Shard,
@@ -32,6 +33,7 @@ from pipeline.stages.plan import (
     write_shards,
 )
 from pipeline.stages.sources import InputSpec
+from pipeline.stages.units import ListingUnit
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def build_plan(
     fingerprint: Mapping[str, Any],
     created_at: str,
     on_progress: Any = None,
-    manifests: Mapping[str, Mapping[str, Any]] | None = None,
+    manifests: Mapping[str, ManifestHeader] | None = None,
     on_shards: Callable[[list[Shard]], None] | None = None,
     schema: pa.Schema | None = None,
 ) -> Plan:
@@ -70,7 +72,8 @@ def build_plan(
 
     Args:
         on_progress: called with (units listed, images found) as listing goes on.
-        manifests: each manifest's version as the job saw it before listing, recorded in the plan.
+        manifests: each manifest as the job read it before listing (`manifests.read_manifest_header`): its
+            footer is not read again, and its version is recorded in the plan.
         on_shards: called with each listing task's shards as soon as they are written (labelling may start).
         schema: the listing schema known before listing (`listing.known_schema`); the plan keeps it.
 
@@ -84,7 +87,7 @@ def build_plan(
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
     root = root.rstrip("/")
     check_keys = len(specs) > 1 or any(spec.kind == "manifest" for spec in specs)  # one folder, glob or file has unique keys
-    pending = listing_units(specs, storage_options)
+    pending = listing_units(specs, storage_options, headers=manifests)
     list_task = ray.remote(num_cpus=LISTING_TASK_CPUS, max_retries=3)(_list_unit_task)
     in_flight: dict[Any, ListingUnit] = {}
     shards: list[Shard] = []
@@ -163,7 +166,7 @@ def build_plan(
         skipped=tuple(skipped),
         listing_seconds=time.time() - started,
         created_at=created_at,
-        manifests={uri: dict(version) for uri, version in (manifests or {}).items()},
+        manifests={uri: dict(header.version) for uri, header in (manifests or {}).items()},
     )
     write_plan(fs, root, plan)
     return plan

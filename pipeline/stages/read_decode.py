@@ -1,0 +1,127 @@
+"""The read-and-decode stage: a shard's listing rows in, decoded rows out, a batch at a time; every row comes out.
+
+A plain class: `run.dataset` runs it in Ray Data tasks, and `lgca eval` and `Labeler` call the same code in
+process, so every path reads with the same byte limit, read timeout and journal of poison inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import DecodeConfig
+from pipeline.faults import fault_point
+from pipeline.schema import DECODE_ERROR, OK, READ_ERROR
+from pipeline.stages.decode import DecodedImage, DecodeFailure, DeferredJpeg, decode_image, defer_jpeg
+from pipeline.stages.journal import DecodeJournal
+from pipeline.stages.plan import read_shard
+from pipeline.stages.readers import FileReader, SampleReader
+from pipeline.stages.sink import SHARD_COLUMN, keep_succeeded_rows
+from pipeline.stages.storage import filesystem_for
+
+log = logging.getLogger(__name__)
+
+# Columns between decoding and scoring, never written: decoded pixels, or a JPEG left for the scoring device
+TRANSIENT_COLUMNS = ("pixels", "pixel_height", "pixel_width", "jpeg", "orientation")
+
+
+class ReadDecodeStage:
+    """Reads and decodes listing rows (key, path, ...); adds status, error_message, width, height and the pixels.
+
+    With `defer_jpegs`, JPEGs are only checked here (header, size limit, orientation) and travel as bytes, for
+    the scoring stage to decode on its GPU; other files are decoded here as always.
+    """
+
+    def __init__(
+        self,
+        decode: DecodeConfig,
+        storage_options: Mapping[str, Any],
+        *,
+        defer_jpegs: bool = False,
+        run_id: str = "",
+        batch_size: int = 32,
+        reader: SampleReader | None = None,
+    ) -> None:
+        self.decode = decode
+        self.storage_options = dict(storage_options)
+        self.defer_jpegs = defer_jpegs
+        self.run_id = run_id
+        self.batch_size = batch_size
+        self.reader = reader or FileReader(decode, self.storage_options)  # how the listed samples become bytes
+
+    def shard_batches(self, output: str, shard_id: str, schema: pa.Schema, retry: bool = False) -> Iterator[pa.Table]:
+        """A shard's listing rows, read from the plan in `output`, decoded a batch at a time.
+
+        A generator: Ray Data pauses it while its batches wait downstream, so a shard's pixels are made as the
+        scoring stage takes them. Each batch carries the shard id; with `retry`, only the shard's failed rows.
+        """
+        fs, root = filesystem_for(output, self.storage_options)
+        root = root.rstrip("/")
+        rows = read_shard(fs, root, shard_id, schema)
+        if retry:
+            rows = rows.take(keep_succeeded_rows(fs, root, shard_id, self.run_id))
+        rows = rows.append_column(SHARD_COLUMN, pa.array([shard_id] * rows.num_rows, pa.string()))
+        for start in range(0, rows.num_rows, self.batch_size):
+            yield self(rows.slice(start, self.batch_size))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Bytes to pixels for one batch of listing rows; every row comes out, failed ones with a status.
+
+        An input that killed this process twice (the journal, `stages.journal`) becomes a decode_error row
+        instead of killing it again.
+        """
+        paths = batch.column("path").to_pylist()
+        with DecodeJournal.open(self.run_id, batch.column("key").to_pylist()) as journal:
+            contents = self.reader.read(paths, journal)
+            columns: dict[str, list[Any]] = {name: [] for name in ("status", "error_message", "width", "height", *TRANSIENT_COLUMNS)}
+            for index, content in enumerate(contents):
+                row: dict[str, Any] = dict.fromkeys(columns)
+                if journal.poisoned(index):
+                    row.update(status=DECODE_ERROR, error_message=_poison_message(journal.kills(index)))
+                elif isinstance(content, Exception):
+                    row.update(status=READ_ERROR, error_message=f"cannot read: {type(content).__name__}: {content}")
+                else:
+                    journal.decoding(index)
+                    fault_point("decoding", paths[index])
+                    row.update(self._decoded_row(content))
+                for name, value in row.items():
+                    columns[name].append(value)
+            journal.decoded_all()
+        types = {"status": pa.string(), "error_message": pa.string(), "pixels": pa.large_binary(), "jpeg": pa.large_binary()}
+        for name, values in columns.items():
+            batch = batch.append_column(name, pa.array(values, types.get(name, pa.int32())))
+        return batch
+
+    def _decoded_row(self, content: bytes) -> dict[str, Any]:
+        result: DeferredJpeg | DecodedImage | DecodeFailure | None = defer_jpeg(content, self.decode) if self.defer_jpegs else None
+        if result is None:
+            result = decode_image(content, self.decode)
+        if isinstance(result, DecodeFailure):
+            return {"status": DECODE_ERROR, "error_message": result.message}
+        if isinstance(result, DeferredJpeg):
+            return {"status": OK, "width": result.width, "height": result.height, "jpeg": content, "orientation": result.orientation}
+        return {
+            "status": OK,
+            "width": result.width,
+            "height": result.height,
+            "pixels": result.pixels.tobytes(),
+            "pixel_height": result.pixels.shape[0],
+            "pixel_width": result.pixels.shape[1],
+        }
+
+
+def decoded_pixels(batch: pa.Table, index: int) -> np.ndarray:
+    """The (H, W, 3) uint8 pixels the stage decoded for row `index` of `batch` (a row of status ok, not deferred)."""
+    height, width = batch.column("pixel_height")[index].as_py(), batch.column("pixel_width")[index].as_py()
+    return np.frombuffer(batch.column("pixels")[index].as_buffer(), dtype=np.uint8).reshape(height, width, 3)
+
+
+def _poison_message(kills: int) -> str:
+    return (
+        f"reading or decoding this file killed its worker process {kills} times (out of memory, or a crash in a "
+        "decoder); it was not tried again. Check the file, or lower --max-bytes / --max-pixels"
+    )
