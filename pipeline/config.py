@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -358,12 +359,15 @@ class JobConfig:
     resume: bool = False  # skip inputs that already have a committed output row
     retry_failed: bool = False  # with resume: label again the rows of committed shards that failed
     overwrite: bool = False  # delete an existing output first
+    embeddings: bool = False  # write each ok row's normalised global-view embedding (`embedding`, float16)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         require(bool(self.inputs), "no inputs given; pass one or more directories, globs, s3:// prefixes or manifests")
         require(bool(self.output), "no output given; pass --output DIR")
         _refuse_credentials("--output", self.output)
+        if "://" not in self.output:  # every worker, whatever its working directory, writes to the same place
+            object.__setattr__(self, "output", os.path.abspath(os.path.expanduser(self.output)))
         for given in self.inputs:
             _refuse_credentials("input", given)
         require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pick one")

@@ -85,9 +85,7 @@ def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[Job
     """
     require(isinstance(spec, Mapping), f"{where} must be a mapping of keys to values, got {type(spec).__name__}")
     unknown = sorted(set(spec) - set(JOB_SECTIONS) - set(JOB_SCALARS))
-    require(
-        not unknown, f"unknown key(s) in {where}: {', '.join(unknown)}; valid keys: {', '.join(sorted([*JOB_SECTIONS, *JOB_SCALARS]))}"
-    )
+    require(not unknown, f"unknown key(s) in {where}: {', '.join(unknown)}; valid keys: {', '.join(sorted([*JOB_SECTIONS, *JOB_SCALARS]))}")
     sections = {}
     for name, cls in JOB_SECTIONS.items():
         values = spec.get(name) or {}

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 OK = "ok"
@@ -46,18 +47,39 @@ PREDICTION_FIELDS = [
     pa.field("pretrained", pa.string(), nullable=False),
 ]
 OUTPUT_COLUMNS = tuple(f.name for f in PREDICTION_FIELDS)
+# With --embeddings: the normalised global-view embedding of each ok row (null otherwise), in half precision
+EMBEDDING_COLUMN = "embedding"
+EMBEDDING_TYPE = pa.float16()
 PREDICTION_COLUMNS = ("label", "score", "topk_labels", "topk_scores", "margin", "boxes")
 
 
-def output_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
-    """The schema of an output file: the fixed columns, then manifest pass-through columns in their order.
+def embedding_field(dim: int) -> pa.Field:
+    """The `embedding` column: `fixed_size_list<halffloat>[dim]`, as faiss, DuckDB (`FLOAT[dim]`) and numpy take it."""
+    return pa.field(EMBEDDING_COLUMN, pa.list_(EMBEDDING_TYPE, dim))
+
+
+def embedding_array(vectors: Sequence[np.ndarray | None], dim: int) -> pa.FixedSizeListArray:
+    """The `embedding` column of a batch: each vector in half precision, null where there is none (failed rows)."""
+    present = np.zeros((len(vectors), dim), dtype=np.float16)
+    missing = np.array([vector is None for vector in vectors], dtype=bool)
+    for index, vector in enumerate(vectors):
+        if vector is not None:
+            present[index] = vector
+    return pa.FixedSizeListArray.from_arrays(pa.array(present.ravel(), EMBEDDING_TYPE), dim, mask=pa.array(missing))
+
+
+def output_schema(passthrough: pa.Schema | None = None, embedding_dim: int | None = None) -> pa.Schema:
+    """The schema of an output file: the fixed columns, the embedding (with `embedding_dim`), then manifest
+    pass-through columns in their order.
 
     Its pandas metadata maps integer columns to pandas' nullable integer types: without it pandas reads
     `width` and `height` (null in failed rows) as float64.
     """
     fields = list(PREDICTION_FIELDS)
+    if embedding_dim is not None:
+        fields.append(embedding_field(embedding_dim))
     if passthrough is not None:
-        fields.extend(f for f in passthrough if f.name not in OUTPUT_COLUMNS)
+        fields.extend(f for f in passthrough if f.name not in (*OUTPUT_COLUMNS, EMBEDDING_COLUMN))
     return pa.schema(fields, metadata={b"pandas": _pandas_metadata(fields)})
 
 

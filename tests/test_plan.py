@@ -18,7 +18,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.schema import OK, output_schema
-from pipeline.stages import listing, manifests, storage
+from pipeline.stages import files, listing, manifests, storage
 from pipeline.stages.lease import LEASE, Lease, LeaseError
 from pipeline.stages.lease_record import LeaseRecord
 from pipeline.stages.listing import list_inputs, list_unit
@@ -315,7 +315,7 @@ def test_a_folder_that_cannot_be_listed_fails_loudly(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real_scandir(path)
 
-    monkeypatch.setattr(listing.os, "scandir", scandir)
+    monkeypatch.setattr(files.os, "scandir", scandir)
     with pytest.raises(SourceError, match=r"cannot list folder .*locked .*Permission denied.*would be missing"):
         list_inputs([parse_input(str(tmp_path))], {})
 

@@ -18,9 +18,11 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import ConfigError
 from pipeline.credentials import mask_credentials
 from pipeline.stages import listing, manifests, storage
 from pipeline.stages.listing import list_inputs
+from pipeline.stages.plan import PlanError
 from pipeline.stages.sources import InputSpec, check_inputs, parse_input
 from pipeline.stages.storage import SourceError, filesystem_for, read_bytes, redact, storage_options_from
 
@@ -217,7 +219,7 @@ def test_single_file(place: Place) -> None:
 def test_duplicate_keys_across_inputs_fail(place: Place) -> None:
     place.write("copy/a/x.jpg", b"x")
     place.write("copy/c.PNG", b"x")
-    with pytest.raises(SourceError, match=r"2 key\(s\).*a/x\.jpg, c\.PNG.*'key' column"):
+    with pytest.raises(PlanError, match=r"2 key\(s\).*a/x\.jpg, c\.PNG.*'key' column"):  # the one message for repeated keys
         _list(place, place.root, place.uri("copy"))
 
 
@@ -297,7 +299,7 @@ def test_manifest_and_directory_together(place: Place) -> None:
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_manifest_errors(place: Place, table: pa.Table, message: str, fmt: str) -> None:
     place.write(f"bad.{fmt}", _encode(table, fmt))
-    with pytest.raises(SourceError, match=message):
+    with pytest.raises(ConfigError, match=message):  # SourceError; PlanError for the repeated keys
         _list(place, place.uri(f"bad.{fmt}"))
 
 
@@ -528,5 +530,5 @@ def test_manifest_paths_resolve_alike_in_bulk_and_one_at_a_time(tmp_path, where,
     fs, path = storage.filesystem_for(spec.uri, options)
     local = where == "local"
     manifest_dir = os.path.dirname(path) if local else path.rsplit("/", 1)[0]
-    expected = [listing._resolve_manifest_path(mask_credentials(raw), fs, manifest_dir, local) for raw in raws]
+    expected = [manifests._resolve_manifest_path(mask_credentials(raw), fs, manifest_dir, local) for raw in raws]
     assert manifests.list_manifest(spec, options).column("path").to_pylist() == expected  # keys sort as the rows

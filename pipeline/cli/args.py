@@ -379,4 +379,5 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         resume=args.resume,
         retry_failed=args.retry_failed,
         overwrite=args.overwrite,
+        embeddings=getattr(args, "embeddings", False),
     )

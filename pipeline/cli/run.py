@@ -76,6 +76,12 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --resume: also label again the rows that failed (read, decode or score errors) in committed shards",
     )
+    parser.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="also write each image's normalised embedding (the global view the labels already use: no extra encoder pass) "
+        "in an `embedding` column, fixed_size_list<halffloat>[D], for faiss, autofaiss and DuckDB (docs/CURATION.md)",
+    )
     args.add_vocabulary_arguments(parser)
     args.add_model_arguments(parser)
     args.add_scoring_arguments(parser)

@@ -24,6 +24,7 @@ from pipeline.scoring.views import ViewFormat
 
 log = logging.getLogger(__name__)
 
+
 def default_cache_dir(config: ModelConfig) -> Path:
     """The cache directory for fetched weights and text embeddings."""
     if config.cache_dir:

@@ -18,6 +18,7 @@ from pipeline.models.errors import ModelError
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How images become encoder input, and the activation the weights were trained with."""

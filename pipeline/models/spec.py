@@ -60,6 +60,7 @@ class ModelSpec:
     source: WeightsSource
     preprocessing: Preprocessing
     image_size: int  # the image tower's input side S
+    embed_dim: int  # D, the side of the embeddings both towers project to
     weights_sha256: str = ""  # of a weights file (a URI's is known once fetched)
     record: dict[str, Any] = field(default_factory=dict)  # the manifest's `model` entry
 
@@ -89,7 +90,8 @@ def resolve_model(config: ModelConfig, warn: bool = True) -> ModelSpec:
     if source.kind == "file":
         check_weights_file(Path(source.value))
         weights_sha256 = file_sha256(Path(source.value))
-    spec = ModelSpec(config, architecture, source, preprocessing, _image_size(architecture.name), weights_sha256)
+    image_size, embed_dim = _sizes(architecture.name)
+    spec = ModelSpec(config, architecture, source, preprocessing, image_size, embed_dim, weights_sha256)
     return replace(spec, record=_record(spec))
 
 
@@ -213,13 +215,14 @@ def _build_on_meta(architecture: str, path: str) -> None:
         raise ModelError(f"model config file {path} does not build an open_clip model: {type(error).__name__}: {error}") from None
 
 
-def _image_size(architecture: str) -> int:
-    """The image tower's input side S, read from the architecture config without building the model."""
+def _sizes(architecture: str) -> tuple[int, int]:
+    """The image tower's input side S and the embedding dimension D, read from the architecture config without
+    building the model."""
     import open_clip
 
-    vision = (open_clip.get_model_config(architecture) or {}).get("vision_cfg", {})
-    size = vision.get("image_size", 224)
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+    config = open_clip.get_model_config(architecture) or {}
+    size = config.get("vision_cfg", {}).get("image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size), int(config.get("embed_dim", 0))
 
 
 class quiet_open_clip:

@@ -16,7 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import ConfigError
 from pipeline.review.formats import PREDICTION_FORMATS
-from pipeline.schema import OK, OUTPUT_COLUMNS, STATUSES, output_schema
+from pipeline.schema import EMBEDDING_COLUMN, OK, OUTPUT_COLUMNS, STATUSES, output_schema
 from pipeline.stages.sink import MANIFEST, PART_PATTERN, SUCCESS
 from pipeline.stages.storage import filesystem_for
 
@@ -57,7 +57,7 @@ class OutputDir:
 
     def passthrough_columns(self) -> list[str]:
         """Manifest columns copied to the output, in file order."""
-        return [name for name in self.dataset().schema.names if name not in OUTPUT_COLUMNS]
+        return [name for name in self.dataset().schema.names if name not in (*OUTPUT_COLUMNS, EMBEDDING_COLUMN)]
 
     def batches(self, columns: Sequence[str], filter: ds.Expression | None = None) -> Iterator[pa.RecordBatch]:
         """Stream `columns` of the rows matching `filter`, BATCH_ROWS at a time, in file order."""

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline.run.listing_tasks import unwrap
-from pipeline.schema import STATUSES, output_schema
+from pipeline.schema import STATUSES
 from pipeline.stages.plan import Plan
 from pipeline.stages.sink import OutputError, add_counts, commit_shard, committed_counts, failed_rows, part_name
 
@@ -80,11 +80,11 @@ class ShardCommits:
     retried) returns None and the shard waits; `retry_incomplete` commits such shards again once the stream ended.
     """
 
-    def __init__(self, ray: Any, output: str, storage_options: dict[str, Any], listing_schema: Any, run_id: str, owner: str) -> None:
+    def __init__(self, ray: Any, output: str, storage_options: dict[str, Any], schema: Any, run_id: str, owner: str) -> None:
         self.ray = ray
         self.task = ray.remote(num_cpus=COMMIT_TASK_CPUS, max_retries=3)(commit_task)
         self.arguments = (output, storage_options)
-        self.schema = output_schema(listing_schema)
+        self.schema = schema  # of the part files: `schema.output_schema`
         self.run_id, self.owner = run_id, owner
         self.shard_rows: dict[str, int] = {}
         self.expected: dict[str, int] = {}  # rows to stage before a shard's commit; dropped once committed

@@ -41,6 +41,7 @@ def build_dataset(
     vocabulary: Vocabulary,
     run_id: str,
     vectors_uri: str | None = None,
+    embeddings: bool = False,
 ) -> Any:
     """The lazy Ray Dataset that labels `shards` and yields (shard, rows) per staged piece.
 
@@ -86,6 +87,7 @@ def build_dataset(
             "storage_options": storage_options,
             "cpu_threads": placement.cpu_threads,
             "vectors_uri": vectors_uri,
+            "embeddings": embeddings,
         },
     )  # Ray Data's actor pools restart dead actors and retry their batches by default (max_restarts=-1)
     return dataset.map_batches(

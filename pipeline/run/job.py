@@ -27,6 +27,7 @@ from pipeline.run.prepare import PreparedJob, prepare
 from pipeline.run.ray_start import start_ray
 from pipeline.run.resources import Placement, cluster_shapes, place_scoring
 from pipeline.run.run_summary import RunSummary
+from pipeline.schema import output_schema
 from pipeline.stages.lease import Lease, LeaseError
 from pipeline.stages.listing import known_schema
 from pipeline.stages.plan import Plan, PlanError, PlanSummary, Shard
@@ -195,7 +196,9 @@ def _list_new_plan(job: PreparedJob, storage_options: dict[str, Any], **listing:
 class _Work:
     """The labelling of one attempt: a resumed plan's remaining shards, or a new plan's shards as they are listed."""
 
-    def __init__(self, ray: Any, job: PreparedJob, storage_options: dict[str, Any], lease: Lease, run_id: str, placement: Placement) -> None:
+    def __init__(
+        self, ray: Any, job: PreparedJob, storage_options: dict[str, Any], lease: Lease, run_id: str, placement: Placement
+    ) -> None:
         self.ray, self.job, self.storage_options, self.lease, self.run_id = ray, job, storage_options, lease, run_id
         self.placement = placement
         self.outcome = _Outcome(first_at=0.0)
@@ -323,8 +326,12 @@ def _label(
         vocabulary=job.vocabulary,
         run_id=context.run_id,
         vectors_uri=vectors_uri,
+        embeddings=config.embeddings,
     )
-    commits = ShardCommits(ray, config.output, context.storage_options, listing_schema, context.run_id, context.owner)
+    embedding_dim = placement.model.embed_dim if config.embeddings else None
+    commits = ShardCommits(
+        ray, config.output, context.storage_options, output_schema(listing_schema, embedding_dim), context.run_id, context.owner
+    )
     commits.expect({shard.id: shard.rows for shard in todo}, failed)
 
     def committed(counts: dict[str, int]) -> None:
@@ -359,5 +366,3 @@ def listing_head_start_s() -> float:
         return max(0.0, float(text))
     except ValueError:
         raise ConfigError(f"{LISTING_HEAD_START_ENV}={text!r} is not a number of seconds") from None
-
-

@@ -17,7 +17,8 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.config import ConfigError
-from pipeline.stages.listing import MAX_SKIPPED_EXAMPLES, UnitTally, distinct_units, list_unit, listing_units
+from pipeline.stages.files import distinct_units
+from pipeline.stages.listing import MAX_SKIPPED_EXAMPLES, UnitTally, list_unit, listing_units
 from pipeline.stages.manifests import ManifestHeader
 from pipeline.stages.plan import (
     Plan,

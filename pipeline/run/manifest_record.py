@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.run.prepare import MANIFEST_FORMAT, PreparedJob
+from pipeline.schema import EMBEDDING_COLUMN
 from pipeline.stages.lease import Lease
 from pipeline.stages.plan import Plan
 
@@ -61,6 +62,7 @@ def manifest_record(
         "method": config.scoring.method,
         "scoring": config.scoring.to_dict(),
         **_cascade_record(config.scoring.cascade_margin, scored_by),
+        **_embeddings_record(job),
         "decode": asdict(job.decode),
         "execution": asdict(config.execution),
         "plan": _plan_record(plan),
@@ -98,6 +100,23 @@ def _cascade_record(margin: float | None, scored_by: Mapping[str, int] | None) -
     return {"cascade": record}
 
 
+def _embeddings_record(job: PreparedJob) -> dict[str, Any]:
+    """The manifest's `embeddings` entry (with --embeddings): the column, its shape and type, and whose space it is."""
+    if not job.config.embeddings:
+        return {}
+    model = job.model.record
+    return {
+        "embeddings": {
+            "column": EMBEDDING_COLUMN,
+            "dim": job.model.embed_dim,
+            "dtype": "float16",
+            "normalised": True,
+            "view": "global",  # the whole image, as the model's preprocessing sees it
+            "model": {key: model.get(key) for key in ("name", "pretrained", "weights_sha256", "config_sha256") if model.get(key)},
+        }
+    }
+
+
 def _plan_record(plan: Plan | None) -> dict[str, Any] | None:
     if plan is None:
         return None  # not listed yet
@@ -119,5 +138,3 @@ def code_version() -> str:
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-

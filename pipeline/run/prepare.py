@@ -66,7 +66,13 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
     mode = "resume" if config.resume else "overwrite" if config.overwrite else "new"
     output = Output.open(config.output, storage_options, mode)
     asked = fingerprint(
-        config.inputs, vocabulary.digest(), config.scoring.to_dict(), model.record, config.decode.max_pixels, config.execution.rows_per_file
+        config.inputs,
+        vocabulary.digest(),
+        config.scoring.to_dict(),
+        model.record,
+        config.decode.max_pixels,
+        config.execution.rows_per_file,
+        config.embeddings,
     )
     plan = None
     if mode == "resume":

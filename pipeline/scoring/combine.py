@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ class ImageScore:
     view_shares: tuple[float, float, float]  # share of S carried by (global view, local crops, grown boxes)
     method: str = ""  # the scoring that produced this result (under the cascade: descriptors or lgca)
     error: str | None = None  # set when the scores are not finite: the image gets a score_error row, no label
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)  # (D,) float32 f(x), normalised
 
 
 def region_weights(
@@ -289,6 +290,7 @@ def image_scores(
     boxes: Sequence[list[SalientBox]],
     shares: Sequence[tuple[float, float, float]],
     method: str = "",
+    global_emb: torch.Tensor | None = None,
 ) -> list[ImageScore]:
     """The results of a batch from its scores S(x, c): one softmax and one transfer for the whole batch.
 
@@ -301,12 +303,14 @@ def image_scores(
         boxes: per image its salient boxes (empty for all methods but lgca).
         shares: per image, from `view_shares`.
         method: the scoring that produced `similarity`, recorded in each result.
+        global_emb: (B, D) the global views' embeddings f(x), kept in each result (`--embeddings`).
 
     Returns:
         One ImageScore per image; ties in probability keep class order. An image whose scores are not finite
         (NaN or infinite embeddings) gets an ImageScore with `error` set and no label, never a label.
     """
     probabilities = torch.softmax(logit_scale * similarity.float(), dim=-1).cpu().numpy()
+    embeddings = global_emb.float().cpu().numpy() if global_emb is not None else None
     out = []
     for b, key in enumerate(keys):
         row = probabilities[b]
@@ -328,6 +332,7 @@ def image_scores(
                 boxes=list(boxes[b]),
                 view_shares=shares[b],
                 method=method,
+                embedding=embeddings[b] if embeddings is not None else None,
             )
         )
     return out

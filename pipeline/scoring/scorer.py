@@ -104,7 +104,9 @@ class Scorer:
         with torch.inference_mode():
             pixels = self._cutter.upload(images)
             global_emb = encode_views(self.encode_image, self._cutter.global_views(pixels), self.config.micro_batch)
-            first = self._results(list(keys), global_emb @ self.vectors.T, [[] for _ in keys], [(1.0, 0.0, 0.0)] * len(keys), "descriptors")
+            first = self._results(
+                list(keys), global_emb @ self.vectors.T, [[] for _ in keys], [(1.0, 0.0, 0.0)] * len(keys), "descriptors", global_emb
+            )
             threshold = float(self.config.cascade_margin or 0.0)
             # a NaN margin (a non-finite first pass) escalates: lgca then reports the error itself
             escalate = [i for i, result in enumerate(first) if not result.margin >= threshold]
@@ -172,7 +174,9 @@ class Scorer:
         with torch.inference_mode():
             if method not in ("wca", "lgca"):
                 sims = views.global_emb @ vectors.T  # (B, C)
-                return self._results(views.keys, sims, [[] for _ in views.keys], [(1.0, 0.0, 0.0)] * len(views.keys), method)
+                return self._results(
+                    views.keys, sims, [[] for _ in views.keys], [(1.0, 0.0, 0.0)] * len(views.keys), method, views.global_emb
+                )
             pool = views.region_emb.shape[1] if method == "lgca" else views.crops
             if method == "lgca" and self.config.grown_views and pool == views.crops:
                 raise ValueError("these views hold no grown regions; embed them with an lgca scorer")
@@ -226,7 +230,7 @@ class Scorer:
         combined = view_score(views.global_emb, regions, weights, vectors, global_weight)  # (B, C)
         shares = view_shares(weights, grown, global_weight)
         boxes = self._salient_boxes(views, vectors) if method == "lgca" else [[] for _ in views.keys]
-        return self._results(views.keys, combined, boxes, shares, method)
+        return self._results(views.keys, combined, boxes, shares, method, views.global_emb)
 
     def _combine_lineages(self, views: ViewSet, vectors: torch.Tensor) -> list[ImageScore]:
         """S(x, c) of revision 3: lambda times the global view beside the lineages' per-level region term
@@ -261,7 +265,7 @@ class Scorer:
         per_image = torch.where(present > 0, per_image, torch.ones_like(per_image))  # no lineages: S = <k0, T_c>
         combined = per_image[:, None] * global_sims.float() + (1.0 - per_image[:, None]) * term
         shares = lineage_shares(global_weight, present)
-        return self._results(views.keys, combined, self._salient_boxes(views, vectors), shares, "lgca")
+        return self._results(views.keys, combined, self._salient_boxes(views, vectors), shares, "lgca", views.global_emb)
 
     def _global_weights(self, global_sims: torch.Tensor, method: str) -> float | torch.Tensor:
         """lambda: the method's own, or under lgca's `confidence` rule (B,) per image, raised by the global
@@ -290,6 +294,12 @@ class Scorer:
         ]
 
     def _results(
-        self, keys: Sequence[str], similarity: torch.Tensor, boxes: list, shares: Sequence[tuple[float, float, float]], method: str
+        self,
+        keys: Sequence[str],
+        similarity: torch.Tensor,
+        boxes: list,
+        shares: Sequence[tuple[float, float, float]],
+        method: str,
+        global_emb: torch.Tensor,
     ) -> list[ImageScore]:
-        return image_scores(keys, similarity, self.classes, self.logit_scale, self.config.topk, boxes, shares, method)
+        return image_scores(keys, similarity, self.classes, self.logit_scale, self.config.topk, boxes, shares, method, global_emb)

@@ -7,7 +7,7 @@ import io
 import os
 import posixpath
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
@@ -17,13 +17,13 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pipeline.credentials import mask_credentials
-from pipeline.schema import OUTPUT_COLUMNS
+from pipeline.schema import EMBEDDING_COLUMN, OUTPUT_COLUMNS
 from pipeline.stages.sources import InputSpec
 from pipeline.stages.storage import LOCAL_PROTOCOLS, SourceError, filesystem_for, full_uri, is_local
-from pipeline.stages.units import ListingUnit
+from pipeline.stages.units import ListingUnit, UnitListing
 
 # Columns the pipeline writes, and a row's place in its shard: a manifest column of one of these names is refused.
-RESERVED_COLUMNS = (*(name for name in OUTPUT_COLUMNS if name not in ("key", "path")), "_row", "_shard")
+RESERVED_COLUMNS = (*(name for name in OUTPUT_COLUMNS if name not in ("key", "path")), EMBEDDING_COLUMN, "_row", "_shard")
 
 
 CSV_UNIT_BYTES = 64 * 2**20  # uncompressed CSV manifests are listed in byte ranges of this size (about 10^6 rows), one task each
@@ -31,6 +31,49 @@ CSV_UNIT_BYTES = 64 * 2**20  # uncompressed CSV manifests are listed in byte ran
 
 class RecordAcrossRanges(Exception):
     """A CSV byte range holds an odd number of quote characters: a quoted field runs across one of its edges."""
+
+
+class ManifestFormat:
+    """Parquet and CSV manifests: the `manifest` inputs. Units are row groups (Parquet) or byte ranges (CSV)."""
+
+    kinds: tuple[str, ...] = ("manifest",)
+
+    def __init__(self, unit_rows: int = 1_000_000, csv_unit_bytes: int = CSV_UNIT_BYTES) -> None:
+        self.unit_rows, self.csv_unit_bytes = unit_rows, csv_unit_bytes
+
+    def units(
+        self, spec: InputSpec, index: int, storage_options: Mapping[str, Any], header: ManifestHeader | None = None
+    ) -> list[ListingUnit]:
+        """Parquet cut by row groups into units of about `unit_rows` rows (only its footer read, none where `header`
+        holds it); an uncompressed CSV into byte ranges of `csv_unit_bytes`; a compressed one is one unit."""
+        fs, path = filesystem_for(spec.uri, storage_options)
+        if path.lower().endswith(".parquet"):
+            return [replace(unit, input_index=index) for unit in manifest_units(spec, fs, path, self.unit_rows, header)]
+        if path.lower().endswith(".csv"):
+            size = fs.size(path)
+            ranges = [(start, min(size, start + self.csv_unit_bytes)) for start in range(0, size, self.csv_unit_bytes)]
+            # Lines not ended by "\n" (old Mac "\r" files) leave no edge to cut at: such a file is one unit.
+            if len(ranges) > 1 and b"\n" in fs.cat_file(path, start=0, end=min(size, 1 << 16)):
+                return [ListingUnit(spec, byte_range=r, input_index=index) for r in ranges]
+        return [ListingUnit(spec, input_index=index)]
+
+    def schema(self, spec: InputSpec, storage_options: Mapping[str, Any], header: ManifestHeader | None = None) -> pa.Schema | None:
+        """key, path and a Parquet manifest's other columns, typed by its footer; None for CSV (its rows tell)."""
+        fs, path = filesystem_for(spec.uri, storage_options)
+        if not path.lower().endswith(".parquet"):
+            return None
+        if header is not None and header.schema is not None:
+            schema = header.schema  # the footer the driver read once (`read_manifest_header`)
+        else:
+            with fs.open(path, "rb") as handle:
+                schema = pq.read_schema(handle)
+        return pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string()), *(f for f in schema if f.name not in ("key", "path"))])
+
+    def list_unit(self, unit: ListingUnit, storage_options: Mapping[str, Any]) -> UnitListing:
+        try:
+            return UnitListing(list_manifest(unit.spec, storage_options, unit.row_groups, unit.byte_range))
+        except RecordAcrossRanges:
+            return UnitListing(pa.table({"key": pa.array([], pa.string()), "path": pa.array([], pa.string())}), splits_record=True)
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,7 @@ def fingerprint(
     model: Mapping[str, Any],
     max_pixels: int,
     shard_size: int,
+    embeddings: bool = False,
 ) -> dict[str, Any]:
     """What decides the rows of a job (and how they are cut into files), as one comparable record.
 
@@ -119,8 +120,10 @@ def fingerprint(
         model: the model's identity: architecture, weights source, and the weights' sha256 when known.
         max_pixels: the decompression-bomb limit, which decides which rows fail.
         shard_size: images per shard; the plan's shards keep it on resume.
+        embeddings: whether rows hold the `embedding` column (recorded only when they do, so plans made
+            before the option resume as they are).
     """
-    return {
+    record: dict[str, Any] = {
         "inputs": list(inputs),
         "vocabulary_sha256": vocabulary_digest,
         "scoring": dict(scoring),
@@ -128,6 +131,9 @@ def fingerprint(
         "max_pixels": max_pixels,
         "shard_size": shard_size,
     }
+    if embeddings:
+        record["embeddings"] = True
+    return record
 
 
 def changes(planned: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:

@@ -19,7 +19,16 @@ from pipeline.config import DecodeConfig, ScoringConfig
 from pipeline.models.load import default_cache_dir, load_model
 from pipeline.models.spec import ModelSpec
 from pipeline.models.text_vectors import text_vectors, vectors_from_bytes
-from pipeline.schema import DECODE_ERROR, OK, SCORE_ERROR, empty_prediction, output_schema
+from pipeline.schema import (
+    DECODE_ERROR,
+    OK,
+    PREDICTION_FIELDS,
+    SCORE_ERROR,
+    embedding_array,
+    embedding_field,
+    empty_prediction,
+    output_schema,
+)
 from pipeline.scoring.combine import ImageScore
 from pipeline.scoring.scorer import Scorer
 from pipeline.scoring.views import ImageEncoder, ViewFormat
@@ -70,6 +79,7 @@ class ScoreStage:
         storage_options: Mapping[str, Any],
         cpu_threads: int | None = None,
         vectors_uri: str | None = None,
+        embeddings: bool = False,
     ) -> None:
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
@@ -86,12 +96,14 @@ class ScoreStage:
         self.scoring = scoring
         self.decode = decode
         self.identity = self.model.identity
+        self.embedding_dim = model.embed_dim if embeddings else None  # with --embeddings, the rows keep f(x)
         self.scorer = scorer_for(self.model, vocabulary.classes, vectors, scoring)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.drop_columns(list(TRANSIENT_COLUMNS)).to_pylist()
         images, failures = self._pixels(batch, [i for i, row in enumerate(rows) if row["status"] == OK])
         predictions = self._score_rows(batch, images)
+        embeddings: list[Any] = []
         for index, row in enumerate(rows):
             prediction = predictions.get(index)
             if index in failures:
@@ -100,8 +112,15 @@ class ScoreStage:
                 row.update(status=SCORE_ERROR, error_message=prediction)
             row.update(method=self.scoring.method, model=self.identity["model"], pretrained=self.identity["pretrained"])
             row.update(prediction if isinstance(prediction, dict) else empty_prediction())  # its method: who scored it
-        schema = output_schema(batch.drop_columns(list(TRANSIENT_COLUMNS)).schema)  # _shard and _row ride along
-        return pa.Table.from_pylist(rows, schema=schema)
+            embeddings.append(row.pop("embedding", None) if row["status"] == OK else None)
+            row.pop("embedding", None)
+        passthrough = batch.drop_columns(list(TRANSIENT_COLUMNS)).schema  # _shard and _row ride along
+        table = pa.Table.from_pylist(rows, schema=output_schema(passthrough))
+        if self.embedding_dim is None:
+            return table
+        return table.add_column(
+            len(PREDICTION_FIELDS), embedding_field(self.embedding_dim), embedding_array(embeddings, self.embedding_dim)
+        )
 
     def _pixels(self, batch: pa.Table, indices: list[int]) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
         """uint8 (3, H, W) tensors by row index, and decode failures (of deferred JPEGs) by row index."""
@@ -166,4 +185,5 @@ def _prediction(score: ImageScore) -> dict[str, Any]:
         "margin": score.margin,
         "boxes": [asdict(box) for box in score.boxes],
         "method": score.method,
+        "embedding": score.embedding,
     }

@@ -181,5 +181,3 @@ def _bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:
         return bool(fs.exists(bucket))
     except Exception:
         return False
-
-

@@ -10,6 +10,8 @@ import pyarrow as pa
 
 from pipeline.stages.sources import InputSpec
 
+MAX_SKIPPED_EXAMPLES = 20  # skipped files a listing names; all are counted
+
 
 @dataclass(frozen=True)
 class ListingUnit:
