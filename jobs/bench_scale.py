@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -270,6 +271,7 @@ def moto_s3() -> Iterator[tuple[str, dict[str, Any], Any]]:
     from moto.server import ThreadedMotoServer
 
     os.environ.update(FAKE_AWS_ENV)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

@@ -360,6 +360,7 @@ class JobConfig:
     retry_failed: bool = False  # with resume: label again the rows of committed shards that failed
     overwrite: bool = False  # delete an existing output first
     embeddings: bool = False  # write each ok row's normalised global-view embedding (`embedding`, float16)
+    image_column: str | None = None  # Parquet inputs holding the images: the column (default: detected)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))

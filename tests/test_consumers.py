@@ -229,7 +229,9 @@ def test_readers_see_whole_results_during_a_run_after_it_and_after_a_resume_over
     _manifest(manifest, images[:40])  # `note` empty in every row: the plan fixes its type
     labels = labels_file(tmp_path, ("cat", "dog", "bird"))
     output = tmp_path / "out"
-    command = lgca_run(manifest, labels, output, "--method", "clip", "--rows-per-file", "4", "--batch-size", "2", "--decode-batch-size", "2")
+    command = lgca_run(
+        manifest, labels, output, "--method", "clip", "--rows-per-file", "4", "--batch-size", "2", "--decode-batch-size", "2"
+    )
     planned = {f"k{i:03d}" for i in range(40)}
     with RayHead() as head, _Readers(output, planned, rows_per_file=4) as readers:
         # The first attempt dies once its first shard is committed, pieces of others staged.

@@ -99,7 +99,7 @@ def near_duplicates(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.mark.integration
-def test_faiss_and_duckdb_find_the_planted_near_duplicates_as_the_docs_say(near_duplicates):
+def test_faiss_and_duckdb_find_the_planted_near_duplicates_as_the_docs_say(near_duplicates, ray_local):
     run_doc_commands(doc_block(CURATION, "embeddings-run"))
     output = near_duplicates / "emb"
     manifest = json.loads((output / "_manifest.json").read_text())
@@ -121,7 +121,7 @@ def test_faiss_and_duckdb_find_the_planted_near_duplicates_as_the_docs_say(near_
 
 
 @pytest.mark.integration
-def test_a_resume_cannot_change_whether_rows_hold_embeddings(near_duplicates):
+def test_a_resume_cannot_change_whether_rows_hold_embeddings(near_duplicates, ray_local):
     run_doc_commands(doc_block(CURATION, "embeddings-run"))
     line = doc_block(CURATION, "embeddings-run").replace("\\\n", " ").strip()
     resumed = [arg for arg in line.split()[1:] if arg != "--embeddings"] + ["--resume"]

@@ -58,7 +58,9 @@ def _rows(output: Path) -> pa.Table:
 
 
 def _command(images: Path, labels: Path, output: Path, *extra: str) -> list[str]:
-    return lgca_run(images, labels, output, "--method", "clip", "--rows-per-file", "3", "--batch-size", "2", "--decode-batch-size", "2", *extra)
+    return lgca_run(
+        images, labels, output, "--method", "clip", "--rows-per-file", "3", "--batch-size", "2", "--decode-batch-size", "2", *extra
+    )
 
 
 def test_the_plan_is_written_once_reused_on_resume_and_a_changed_configuration_is_refused(tmp_path, ray_local):

@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.credentials import mask_credentials
-from pipeline.stages import listing, manifests, storage
+from pipeline.stages import manifests, storage
 from pipeline.stages.listing import list_inputs
 from pipeline.stages.plan import PlanError
 from pipeline.stages.sources import InputSpec, check_inputs, parse_input

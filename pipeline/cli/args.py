@@ -380,4 +380,5 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         retry_failed=args.retry_failed,
         overwrite=args.overwrite,
         embeddings=getattr(args, "embeddings", False),
+        image_column=getattr(args, "image_column", None),
     )

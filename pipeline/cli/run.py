@@ -82,6 +82,13 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write each image's normalised embedding (the global view the labels already use: no extra encoder pass) "
         "in an `embedding` column, fixed_size_list<halffloat>[D], for faiss, autofaiss and DuckDB (docs/CURATION.md)",
     )
+    parser.add_argument(
+        "--image-column",
+        default=None,
+        metavar="NAME",
+        help="a Parquet INPUT that holds the images themselves: the column of image bytes (default: detected, jpg, png "
+        "or webp as img2dataset writes them, or Hugging Face's `image` struct); other columns pass through",
+    )
     args.add_vocabulary_arguments(parser)
     args.add_model_arguments(parser)
     args.add_scoring_arguments(parser)

@@ -45,7 +45,7 @@ def build_dataset(
 ) -> Any:
     """The lazy Ray Dataset that labels `shards` and yields (shard, rows) per staged piece.
 
-    Each item of `shards` is {"shard": id, "retry": bool}, in the order they should complete; a retried
+    Each item of `shards` is {"shard": id, "retry": bool, "source": where an archive's shard's samples are, or ""}, in the order they should complete; a retried
     shard is a committed one whose failed rows alone are labelled again, its other rows kept
     (`sink.keep_succeeded_rows`).
     """
@@ -54,7 +54,15 @@ def build_dataset(
     # The shard list goes to the object store once; the dataset itself is only shard positions, read lazily
     # by tasks: nothing O(rows) is built in the driver, and listing rows are read by the task decoding them,
     # so the object store holds the work in flight and no more.
-    todo = ray.put(pa.table({"shard": [s["shard"] for s in shards], "retry": [bool(s["retry"]) for s in shards]}))
+    todo = ray.put(
+        pa.table(
+            {
+                "shard": [s["shard"] for s in shards],
+                "retry": [bool(s["retry"]) for s in shards],
+                "source": [s.get("source", "") for s in shards],  # an archive's shard: where its samples are
+            }
+        )
+    )
     dataset: Any = ray.data.range(len(shards), override_num_blocks=max(1, min(len(shards), MAX_INPUT_BLOCKS)))
     reading = ReadDecodeStage(decode, storage_options, defer_jpegs=placement.decode_on_device, run_id=run_id, batch_size=decode_batch_size)
     dataset = dataset.map_batches(
@@ -105,7 +113,7 @@ def _read_and_decode_shards(batch: pa.Table, todo: list[Any], stage: ReadDecodeS
     table = _todo(todo[0])
     for position in batch.column("id").to_pylist():
         shard_id, retry = table.column("shard")[position].as_py(), table.column("retry")[position].as_py()
-        yield from stage.shard_batches(output, shard_id, schema, retry)
+        yield from stage.shard_batches(output, shard_id, schema, retry, table.column("source")[position].as_py())
 
 
 _TODO_CACHE: dict[str, pa.Table] = {}  # the job's shard list, fetched once per worker process

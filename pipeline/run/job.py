@@ -314,7 +314,7 @@ def _label(
         storage_options=context.storage_options, num_gpus=placement.gpus_per_actor, num_cpus=placement.cpus_per_actor,
     )  # fmt: skip
     dataset = build_dataset(
-        [{"shard": shard.id, "retry": shard.id in failed} for shard in todo],
+        [{"shard": shard.id, "retry": shard.id in failed, "source": shard.source} for shard in todo],
         output=config.output,
         storage_options=context.storage_options,
         listing_schema=listing_schema,

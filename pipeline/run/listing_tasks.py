@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError
 from pipeline.stages.files import distinct_units
+from pipeline.stages.image_bytes import cut_sources
 from pipeline.stages.listing import MAX_SKIPPED_EXAMPLES, UnitTally, list_unit, listing_units
 from pipeline.stages.manifests import ManifestHeader
 from pipeline.stages.plan import (
@@ -187,7 +188,13 @@ def _list_unit_task(unit: ListingUnit, output: str, storage_options: dict[str, A
     root = root.rstrip("/")
     listed = list_unit(unit, storage_options)
     table = listed.table.sort_by("key")
-    shards = write_shards(fs, root, unit.id, table, shard_size)
+    if listed.sources:  # an archive's samples stay where they are: shards say where, and nothing is written
+        shards = [
+            Shard(f"{unit.id}-{index:05d}", rows, source) for index, (source, rows) in enumerate(cut_sources(listed.sources, shard_size))
+        ]
+        check_keys = False
+    else:
+        shards = write_shards(fs, root, unit.id, table, shard_size)
     if check_keys and table.num_rows:
         write_keys(fs, root, unit.id, table.column("key"))
     return ListedUnit(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,9 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
     manifests: dict[str, ManifestHeader] = {}
     for spec in specs:
         if spec.kind == "manifest":
-            manifests[spec.uri] = read_manifest_header(spec, storage_options)
+            manifests[spec.uri] = read_manifest_header(spec, storage_options, config.image_column)
+    # a Parquet file whose rows hold the images is listed by row ranges (`stages.image_bytes`), not path by path
+    specs = [replace(spec, kind="image_bytes") if spec.uri in manifests and manifests[spec.uri].image_column else spec for spec in specs]
     _refuse_output_inside_inputs(config, specs)
     check_address_fast(config.execution.address)
     mode = "resume" if config.resume else "overwrite" if config.overwrite else "new"

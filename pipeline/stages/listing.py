@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.stages.files import FileFormat, distinct_units
+from pipeline.stages.image_bytes import ImageBytesFormat
 from pipeline.stages.manifests import CSV_UNIT_BYTES, ManifestFormat, ManifestHeader
 from pipeline.stages.plan import raise_on_duplicates, unify_schemas
 from pipeline.stages.sources import IMAGE_EXTENSIONS, InputSpec
@@ -37,7 +38,8 @@ class InputFormat(Protocol):
 
 def formats(manifest_unit_rows: int = 1_000_000, csv_unit_bytes: int = CSV_UNIT_BYTES) -> dict[str, InputFormat]:
     """Each INPUT kind's format."""
-    return {kind: format_ for format_ in (FileFormat(), ManifestFormat(manifest_unit_rows, csv_unit_bytes)) for kind in format_.kinds}
+    every: tuple[InputFormat, ...] = (FileFormat(), ManifestFormat(manifest_unit_rows, csv_unit_bytes), ImageBytesFormat())
+    return {kind: format_ for format_ in every for kind in format_.kinds}
 
 
 FORMATS = formats()

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.credentials import mask_credentials
 from pipeline.schema import EMBEDDING_COLUMN, OUTPUT_COLUMNS
+from pipeline.stages.image_bytes import ImageColumn, find_image_column
 from pipeline.stages.sources import InputSpec
 from pipeline.stages.storage import LOCAL_PROTOCOLS, SourceError, filesystem_for, full_uri, is_local
 from pipeline.stages.units import ListingUnit, UnitListing
@@ -67,7 +68,9 @@ class ManifestFormat:
         else:
             with fs.open(path, "rb") as handle:
                 schema = pq.read_schema(handle)
-        return pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string()), *(f for f in schema if f.name not in ("key", "path"))])
+        return pa.schema(
+            [pa.field("key", pa.string()), pa.field("path", pa.string()), *(f for f in schema if f.name not in ("key", "path"))]
+        )
 
     def list_unit(self, unit: ListingUnit, storage_options: Mapping[str, Any]) -> UnitListing:
         try:
@@ -84,10 +87,14 @@ class ManifestHeader:
     version: dict[str, Any]  # `manifest_version`: recorded in the plan, compared on --resume
     schema: pa.Schema | None = None  # Parquet: typed by its footer; CSV: None (its types come from its rows)
     row_group_rows: tuple[int, ...] = ()  # Parquet: rows per row group
+    image_column: ImageColumn | None = None  # a Parquet file holding the images themselves (`stages.image_bytes`)
 
 
-def read_manifest_header(spec: InputSpec, storage_options: Mapping[str, Any]) -> ManifestHeader:
+def read_manifest_header(spec: InputSpec, storage_options: Mapping[str, Any], image_column: str | None = None) -> ManifestHeader:
     """Fail fast on a manifest whose header is unusable, reading its header (CSV) or footer (Parquet) only.
+
+    A Parquet file without a `path` column whose images are in it (`image_column`, or a column detected by
+    `image_bytes.find_image_column`) is an image-bytes input: its header says which column.
 
     Raises:
         SourceError: the manifest cannot be read, lacks a `path` column, repeats a column name, or uses an
@@ -109,8 +116,9 @@ def read_manifest_header(spec: InputSpec, storage_options: Mapping[str, Any]) ->
         raise SourceError(f"manifest {spec.uri} does not exist; check the path") from error
     except (pa.ArrowInvalid, EOFError, UnicodeDecodeError, OSError) as error:
         raise SourceError(f"manifest {spec.uri} could not be read ({error}); write it as Parquet or UTF-8 CSV with a header") from error
-    _check_columns(spec, names)
-    return ManifestHeader(tuple(names), manifest_version(spec, storage_options), schema, row_group_rows)
+    image = find_image_column(schema, image_column) if schema is not None and (image_column or "path" not in names) else None
+    _check_columns(spec, names, image_input=image is not None)
+    return ManifestHeader(tuple(names), manifest_version(spec, storage_options), schema, row_group_rows, image)
 
 
 def manifest_units(
@@ -236,10 +244,12 @@ def manifest_version(spec: InputSpec, storage_options: Mapping[str, Any]) -> dic
     return {"size": info.get("size"), "version": str(changed) if changed is not None else None}
 
 
-def _check_columns(spec: InputSpec, names: Sequence[str]) -> None:
+def _check_columns(spec: InputSpec, names: Sequence[str], image_input: bool = False) -> None:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise SourceError(f"manifest {spec.uri} repeats column name(s) {', '.join(repeated)}; give each column its own name")
+    if image_input:
+        return  # the images are in it; its columns that the output uses pass through renamed (`image_bytes`)
     if "path" not in names:
         raise SourceError(
             f"manifest {spec.uri} has no 'path' column (found: {', '.join(names) or 'none'}); "

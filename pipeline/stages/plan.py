@@ -42,10 +42,16 @@ class PlanError(ConfigError):
 
 @dataclass(frozen=True)
 class Shard:
-    """One shard of the plan: a stable id and its number of images."""
+    """One shard of the plan: a stable id and its number of images; for an archive's shard, where its samples are.
+
+    A shard listed row by row (folders, manifests) has its listing rows in `_plan/shards/<id>.shard`. A shard of an
+    archive (a range of a Parquet file's rows holding image bytes) is never listed member by member: `source` says
+    where its samples are (JSON, `stages.image_bytes`), and they are read from there when the shard is labelled.
+    """
 
     id: str
     rows: int
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class Plan:
             "skipped_count": self.skipped_count,
             "skipped": list(self.skipped),
             "schema": base64.b64encode(self.schema.serialize().to_pybytes()).decode("ascii"),
-            "shards": [[shard.id, shard.rows] for shard in self.shards],
+            "shards": [[shard.id, shard.rows, *([shard.source] if shard.source else [])] for shard in self.shards],
             "manifests": self.manifests,
         }
         return json.dumps(document, indent=1, sort_keys=True)
@@ -90,7 +96,7 @@ class Plan:
             schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(document["schema"])))
             return cls(
                 fingerprint=document["fingerprint"],
-                shards=tuple(Shard(str(shard_id), int(rows)) for shard_id, rows in document["shards"]),
+                shards=tuple(Shard(str(entry[0]), int(entry[1]), str(entry[2]) if len(entry) > 2 else "") for entry in document["shards"]),
                 schema=schema,
                 skipped_count=int(document.get("skipped_count", 0)),
                 skipped=tuple(document.get("skipped", ())),

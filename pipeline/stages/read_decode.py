@@ -17,8 +17,9 @@ from pipeline.config import DecodeConfig
 from pipeline.faults import fault_point
 from pipeline.schema import DECODE_ERROR, OK, READ_ERROR
 from pipeline.stages.decode import DecodedImage, DecodeFailure, DeferredJpeg, decode_image, defer_jpeg
+from pipeline.stages.image_bytes import read_batches
 from pipeline.stages.journal import DecodeJournal
-from pipeline.stages.plan import read_shard
+from pipeline.stages.plan import ROW_COLUMN, read_shard
 from pipeline.stages.readers import FileReader, SampleReader
 from pipeline.stages.sink import SHARD_COLUMN, keep_succeeded_rows
 from pipeline.stages.storage import filesystem_for
@@ -53,20 +54,44 @@ class ReadDecodeStage:
         self.batch_size = batch_size
         self.reader = reader or FileReader(decode, self.storage_options)  # how the listed samples become bytes
 
-    def shard_batches(self, output: str, shard_id: str, schema: pa.Schema, retry: bool = False) -> Iterator[pa.Table]:
-        """A shard's listing rows, read from the plan in `output`, decoded a batch at a time.
+    def shard_batches(self, output: str, shard_id: str, schema: pa.Schema, retry: bool = False, source: str = "") -> Iterator[pa.Table]:
+        """A shard's rows decoded a batch at a time: its listing rows from the plan in `output`, or, for an
+        archive's shard (`source`), its samples read from the archive.
 
         A generator: Ray Data pauses it while its batches wait downstream, so a shard's pixels are made as the
         scoring stage takes them. Each batch carries the shard id; with `retry`, only the shard's failed rows.
         """
         fs, root = filesystem_for(output, self.storage_options)
         root = root.rstrip("/")
+        again = set(keep_succeeded_rows(fs, root, shard_id, self.run_id).tolist()) if retry else None
+        if source:
+            yield from self._archive_batches(shard_id, schema, source, again)
+            return
         rows = read_shard(fs, root, shard_id, schema)
-        if retry:
-            rows = rows.take(keep_succeeded_rows(fs, root, shard_id, self.run_id))
+        if again is not None:
+            rows = rows.take(pa.array(sorted(again), pa.int64()))
         rows = rows.append_column(SHARD_COLUMN, pa.array([shard_id] * rows.num_rows, pa.string()))
         for start in range(0, rows.num_rows, self.batch_size):
             yield self(rows.slice(start, self.batch_size))
+
+    def _archive_batches(self, shard_id: str, schema: pa.Schema, source: str, again: set[int] | None) -> Iterator[pa.Table]:
+        position = 0
+        for rows, contents in read_batches(source, schema, self.storage_options, self.batch_size, self.decode.max_bytes):
+            positions = list(range(position, position + rows.num_rows))
+            position += rows.num_rows
+            if again is not None:  # --retry-failed: only the failed rows of a committed shard
+                chosen = [i for i, row in enumerate(positions) if row in again]
+                rows, contents, positions = (
+                    rows.take(pa.array(chosen, pa.int64())),
+                    [contents[i] for i in chosen],
+                    [positions[i] for i in chosen],
+                )
+            if not rows.num_rows:
+                continue
+            rows = rows.append_column(ROW_COLUMN, pa.array(positions, pa.int32()))
+            rows = rows.append_column(SHARD_COLUMN, pa.array([shard_id] * rows.num_rows, pa.string()))
+            with DecodeJournal.open(self.run_id, rows.column("key").to_pylist()) as journal:
+                yield self._decoded(rows, [b"" if journal.poisoned(i) else c for i, c in enumerate(contents)], journal)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Bytes to pixels for one batch of listing rows; every row comes out, failed ones with a status.
@@ -74,23 +99,26 @@ class ReadDecodeStage:
         An input that killed this process twice (the journal, `stages.journal`) becomes a decode_error row
         instead of killing it again.
         """
-        paths = batch.column("path").to_pylist()
         with DecodeJournal.open(self.run_id, batch.column("key").to_pylist()) as journal:
-            contents = self.reader.read(paths, journal)
-            columns: dict[str, list[Any]] = {name: [] for name in ("status", "error_message", "width", "height", *TRANSIENT_COLUMNS)}
-            for index, content in enumerate(contents):
-                row: dict[str, Any] = dict.fromkeys(columns)
-                if journal.poisoned(index):
-                    row.update(status=DECODE_ERROR, error_message=_poison_message(journal.kills(index)))
-                elif isinstance(content, Exception):
-                    row.update(status=READ_ERROR, error_message=f"cannot read: {type(content).__name__}: {content}")
-                else:
-                    journal.decoding(index)
-                    fault_point("decoding", paths[index])
-                    row.update(self._decoded_row(content))
-                for name, value in row.items():
-                    columns[name].append(value)
-            journal.decoded_all()
+            return self._decoded(batch, self.reader.read(batch.column("path").to_pylist(), journal), journal)
+
+    def _decoded(self, batch: pa.Table, contents: list[bytes | Exception], journal: DecodeJournal) -> pa.Table:
+        """`batch` with each row's status and pixels, from its bytes (or the error that kept them from being read)."""
+        paths = batch.column("path").to_pylist()
+        columns: dict[str, list[Any]] = {name: [] for name in ("status", "error_message", "width", "height", *TRANSIENT_COLUMNS)}
+        for index, content in enumerate(contents):
+            row: dict[str, Any] = dict.fromkeys(columns)
+            if journal.poisoned(index):
+                row.update(status=DECODE_ERROR, error_message=_poison_message(journal.kills(index)))
+            elif isinstance(content, Exception):
+                row.update(status=READ_ERROR, error_message=f"cannot read: {type(content).__name__}: {content}")
+            else:
+                journal.decoding(index)
+                fault_point("decoding", paths[index])
+                row.update(self._decoded_row(content))
+            for name, value in row.items():
+                columns[name].append(value)
+        journal.decoded_all()
         types = {"status": pa.string(), "error_message": pa.string(), "pixels": pa.large_binary(), "jpeg": pa.large_binary()}
         for name, values in columns.items():
             batch = batch.append_column(name, pa.array(values, types.get(name, pa.int32())))

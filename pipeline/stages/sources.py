@@ -24,7 +24,7 @@ from pipeline.stages.storage import (
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".csv.gz")
-INPUT_KINDS = ("directory", "glob", "file", "manifest")
+INPUT_KINDS = ("directory", "glob", "file", "manifest", "image_bytes")  # image_bytes: Parquet holding the images
 
 _WILDCARDS = ("*", "?", "[")
 # The existence probe gives up quickly: a wrong endpoint or credentials must fail in seconds, not

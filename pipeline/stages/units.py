@@ -47,6 +47,8 @@ class UnitListing:
     # a CSV byte range whose text leaves a quote open: a record crosses an edge, so the file's ranges cannot be
     # trusted (their edges may fall inside quoted fields) and the file is listed whole instead
     splits_record: bool = False
+    # an archive's unit: shards as (source, rows), read from the archive when labelled, never listed member by member
+    sources: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
