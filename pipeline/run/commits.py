@@ -53,6 +53,18 @@ def _footer_task(reader: Any, output: str, storage_options: dict[str, Any], shar
     return result
 
 
+def rows_per_shard(ray: Any, output: str, storage_options: dict[str, Any], shard_ids: set[str]) -> dict[str, int]:
+    """The rows of each given committed shard, from its footer (archives' shards: counted only when read)."""
+    out: dict[str, int] = {}
+    for part in over_footers(ray, _shard_rows, output, storage_options, shard_ids):
+        out.update(part)
+    return out
+
+
+def _shard_rows(fs: Any, root: str, shard_ids: list[str]) -> dict[str, int]:
+    return {shard_id: sum(committed_counts(fs, root, [shard_id]).values()) for shard_id in shard_ids}
+
+
 def check_output(
     ray: Any, job: PreparedJob, plan: Plan, earlier: set[str], this_run: dict[str, int], storage_options: dict[str, Any]
 ) -> dict[str, int]:
@@ -86,28 +98,36 @@ class ShardCommits:
         self.arguments = (output, storage_options)
         self.schema = schema  # of the part files: `schema.output_schema`
         self.run_id, self.owner = run_id, owner
-        self.shard_rows: dict[str, int] = {}
-        self.expected: dict[str, int] = {}  # rows to stage before a shard's commit; dropped once committed
+        self.shard_rows: dict[str, int] = {}  # a shard's rows; for an archive's, once its last batch told them
+        self.expected: dict[str, int | None] = {}  # rows to stage before a shard's commit (None: not known yet)
         self.staged_rows: dict[str, int] = {}  # shards in flight only
         self.in_flight: dict[Any, str] = {}  # commit task -> shard
 
     def expect(self, shard_rows: Mapping[str, int], failed: Mapping[str, int]) -> None:
-        """Shards to label, with their rows; a shard in `failed` stages only that many (its failed rows)."""
-        self.shard_rows.update(shard_rows)
-        self.expected.update({shard: failed.get(shard, rows) for shard, rows in shard_rows.items()})
+        """Shards to label, with their rows (UNKNOWN_ROWS for an archive's, counted as it is read); a shard in
+        `failed` stages only that many (its failed rows)."""
+        for shard, rows in shard_rows.items():
+            if rows >= 0:
+                self.shard_rows[shard] = rows
+            self.expected[shard] = failed.get(shard, rows if rows >= 0 else None)
 
-    def staged(self, shards: Sequence[str], rows: Sequence[int]) -> None:
-        """Staged pieces of `rows` rows each: commit the shards they complete."""
-        for shard_id, count in zip(shards, rows):
+    def staged(self, shards: Sequence[str], rows: Sequence[int], totals: Sequence[int | None] | None = None) -> None:
+        """Staged pieces of `rows` rows each (`totals`: an archive's shard's rows, told by its last piece): commit
+        the shards they complete."""
+        for shard_id, count, total in zip(shards, rows, totals or [None] * len(shards)):
             if shard_id not in self.expected:
                 continue  # a retried batch of a shard already committed: its rows are in the file
+            if total is not None and self.expected[shard_id] is None:
+                self.shard_rows[shard_id] = self.expected[shard_id] = total
             self.staged_rows[shard_id] = self.staged_rows.get(shard_id, 0) + count
-            if self.staged_rows[shard_id] >= self.expected[shard_id] and shard_id not in self.in_flight.values():
+            expected = self.expected[shard_id]
+            if expected is not None and self.staged_rows[shard_id] >= expected and shard_id not in self.in_flight.values():
                 self._commit(shard_id)
 
     def retry_incomplete(self) -> None:
-        for shard_id in list(self.expected):
-            self._commit(shard_id)
+        for shard_id, expected in list(self.expected.items()):
+            if expected is not None:
+                self._commit(shard_id)
 
     def collect(self, committed: Callable[[dict[str, int]], None], wait: bool) -> None:
         """Hand each finished commit's counts per status to `committed`; with `wait`, until none is in flight."""

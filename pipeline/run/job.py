@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, JobConfig, RunFailed
 from pipeline.faults import fault_point
-from pipeline.run.commits import ShardCommits, check_output, failed_rows_by_shard, over_footers
+from pipeline.run.commits import ShardCommits, check_output, failed_rows_by_shard, over_footers, rows_per_shard
 from pipeline.run.dataset import DECODE_TASK_MEMORY, build_dataset
 from pipeline.run.embedding import embed_vocabulary_once
 from pipeline.run.listing_tasks import ShardFeed, build_plan
@@ -31,7 +31,7 @@ from pipeline.schema import output_schema
 from pipeline.stages.lease import Lease, LeaseError
 from pipeline.stages.listing import known_schema
 from pipeline.stages.plan import Plan, PlanError, PlanSummary, Shard
-from pipeline.stages.sink import add_counts, committed_methods
+from pipeline.stages.sink import add_counts, committed_members, committed_methods
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,12 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
                     scored_by = {}
                     for part in over_footers(ray, committed_methods, config.output, storage_options, set(job.output.committed())):
                         add_counts(scored_by, part)
+                members: dict[str, int] | None = None
+                if plan.uncounted:  # what the tars held besides their labelled images, from their footers
+                    members = {}
+                    tars = {shard.id for shard in plan.shards if shard.rows < 0}
+                    for part in over_footers(ray, committed_members, config.output, storage_options, tars):
+                        add_counts(members, part)
             except ConfigError as error:
                 if not work.labelling_started:
                     raise  # nothing was labelled: a configuration or input error (exit 2)
@@ -90,7 +96,7 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
             steady_seconds = label_ended - outcome.first_at
             summary = RunSummary(
                 output=config.output,
-                inputs=plan.images,
+                inputs=plan.images if not plan.uncounted else sum(counts.values()),  # tars: counted as read
                 already_done=already,
                 rows_written=outcome.rows,
                 counts=counts,
@@ -116,7 +122,7 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
             fault_point("finishing")
             try:
                 lease.confirm()  # _SUCCESS, the manifest and removing _staging: never over another job's output
-                job.output.finish(manifest_record(job, plan, attempt, counts, sum(counts.values()), scored_by), lease.check)
+                job.output.finish(manifest_record(job, plan, attempt, counts, sum(counts.values()), scored_by, members), lease.check)
             except LeaseError as error:
                 raise RunFailed(str(error)) from error
         except Exception as error:
@@ -217,11 +223,16 @@ class _Work:
         failed = failed_rows_by_shard(self.ray, job, committed, self.storage_options) if job.config.retry_failed else {}
         todo = [shard for shard in plan.shards if shard.id not in committed or shard.id in failed]
         self.kept = committed - set(failed)
-        self.already = sum(shard.rows for shard in plan.shards if shard.id in self.kept)
+        # archives' shards are counted as they are read: what a committed one holds, its footer says
+        counted = rows_per_shard(
+            self.ray, job.config.output, self.storage_options, {s.id for s in plan.shards if s.rows < 0 and s.id in committed}
+        )
+        todo = [replace(shard, rows=counted.get(shard.id, shard.rows)) for shard in todo]
+        self.already = sum(counted.get(shard.id, shard.rows) for shard in plan.shards if shard.id in self.kept)
         log.info("%d images in %d shards, %d shards to label", plan.images, len(plan.shards), len(todo))
         if failed:
             log.info("labelling again %d failed rows in %d committed shards", sum(failed.values()), len(failed))
-        progress = Progress(plan.images, len(plan.shards), self.already, len(self.kept))
+        progress = Progress(plan.images, len(plan.shards), self.already, len(self.kept), uncounted=plan.uncounted)
         if todo:
             self._label(todo, failed, plan.schema, progress)
         return plan, progress
@@ -260,12 +271,12 @@ class _Work:
             else:
                 plan = feed.plan()
                 schema = schema if schema is not None else plan.schema
-                progress.planned(plan.images, len(plan.shards))
+                progress.planned(plan.images, len(plan.shards), plan.uncounted)
                 log.info("%d images in %d shards, %d shards to label", plan.images, len(plan.shards), len(window))
             assert schema is not None  # a window before the end of the listing has its schema from the start
             self._label(window, {}, schema, progress, feed)
         plan = feed.plan()
-        progress.planned(plan.images, len(plan.shards))
+        progress.planned(plan.images, len(plan.shards), plan.uncounted)
         self.plan_seconds = plan.listing_seconds or time.time() - started
         return plan, progress
 
@@ -348,7 +359,7 @@ def _label(
         fault_point("staged")
         for check in context.checks:  # before any commit: a driver that stalled past its lease commits nothing more
             check()
-        commits.staged(pieces.column("shard").to_pylist(), pieces.column("rows").to_pylist())
+        commits.staged(pieces.column("shard").to_pylist(), pieces.column("rows").to_pylist(), pieces.column("total").to_pylist())
         commits.collect(committed, wait=False)
     commits.collect(committed, wait=True)
     for check in context.checks:  # the last commits write the output: only while the lease is still this job's

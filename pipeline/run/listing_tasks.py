@@ -114,8 +114,9 @@ def build_plan(
         if on_shards is not None and result.shards:
             on_shards(result.shards)
         schemas.append(result.schema)
-        images = sum(shard.rows for shard in result.shards)
-        tallies.setdefault(result.input_uri, UnitTally()).add(images, result.skipped, result.skipped_count)
+        images = sum(shard.rows for shard in result.shards if shard.rows >= 0)
+        archives = sum(1 for shard in result.shards if shard.rows < 0)
+        tallies.setdefault(result.input_uri, UnitTally()).add(images, result.skipped, result.skipped_count, archives)
         if result.keys_written:
             key_units.append(result.unit_id)
         listed += 1
@@ -150,7 +151,7 @@ def build_plan(
                     take(each)
     for spec in specs:
         tallies.get(spec.uri, UnitTally()).check(spec)
-    images = sum(shard.rows for shard in shards)
+    images = sum(shard.rows for shard in shards if shard.rows >= 0)
     if check_keys and images:
         check_task = ray.remote(num_cpus=LISTING_TASK_CPUS, max_retries=3)(_duplicates_task)
         paths = [keys_path(root, unit_id) for unit_id in key_units]
@@ -267,7 +268,7 @@ class ShardFeed:
             if self._stopping:  # the labelling failed: end the listing here, before it writes a plan
                 raise ListingStopped("the job stopped while listing")
             self._new.extend(shards)
-            self._listed_images += sum(shard.rows for shard in shards)
+            self._listed_images += sum(shard.rows for shard in shards if shard.rows >= 0)
             self._listed_shards += len(shards)
             self._lock.notify_all()
 

@@ -33,6 +33,7 @@ def manifest_record(
     counts: Mapping[str, int],
     total_rows: int,
     scored_by: Mapping[str, int] | None = None,
+    archive_members: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     config = job.config
     previous = job.output.previous_manifest() or {}
@@ -67,10 +68,11 @@ def manifest_record(
         "execution": asdict(config.execution),
         "plan": _plan_record(plan),
         "counts": {
-            "inputs": plan.images if plan else None,
+            "inputs": (plan.images if not plan.uncounted else total_rows) if plan else None,
             "rows": total_rows,
             "non_image_files_skipped": plan.skipped_count if plan else None,
             "non_image_examples": list(plan.skipped) if plan else [],
+            **({"archive_members": dict(archive_members)} if archive_members is not None else {}),
             **counts,
         },
     }

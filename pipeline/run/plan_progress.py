@@ -26,12 +26,16 @@ class Progress:
         done_shards: int,
         stream: IO[str] | None = None,
         interval_s: float = INTERVAL_S,
+        uncounted: int = 0,
     ) -> None:
-        """`images` and `shards` are the plan's; None while it is still being listed (`planned` sets them)."""
+        """`images` and `shards` are the plan's; None while it is still being listed (`planned` sets them).
+        `uncounted`: shards whose images are counted only as they are read (WebDataset tars)."""
         self.images = images
         self.shards = shards
+        self.uncounted = uncounted
         self.done_images = done_images
         self.done_shards = done_shards
+        self._first_shards = done_shards  # shards done before this run
         self.counts: dict[str, int] = {}
         self.started = time.time()
         self._stream = stream or sys.stderr
@@ -44,9 +48,9 @@ class Progress:
 
             self._bar = tqdm(total=images, initial=done_images, unit="img", file=self._stream, dynamic_ncols=True, desc="lgca")
 
-    def planned(self, images: int, shards: int) -> None:
+    def planned(self, images: int, shards: int, uncounted: int = 0) -> None:
         """The plan's totals, once its listing has ended."""
-        self.images, self.shards = images, shards
+        self.images, self.shards, self.uncounted = images, shards, uncounted
         if self._bar is not None:
             self._bar.total = images
             self._bar.refresh()
@@ -80,6 +84,14 @@ class Progress:
             return (
                 f"lgca: {self.done_images:,} images, {self.done_shards} shards labelled while the listing goes on; "
                 f"{self._postfix()}; {rate:.3g} images/s"
+            )
+        if self.uncounted and self.shards:  # tars are counted as they are read: the ETA goes by shards
+            left_shards = self.shards - self.done_shards
+            per_shard = (time.time() - self.started) / max(1, self.done_shards - self._first_shards)
+            eta = duration(left_shards * per_shard) if self.done_shards > self._first_shards else "unknown"
+            return (
+                f"lgca: {self.done_images:,} images so far (tars are counted as they are read), {self.done_shards}/{self.shards} "
+                f"shards; {self._postfix()}; {rate:.3g} images/s; ETA {eta} (by shards)"
             )
         left = self.images - self.done_images
         eta = duration(left / rate) if rate > 0 else "unknown"

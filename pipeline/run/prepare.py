@@ -6,7 +6,7 @@ Everything here fails fast with a message naming the fix, and starts nothing: no
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from pipeline.stages.manifests import ManifestHeader, read_manifest_header
 from pipeline.stages.plan import Plan, PlanError, changed_manifests, check_resumable, fingerprint, read_plan
 from pipeline.stages.sink import Output, OutputError
 from pipeline.stages.sources import InputSpec, check_inputs, glob_root, parse_input
+from pipeline.stages.storage import filesystem_for
+from pipeline.stages.webdataset import looks_like_img2dataset
 from pipeline.vocab import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
     model = resolve_model(config.model)
     if config.execution.address is None:  # a local cluster: its workers have this machine's devices
         resolve_device(config.model.device)
-    specs = [parse_input(text) for text in config.inputs]
+    specs = [_as_img2dataset_output(parse_input(text), storage_options) for text in expand_inputs(config.inputs)]
     check_inputs(specs, storage_options, config.decode.allowed_schemes)
     manifests: dict[str, ManifestHeader] = {}
     for spec in specs:
@@ -108,13 +110,29 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
     return PreparedJob(config, vocabulary, specs, output, mode, decode, model, asked, plan, manifests)
 
 
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """INPUT arguments with brace ranges expanded (`s3://b/laion/{00000..09999}.tar` is 10^4 tars), as WebDataset does."""
+    from braceexpand import braceexpand
+
+    return [each for text in inputs for each in (braceexpand(text) if "{" in text else [text])]
+
+
+def _as_img2dataset_output(spec: InputSpec, storage_options: Mapping[str, Any]) -> InputSpec:
+    """A folder that is img2dataset's webdataset output (its `00000.tar` is there) is read as WebDataset tars."""
+    if spec.kind != "directory":
+        return spec
+    fs, path = filesystem_for(spec.uri, storage_options)
+    return replace(spec, kind="webdataset") if fs.exists(path) and looks_like_img2dataset(fs, path) else spec
+
+
 def _refuse_output_inside_inputs(config: JobConfig, specs: list[InputSpec]) -> None:
     output = _normalised(config.output)
-    for text, spec in zip(config.inputs, specs):
-        root = _normalised(glob_root(spec.uri) if spec.kind == "glob" else text)  # a glob reads below its fixed part
+    for spec in specs:
+        pattern = any(c in spec.uri for c in "*?[") and spec.kind in ("glob", "webdataset")
+        root = _normalised(glob_root(spec.uri) if pattern else spec.uri)  # a glob reads below its fixed part
         if output == root or output.startswith(root.rstrip("/") + "/"):
             raise OutputError(
-                f"output {config.output} lies inside input {text}; the job would read its own output. Choose an --output outside the inputs"
+                f"output {config.output} lies inside input {spec.uri}; the job would read its own output. Choose an --output outside the inputs"
             )
 
 

@@ -111,8 +111,11 @@ def passthrough_name(name: str) -> str:
 def cut_sources(sources: Sequence[tuple[str, int]], shard_size: int) -> list[tuple[str, int]]:
     """Sources of at most `shard_size` rows: a row range cut into consecutive ranges."""
     out = []
-    for text, _rows in sources:
+    for text, rows in sources:
         source = json.loads(text)
+        if "start" not in source:  # a tar: one shard, its samples counted when read
+            out.append((text, rows))
+            continue
         for start in range(source["start"], source["stop"], shard_size):
             stop = min(source["stop"], start + shard_size)
             out.append((json.dumps({**source, "start": start, "stop": stop}, sort_keys=True), stop - start))

@@ -18,6 +18,7 @@ from pipeline.stages.plan import raise_on_duplicates, unify_schemas
 from pipeline.stages.sources import IMAGE_EXTENSIONS, InputSpec
 from pipeline.stages.storage import SourceError
 from pipeline.stages.units import MAX_SKIPPED_EXAMPLES, Listing, ListingUnit, UnitListing
+from pipeline.stages.webdataset import WebDatasetFormat
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,12 @@ class InputFormat(Protocol):
 
 def formats(manifest_unit_rows: int = 1_000_000, csv_unit_bytes: int = CSV_UNIT_BYTES) -> dict[str, InputFormat]:
     """Each INPUT kind's format."""
-    every: tuple[InputFormat, ...] = (FileFormat(), ManifestFormat(manifest_unit_rows, csv_unit_bytes), ImageBytesFormat())
+    every: tuple[InputFormat, ...] = (
+        FileFormat(),
+        ManifestFormat(manifest_unit_rows, csv_unit_bytes),
+        ImageBytesFormat(),
+        WebDatasetFormat(),
+    )
     return {kind: format_ for format_ in every for kind in format_.kinds}
 
 
@@ -158,14 +164,17 @@ class UnitTally:
     skipped: list[str] = field(default_factory=list)
     skipped_count: int = 0
 
-    def add(self, images: int, skipped: Sequence[str], skipped_count: int) -> None:
+    archives: int = 0  # archives' shards: their images are counted as they are read
+
+    def add(self, images: int, skipped: Sequence[str], skipped_count: int, archives: int = 0) -> None:
         self.images += images
+        self.archives += archives
         self.skipped.extend(skipped[: MAX_SKIPPED_EXAMPLES - len(self.skipped)])
         self.skipped_count += skipped_count
 
     def check(self, spec: InputSpec) -> None:
         """Raises SourceError when the input `spec` held no images."""
-        if self.images or spec.kind == "manifest":
+        if self.images or self.archives or spec.kind == "manifest":
             return
         examples = f" ({self.skipped_count} other files, e.g. {', '.join(self.skipped[:3])})" if self.skipped_count else ""
         raise SourceError(

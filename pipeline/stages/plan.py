@@ -69,7 +69,13 @@ class Plan:
 
     @property
     def images(self) -> int:
-        return sum(shard.rows for shard in self.shards)
+        """Images in the shards whose size is known (all but archives' tars, counted as they are read)."""
+        return sum(shard.rows for shard in self.shards if shard.rows >= 0)
+
+    @property
+    def uncounted(self) -> int:
+        """Shards whose images are counted only as they are read (WebDataset tars)."""
+        return sum(1 for shard in self.shards if shard.rows < 0)
 
     def to_json(self) -> str:
         document = {

@@ -6,6 +6,7 @@ process, so every path reads with the same byte limit, read timeout and journal 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -19,10 +20,12 @@ from pipeline.schema import DECODE_ERROR, OK, READ_ERROR
 from pipeline.stages.decode import DecodedImage, DecodeFailure, DeferredJpeg, decode_image, defer_jpeg
 from pipeline.stages.image_bytes import read_batches
 from pipeline.stages.journal import DecodeJournal
-from pipeline.stages.plan import ROW_COLUMN, read_shard
+from pipeline.stages.plan import ROW_COLUMN, put_atomically, read_shard
 from pipeline.stages.readers import FileReader, SampleReader
-from pipeline.stages.sink import SHARD_COLUMN, keep_succeeded_rows
+from pipeline.stages.sink import MEMBERS_FILE, SHARD_COLUMN, SHARD_ROWS_COLUMN, keep_succeeded_rows, staging_folder
 from pipeline.stages.storage import filesystem_for
+from pipeline.stages.webdataset import FORMAT as WEBDATASET
+from pipeline.stages.webdataset import TarTally, read_tar_batches
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +68,27 @@ class ReadDecodeStage:
         root = root.rstrip("/")
         again = set(keep_succeeded_rows(fs, root, shard_id, self.run_id).tolist()) if retry else None
         if source:
-            yield from self._archive_batches(shard_id, schema, source, again)
+            yield from _with_total(self._archive_batches(fs, root, shard_id, schema, source, again), count_rows=again is None)
             return
         rows = read_shard(fs, root, shard_id, schema)
         if again is not None:
             rows = rows.take(pa.array(sorted(again), pa.int64()))
         rows = rows.append_column(SHARD_COLUMN, pa.array([shard_id] * rows.num_rows, pa.string()))
         for start in range(0, rows.num_rows, self.batch_size):
-            yield self(rows.slice(start, self.batch_size))
+            yield _total_column(self(rows.slice(start, self.batch_size)), None)
 
-    def _archive_batches(self, shard_id: str, schema: pa.Schema, source: str, again: set[int] | None) -> Iterator[pa.Table]:
+    def _archive_batches(
+        self, fs: Any, root: str, shard_id: str, schema: pa.Schema, source: str, again: set[int] | None
+    ) -> Iterator[tuple[pa.Table, int]]:
+        """An archive's shard decoded a batch at a time, each with the samples read so far (a tar's are counted
+        only as it is read); a tar's tally of members goes beside the shard's staged pieces for its commit."""
+        tally = TarTally()
+        if json.loads(source).get("format") == WEBDATASET:
+            batches = read_tar_batches(source, schema, self.storage_options, self.batch_size, self.decode.max_bytes, tally)
+        else:
+            batches = read_batches(source, schema, self.storage_options, self.batch_size, self.decode.max_bytes)
         position = 0
-        for rows, contents in read_batches(source, schema, self.storage_options, self.batch_size, self.decode.max_bytes):
+        for rows, contents in batches:
             positions = list(range(position, position + rows.num_rows))
             position += rows.num_rows
             if again is not None:  # --retry-failed: only the failed rows of a committed shard
@@ -91,7 +103,10 @@ class ReadDecodeStage:
             rows = rows.append_column(ROW_COLUMN, pa.array(positions, pa.int32()))
             rows = rows.append_column(SHARD_COLUMN, pa.array([shard_id] * rows.num_rows, pa.string()))
             with DecodeJournal.open(self.run_id, rows.column("key").to_pylist()) as journal:
-                yield self._decoded(rows, [b"" if journal.poisoned(i) else c for i, c in enumerate(contents)], journal)
+                yield self._decoded(rows, [b"" if journal.poisoned(i) else c for i, c in enumerate(contents)], journal), position
+        if tally.members:
+            record = json.dumps(tally.to_dict(), sort_keys=True).encode()
+            put_atomically(fs, f"{staging_folder(root, shard_id, self.run_id)}/{MEMBERS_FILE}", record)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Bytes to pixels for one batch of listing rows; every row comes out, failed ones with a status.
@@ -140,6 +155,23 @@ class ReadDecodeStage:
             "pixel_height": result.pixels.shape[0],
             "pixel_width": result.pixels.shape[1],
         }
+
+
+def _with_total(batches: Iterator[tuple[pa.Table, int]], count_rows: bool) -> Iterator[pa.Table]:
+    """Each batch with SHARD_ROWS_COLUMN: null, but on the shard's last batch the number of its rows, so the
+    driver learns when an archive's shard (counted only as it is read) is whole. A retry's rows are known already."""
+    held: pa.Table | None = None
+    read = 0
+    for batch, so_far in batches:
+        if held is not None:
+            yield _total_column(held, None)
+        held, read = batch, so_far
+    if held is not None:
+        yield _total_column(held, read if count_rows else None)
+
+
+def _total_column(batch: pa.Table, total: int | None) -> pa.Table:
+    return batch.append_column(SHARD_ROWS_COLUMN, pa.array([total] * batch.num_rows, pa.int64()))
 
 
 def decoded_pixels(batch: pa.Table, index: int) -> np.ndarray:

@@ -32,6 +32,9 @@ SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
 STAGING = "_staging"  # leading underscore: pyarrow, pandas, DuckDB and Polars directory readers skip it
 SHARD_COLUMN = "_shard"  # a row's shard id, between reading a shard and staging its rows
+SHARD_ROWS_COLUMN = "_shard_rows"  # on an archive's shard's last batch: its number of rows (counted as it is read)
+MEMBERS_FILE = "members.json"  # staged beside a tar's pieces: its members per kind, for the part file's footer
+MEMBERS_KEY = b"lgca.members"  # Parquet footer metadata of a tar's part file: `webdataset.TarTally`, as JSON
 PART_PATTERN = re.compile(r"^part-([0-9A-Za-z_-]+)\.parquet$")
 COUNTS_KEY = b"lgca.counts"  # Parquet footer metadata of a part file: rows per status, as JSON
 METHODS_KEY = b"lgca.methods"  # and its ok rows per scoring method (under the cascade: descriptors or lgca), as JSON
@@ -139,14 +142,17 @@ def staging_folder(root: str, shard_id: str, run_id: str = "") -> str:
 
 
 def stage_pieces(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table, run_id: str = "") -> pa.Table:
-    """Stage scored rows as one piece per shard present in `table`; returns (shard, rows) per piece.
+    """Stage scored rows as one piece per shard present in `table`; returns (shard, rows, total) per piece, `total`
+    being an archive's shard's number of rows where this piece holds its last batch (SHARD_ROWS_COLUMN), else null.
 
     The rows keep SHARD_COLUMN and ROW_COLUMN, so the commit can tell a row staged twice.
     """
     shards = table.column(SHARD_COLUMN).to_numpy(zero_copy_only=False)
-    staged_shards, staged_rows = [], []
+    staged_shards, staged_rows, totals = [], [], []
     for shard in dict.fromkeys(shards.tolist()):
         piece = table.filter(pa.array(shards == shard))
+        total = pc.max(piece.column(SHARD_ROWS_COLUMN)).as_py() if SHARD_ROWS_COLUMN in piece.column_names else None
+        totals.append(total)
         path = f"{staging_folder(root, shard, run_id)}/{uuid.uuid4().hex}.piece"
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         buffer = pa.BufferOutputStream()
@@ -154,7 +160,9 @@ def stage_pieces(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table, run_
         put_atomically(fs, path, buffer.getvalue().to_pybytes())
         staged_shards.append(shard)
         staged_rows.append(piece.num_rows)
-    return pa.table({"shard": pa.array(staged_shards, pa.string()), "rows": pa.array(staged_rows, pa.int64())})
+    return pa.table(
+        {"shard": pa.array(staged_shards, pa.string()), "rows": pa.array(staged_rows, pa.int64()), "total": pa.array(totals, pa.int64())}
+    )
 
 
 def commit_shard(
@@ -182,7 +190,9 @@ def commit_shard(
     """
     folder = staging_folder(root, shard_id, run_id)
     fs.invalidate_cache(folder)
-    pieces = [p for p in fs.ls(folder, detail=False) if p.endswith(".piece")] if fs.exists(folder) else []
+    listed = fs.ls(folder, detail=False) if fs.exists(folder) else []
+    pieces = [p for p in listed if p.endswith(".piece")]
+    members = [p for p in listed if p.endswith(MEMBERS_FILE)]
     tables = []
     for path in sorted(pieces):
         with fs.open(path, "rb") as handle:
@@ -204,6 +214,9 @@ def commit_shard(
         COUNTS_KEY: json.dumps(counts, sort_keys=True).encode(),
         METHODS_KEY: json.dumps(_method_counts(table), sort_keys=True).encode(),
     }
+    if members:  # a tar's members per kind, and what was left out of its rows and why
+        with fs.open(members[0], "rb") as handle:
+            metadata[MEMBERS_KEY] = handle.read()
     pq.write_table(table.replace_schema_metadata(metadata), buffer, compression="zstd")
     fault_point("committing")
     if owner is not None:
@@ -226,6 +239,18 @@ def committed_methods(fs: fsspec.AbstractFileSystem, root: str, shard_ids: Itera
     total: dict[str, int] = {}
     for shard_id in shard_ids:
         add_counts(total, _footer_counts(fs, root, shard_id, METHODS_KEY))
+    return total
+
+
+def committed_members(fs: fsspec.AbstractFileSystem, root: str, shard_ids: Iterable[str]) -> dict[str, int]:
+    """A tar's members per kind and what was left out, over the given committed shards, as `kind: n` and
+    `left out: reason: n`, from their footers."""
+    total: dict[str, int] = {}
+    for shard_id in shard_ids:
+        with fs.open(f"{root}/{part_name(shard_id)}", "rb") as handle:
+            record = json.loads((pq.read_schema(handle).metadata or {}).get(MEMBERS_KEY, b"{}"))
+        add_counts(total, record.get("members", {}))
+        add_counts(total, {f"left out: {reason}": n for reason, n in record.get("left_out", {}).items()})
     return total
 
 

@@ -24,7 +24,9 @@ from pipeline.stages.storage import (
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".csv.gz")
-INPUT_KINDS = ("directory", "glob", "file", "manifest", "image_bytes")  # image_bytes: Parquet holding the images
+INPUT_KINDS = ("directory", "glob", "file", "manifest", "image_bytes", "webdataset")  # image_bytes: Parquet holding the images
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")  # WebDataset shards
+PROBED_TARS = 3  # tars named one by one (a brace range of 10^5) are checked by their listing tasks; these first few here
 
 _WILDCARDS = ("*", "?", "[")
 # The existence probe gives up quickly: a wrong endpoint or credentials must fail in seconds, not
@@ -48,7 +50,8 @@ def parse_input(text: str) -> InputSpec:
     """Parse one INPUT string into an InputSpec.
 
     A path containing `*`, `?` or `[` is a glob (unless it exists locally as written); a path ending in
-    .parquet/.csv/.csv.gz is a manifest; one ending in an image extension, or an existing local file,
+    .parquet/.csv/.csv.gz is a manifest (or, if its rows hold images, Parquet image bytes: decided from its
+    columns when the job starts); .tar/.tar.gz/.tgz a WebDataset shard; one ending in an image extension, or an existing local file,
     is a single file; anything else (including s3://bucket/prefix, with or without a trailing slash)
     is a directory.
 
@@ -74,9 +77,11 @@ def parse_input(text: str) -> InputSpec:
     name = path.rstrip("/").lower()
     # A local file literally named "photo [1].jpg" is a file, not a pattern.
     if any(c in path for c in _WILDCARDS) and not (local and os.path.exists(path)):
-        kind = "glob"
+        kind = "webdataset" if name.endswith(TAR_EXTENSIONS) else "glob"  # `shards/*.tar`: tars, listed by name
     elif name.endswith(MANIFEST_EXTENSIONS):
         kind = "manifest"
+    elif name.endswith(TAR_EXTENSIONS):
+        kind = "webdataset"
     elif name.endswith(IMAGE_EXTENSIONS) or (local and os.path.isfile(path)):
         kind = "file"
     else:
@@ -110,7 +115,8 @@ def check_inputs(specs: Sequence[InputSpec], storage_options: Mapping[str, Any],
             check_scheme(spec.uri, allowed_schemes or schemes_of(spec.uri))
         except RefusedInput as error:
             raise SourceError(f"input {error}") from None
-    for spec in specs:
+    tars = [spec for spec in specs if spec.kind == "webdataset"]
+    for spec in [spec for spec in specs if spec.kind != "webdataset"] + tars[:PROBED_TARS]:
         if is_local(spec.uri):
             _check_local(spec)
         else:
@@ -123,8 +129,12 @@ def glob_root(path: str) -> str:
     return "/".join(parts[:first])
 
 
+def _is_pattern(spec: InputSpec) -> bool:
+    return spec.kind == "glob" or (spec.kind == "webdataset" and any(c in spec.uri for c in _WILDCARDS))
+
+
 def _check_local(spec: InputSpec) -> None:
-    target = glob_root(spec.uri) if spec.kind == "glob" else spec.uri
+    target = glob_root(spec.uri) if _is_pattern(spec) else spec.uri
     where = f"input {spec.uri}" if target == spec.uri else f"the folder {target} of glob {spec.uri}"
     if not os.path.exists(target):
         raise SourceError(f"{where} does not exist; check the path")
@@ -152,7 +162,7 @@ def _probe_filesystem(uri: str, storage_options: Mapping[str, Any]) -> tuple[fss
 def _check_remote(spec: InputSpec, storage_options: Mapping[str, Any]) -> None:
     fs, path = _probe_filesystem(spec.uri, storage_options)
     protocol = fsspec.core.split_protocol(spec.uri)[0]
-    target = glob_root(path) if spec.kind == "glob" else path.rstrip("/")
+    target = glob_root(path) if _is_pattern(spec) else path.rstrip("/")
     fix_access = (
         "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or --storage-option key=... "
         "secret=...) and the endpoint (--storage-option endpoint_url=...)"
