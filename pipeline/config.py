@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,8 +53,8 @@ def decodes_on_device(decode_device: str, scoring_device: str) -> bool:
     on_cuda = scoring_device.startswith("cuda")
     if decode_device == "gpu" and not on_cuda:
         raise ConfigError(
-            "--decode gpu decodes on the scoring GPU, but the scoring actors run on the CPU here (--device cpu, "
-            "--num-gpus 0, or no GPU in the cluster); use --decode auto or cpu"
+            "--decode gpu decodes on the scoring GPU, but there is no GPU for the scoring actors (--device cpu, "
+            "--num-gpus 0, or a cluster without GPUs); use --decode auto or cpu"
         )
     return on_cuda and decode_device in ("gpu", "auto")
 
@@ -367,8 +366,6 @@ class JobConfig:
         require(bool(self.inputs), "no inputs given; pass one or more directories, globs, s3:// prefixes or manifests")
         require(bool(self.output), "no output given; pass --output DIR")
         _refuse_credentials("--output", self.output)
-        if "://" not in self.output:  # every worker, whatever its working directory, writes to the same place
-            object.__setattr__(self, "output", os.path.abspath(os.path.expanduser(self.output)))
         for given in self.inputs:
             _refuse_credentials("input", given)
         require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pick one")

@@ -71,13 +71,14 @@ JOB_SECTIONS = {
 }
 
 
-JOB_SCALARS = ("inputs", "output", "resume", "retry_failed", "overwrite", "storage_options")
+JOB_SCALARS = ("inputs", "output", "resume", "retry_failed", "overwrite", "embeddings", "image_column", "storage_options")
 
 
 def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[JobConfig, dict[str, Any]]:
     """A JobConfig and non-secret storage options from a parsed job spec (YAML or JSON).
 
-    The spec mirrors JobConfig: top-level `inputs`, `output`, `resume`, `retry_failed`, `overwrite`, `storage_options`,
+    The spec mirrors JobConfig: top-level `inputs`, `output`, `resume`, `retry_failed`, `overwrite`, `embeddings`,
+    `image_column`, `storage_options`,
     and one mapping per section (`vocabulary`, `model`, `scoring`, `decode`, `execution`).
 
     Raises:
@@ -102,8 +103,10 @@ def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[Job
     )
     output = spec.get("output")
     require(isinstance(output, str) and bool(output), f"{where}: `output` must be a path or URI")
-    for flag in ("resume", "retry_failed", "overwrite"):
+    for flag in ("resume", "retry_failed", "overwrite", "embeddings"):
         require(isinstance(spec.get(flag, False), bool), f"{where}: `{flag}` must be true or false")
+    image_column = spec.get("image_column")
+    require(image_column is None or isinstance(image_column, str), f"{where}: `image_column` must be a column name")
     storage = spec.get("storage_options") or {}
     require(isinstance(storage, Mapping), f"{where}: `storage_options` must be a mapping")
     secrets = sorted(_secret_names(storage))
@@ -119,6 +122,8 @@ def job_from_spec(spec: Mapping[str, Any], where: str = "job spec") -> tuple[Job
         resume=spec.get("resume", False),
         retry_failed=spec.get("retry_failed", False),
         overwrite=spec.get("overwrite", False),
+        embeddings=spec.get("embeddings", False),
+        image_column=image_column,
         **sections,
     )
     return job, dict(storage)

@@ -495,6 +495,8 @@ FULL_JOB = JobConfig(
     ),
     resume=True,
     retry_failed=True,
+    embeddings=True,
+    image_column="jpg",
 )
 
 

@@ -392,7 +392,7 @@ def test_a_shard_commits_once_its_pieces_cover_it_and_a_retried_batch_counts_onc
     fs, root = store
     schema = output_schema(None)
     mixed = pa.concat_tables([_scored("a", range(0, 3)), _scored("b", range(0, 2))])
-    assert stage_pieces(fs, root, mixed).to_pylist() == [{"shard": "a", "rows": 3}, {"shard": "b", "rows": 2}]
+    assert stage_pieces(fs, root, mixed).to_pylist() == [{"shard": "a", "rows": 3, "total": None}, {"shard": "b", "rows": 2, "total": None}]
     assert commit_shard(fs, root, "a", 5, schema) is None  # rows 3 and 4 are still missing: nothing is published
     assert not fs.exists(f"{root}/{part_name('a')}")
     stage_pieces(fs, root, _scored("a", range(2, 5)))  # a retried batch staged row 2 again

@@ -201,3 +201,48 @@ def test_an_img2dataset_folder_is_labelled_as_it_is_and_joins_back_to_its_sideca
 
 def _plan_shards(output: Path) -> list[str]:
     return [entry[0] for entry in json.loads((output / "_plan" / "plan.json").read_text())["shards"]]
+
+
+@pytest.mark.integration
+def test_a_run_killed_mid_archive_resumes_to_every_sample_exactly_once_on_s3(tmp_path, s3_server, s3_bucket):
+    import os
+    import subprocess
+    import tempfile
+
+    import fsspec
+
+    from pipeline.faults import FAULT_ENV
+
+    from .support import lgca_run
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for index in range(4):
+        _write_shard(
+            shards / f"{index:05d}.tar",
+            [{"__key__": f"s{index}-{n}", "jpg": _image(name, "JPEG"), "txt": f"{name} {n}".encode()} for n, name in enumerate(PHOTOS[:3])],
+        )
+    s3_server.upload_tree(shards, f"{s3_bucket}/shards")
+    output = f"{s3_bucket}/labels"
+    ray_tmp = tempfile.mkdtemp(prefix="lg", dir="/tmp")  # short: Ray's socket paths must stay under ~107 bytes
+    env = {**os.environ, "LGCA_STORAGE_OPTIONS": json.dumps(s3_server.storage_options), "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    command = lgca_run(
+        f"{s3_bucket}/shards/{{00000..00003}}.tar", labels_file(tmp_path, CLASSES), output, "--method", "clip", "--decode-batch-size", "2"
+    )
+    try:
+        killed = subprocess.run(command, env={**env, FAULT_ENV: "scoring"}, capture_output=True, text=True, timeout=300)
+        assert killed.returncode < 0 or killed.returncode == 137, killed.stderr[-2000:]  # SIGKILLed after its first commit
+        fs = fsspec.filesystem("s3", **s3_server.storage_options)
+        assert not fs.exists(f"{output}/_SUCCESS")
+        resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        parts = sorted(p for p in fs.ls(output, detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
+        keys = []
+        for part in parts:
+            with fs.open(part, "rb") as handle:
+                keys.extend(pq.read_table(handle, columns=["key"]).column("key").to_pylist())
+        assert len(parts) == 4 and sorted(keys) == sorted(f"{i:05d}.tar/s{i}-{n}" for i in range(4) for n in range(3))
+        assert fs.exists(f"{output}/_SUCCESS")
+    finally:
+        subprocess.run(["rm", "-rf", ray_tmp], check=False)

@@ -61,6 +61,7 @@ def run(config: JobConfig, storage_options: Mapping[str, Any] | None = None) -> 
     started = time.time()
     started_at = now()
     job = prepare(config, storage_options)
+    config = job.config  # as prepared: a local output made absolute
     with Lease(job.output.fs, job.output.root, config.output) as lease:
         ray = start_ray(config)
         placement = place_scoring(cluster_shapes(ray), config.execution, job.model, config.decode.device, DECODE_TASK_MEMORY)

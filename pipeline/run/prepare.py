@@ -6,6 +6,7 @@ Everything here fails fast with a message naming the fix, and starts nothing: no
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,6 +53,9 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
             configuration differs from its plan's).
     """
     from pipeline.models.load import resolve_device  # torch: kept out of the decode workers' imports
+
+    if "://" not in config.output:  # every worker, whatever its working directory, writes to the same place
+        config = replace(config, output=os.path.abspath(os.path.expanduser(config.output)))
 
     vocabulary = load_vocabulary(config.vocabulary, storage_options)
     model = resolve_model(config.model)
