@@ -15,6 +15,14 @@ prefix: an S3 prefix on moto (loopback, in this process) with OBJECTS objects in
 sequential `fs.find` (what a single-process lister does) and once by `lgca plan` (parallel listing tasks
 fanned out over the sub-prefixes); wall time and peak RSS of each.
 
+    python jobs/bench_scale.py archives --images 100000 --tars 10
+    python jobs/bench_scale.py tarplan --tars 10000
+
+archives: IMAGES small distinct JPEGs labelled (tiny model, `clip`) as IMAGES files and as the same images packed in
+TARS WebDataset tars (the `webdataset` package's TarWriter), each on local disk and on moto S3: time to the plan,
+to the first committed shard and to the end, images/s, and the driver's peak RSS.
+tarplan: `lgca plan` over TARS tar objects on moto S3, named by a glob (one listing task) and by a brace range.
+
 Every figure comes from the same run on the same machine; the tables print ratios only between them.
 """
 
@@ -179,6 +187,99 @@ def manifests(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def archives(args: argparse.Namespace) -> list[dict]:
+    import webdataset as wds
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lgca-archives-"))
+    images = sorted(synthetic_jpegs(work / "images", args.images, size=(64, 48)).rglob("*.jpg"))
+    per_tar = -(-len(images) // args.tars)
+    tars = work / "tars"
+    if not (tars / f".complete-{len(images)}-{args.tars}").exists():
+        shutil.rmtree(tars, ignore_errors=True)
+        tars.mkdir(parents=True)
+        for number in range(args.tars):
+            with wds.TarWriter(str(tars / f"{number:05d}.tar"), encoder=False) as sink:
+                for path in images[number * per_tar : (number + 1) * per_tar]:
+                    sink.write({"__key__": path.stem, "jpg": path.read_bytes(), "txt": path.stem.encode()})
+        (tars / f".complete-{len(images)}-{args.tars}").touch()
+    labels = work / "labels.txt"
+    labels.write_text("cat\ndog\nbird\ncar\n")
+    rows = []
+    with moto_s3() as (bucket, storage_options, store):
+        started = time.perf_counter()
+        for path in images:
+            store.put_object(bucket[5:], f"images/{path.relative_to(work / 'images').as_posix()}", path.read_bytes())
+        for tar in sorted(tars.glob("*.tar")):
+            store.put_object(bucket[5:], f"tars/{tar.name}", tar.read_bytes())
+        print(f"stored {len(images):,} images and {args.tars} tars on moto in {time.perf_counter() - started:.0f} s", flush=True)
+        endpoint = f"--storage-option=endpoint_url={storage_options['endpoint_url']}"
+        scenarios = [
+            ("local", "objects", str(work / "images")),
+            ("local", "tars", f"{tars}/*.tar"),
+            ("s3", "objects", f"{bucket}/images"),
+            ("s3", "tars", f"{bucket}/tars/*.tar"),
+        ]
+        with local_cluster(args.num_cpus) as cluster:
+            for store_kind, layout, source in scenarios:
+                output = work / f"out-{store_kind}-{layout}"
+                shutil.rmtree(output, ignore_errors=True)
+                flags = ["--method", "clip", "--rows-per-file", str(per_tar), "--address", cluster.address, endpoint]
+                command = lgca_command("run", source, labels, output, *flags)
+                started = time.perf_counter()
+                timeline = _run_until(command, cluster, output, lambda t: (t.output / "_SUCCESS").exists(), args.timeout)
+                seconds = time.perf_counter() - started
+                written = pq.ParquetDataset(output).read(columns=["status"]).num_rows if (output / "_SUCCESS").exists() else 0
+                row = {
+                    "store": store_kind,
+                    "layout": layout,
+                    "images": written,
+                    "plan_s": timeline.get("plan"),
+                    "first_commit_s": timeline.get("first_commit"),
+                    "total_s": round(seconds, 1),
+                    "images_per_s": round(written / seconds, 1) if written else 0,
+                    "driver_peak_rss_mb": round(megabytes(timeline["peak_rss"]), 1),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                _wait_for_idle_cluster(timeout_s=120)
+                if not args.keep:
+                    shutil.rmtree(output, ignore_errors=True)
+    _table(rows, ["store", "layout", "images", "plan_s", "first_commit_s", "total_s", "images_per_s", "driver_peak_rss_mb"])
+    by: dict[tuple[Any, Any], dict[str, Any]] = {(r["store"], r["layout"]): r for r in rows}
+    for store_kind in ("local", "s3"):
+        objects, tarred = by.get((store_kind, "objects")), by.get((store_kind, "tars"))
+        if objects and tarred and objects["images_per_s"]:
+            print(f"{store_kind}: tars / objects images/s x{float(tarred['images_per_s']) / float(objects['images_per_s']):.2f}")
+    return rows
+
+
+def tarplan(args: argparse.Namespace) -> dict:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lgca-tarplan-"))
+    labels = work / "labels.txt"
+    labels.parent.mkdir(parents=True, exist_ok=True)
+    labels.write_text("cat\ndog\n")
+    row: dict[str, Any] = {"tars": args.tars}
+    with moto_s3() as (bucket, storage_options, store):
+        for number in range(args.tars):
+            store.put_object(bucket[5:], f"laion/{number:05d}.tar", b"")  # never read by a plan
+        endpoint = f"--storage-option=endpoint_url={storage_options['endpoint_url']}"
+        with local_cluster(args.num_cpus) as cluster:
+            for form, source in (("glob", f"{bucket}/laion/*.tar"), ("brace range", f"{bucket}/laion/{{00000..{args.tars - 1:05d}}}.tar")):
+                output = work / f"plan-{form.replace(' ', '-')}"
+                command = lgca_command("plan", source, labels, output, "--address", cluster.address, endpoint)
+                measured = _measure_process(command, {**cluster.env(), **server_env()})
+                shards = (
+                    len(json.loads((output / "_plan" / "plan.json").read_text())["shards"])
+                    if (output / "_plan" / "plan.json").exists()
+                    else 0
+                )
+                row[f"{form} s"] = round(measured["seconds"], 2)
+                row[f"{form} driver rss mb"] = round(megabytes(measured["peak_rss"]), 1)
+                row[f"{form} shards"] = shards
+    print(json.dumps(row, indent=1))
+    return row
+
+
 def _run_until(command: Sequence[str], cluster: Cluster, output: Path, done, timeout_s: float) -> dict:
     """Start `command`, wait until `done(timeline)` (or the driver exits), SIGKILL it, and return the timeline."""
     env = {**cluster.env(), "LGCA_CACHE_DIR": str(output.parent / "cache")}
@@ -319,11 +420,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     listing = commands.add_parser("prefix")
     listing.add_argument("--objects", type=int, default=100_000)
     listing.add_argument("--folders", type=int, default=100)
+    archived = commands.add_parser("archives")
+    archived.add_argument("--images", type=int, default=100_000)
+    archived.add_argument("--tars", type=int, default=10)
+    planned = commands.add_parser("tarplan")
+    planned.add_argument("--tars", type=int, default=10_000)
     args = parser.parse_args(argv)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; {time.strftime('%Y-%m-%d')}"
     )
-    manifests(args) if args.command == "manifests" else prefix(args)
+    {"manifests": manifests, "prefix": prefix, "archives": archives, "tarplan": tarplan}[args.command](args)
     return 0
 
 

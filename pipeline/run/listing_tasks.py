@@ -36,6 +36,8 @@ from pipeline.stages.plan import (
 )
 from pipeline.stages.sources import InputSpec
 from pipeline.stages.units import ListingUnit
+from pipeline.stages.webdataset import COLUMNS as WEBDATASET_COLUMNS
+from pipeline.stages.webdataset import is_named_tar, tar_source
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,9 @@ def build_plan(
     root = root.rstrip("/")
     check_keys = len(specs) > 1 or any(spec.kind == "manifest" for spec in specs)  # one folder, glob or file has unique keys
     pending = listing_units(specs, storage_options, headers=manifests)
+    named_tars = [unit for unit in pending if is_named_tar(unit.spec)]  # 10^5 of them: shards made here, no task each
+    webdataset_schema = pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string()), *WEBDATASET_COLUMNS])
+    pending = [unit for unit in pending if not is_named_tar(unit.spec)]
     list_task = ray.remote(num_cpus=LISTING_TASK_CPUS, max_retries=3)(_list_unit_task)
     in_flight: dict[Any, ListingUnit] = {}
     shards: list[Shard] = []
@@ -123,6 +128,9 @@ def build_plan(
         if on_progress is not None:
             on_progress(listed, sum(t.images for t in tallies.values()))
 
+    for unit in named_tars:
+        source, rows = tar_source(unit.spec.uri)
+        take(ListedUnit(unit.id, unit.spec.uri, [Shard(f"{unit.id}-00000", rows, source)], webdataset_schema, []))
     while pending or in_flight:
         while pending and len(in_flight) < LISTING_TASKS_IN_FLIGHT:
             unit = pending.pop()

@@ -59,12 +59,10 @@ class WebDatasetFormat:
         return pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string()), *COLUMNS])
 
     def list_unit(self, unit: ListingUnit, storage_options: Mapping[str, Any]) -> UnitListing:
+        if is_named_tar(unit.spec):  # nothing to list: `named_tar_shards` makes its shard on the driver
+            return UnitListing(_empty_listing(), sources=[tar_source(unit.spec.uri)])
         fs, path = filesystem_for(unit.spec.uri, storage_options)
         path = path.rstrip("/")
-        if is_tar(path) and not any(c in path for c in "*?["):
-            if not fs.exists(path):
-                raise SourceError(f"tar {unit.spec.uri} does not exist; check the path")
-            return UnitListing(_empty_listing(), sources=[tar_source(unit.spec.uri)])
         names = sorted(fs.glob(path) if any(c in path for c in "*?[") else fs.ls(path, detail=False))
         tars = [name for name in names if is_tar(name)]
         others = [name for name in names if not is_tar(name)]
@@ -77,6 +75,12 @@ class WebDatasetFormat:
             skipped_count=len(skipped),
             sources=[tar_source(full_uri(fs, t)) for t in tars],
         )
+
+
+def is_named_tar(spec: InputSpec) -> bool:
+    """A tar named as an input (one of a list or brace range): its shard needs no listing task and no request;
+    a tar that is not there is a `read_error` row when its shard is read."""
+    return spec.kind == "webdataset" and is_tar(spec.uri) and not any(c in spec.uri for c in "*?[")
 
 
 def looks_like_img2dataset(fs: Any, folder: str) -> bool:
@@ -224,8 +228,13 @@ def read_tar_batches(
     tar_name = posixpath.basename(path)
     batch: list[Sample] = []
     found = 0
-    size = None if path.lower().endswith((".gz", ".tgz")) else fs.size(path)  # a gzip stream checks its own end
-    with fs.open(path, "rb") as handle:
+    try:
+        size = None if path.lower().endswith((".gz", ".tgz")) else fs.size(path)  # a gzip stream checks its own end
+        handle = fs.open(path, "rb")
+    except OSError as error:  # a tar named in a list or brace range, gone or unreadable: its row says so
+        yield _rows([Sample("#unreadable", data=OSError(f"cannot read tar {uri}: {type(error).__name__}: {error}"))], uri, tar_name, schema)
+        return
+    with handle:
         for sample in samples(handle, tar_name, max_bytes, tally, size):
             batch.append(sample)
             found += 1
