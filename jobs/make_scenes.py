@@ -37,6 +37,7 @@ def write_scenes(
     full_frame: int | None = None,
     data: str = FASHION_MNIST_DIR,
     quality: int = 92,
+    letterbox: int = 0,
 ) -> Path:
     """Render and write a scene set; returns the manifest's path.
 
@@ -48,6 +49,8 @@ def write_scenes(
         full_frame: plain test images per class in the `full-frame` group (default: `per_class`; 0 for none).
         data: folder of the Fashion-MNIST IDX files.
         quality: JPEG quality of the scenes.
+        letterbox: with a side S, each scene is resized to S on its longer side and padded with black to S x S, as
+            img2dataset's default `resize_mode=border` stores images; the boxes follow.
     """
     objects = load_fashion_mnist("test", data)
     output.mkdir(parents=True, exist_ok=True)
@@ -55,8 +58,11 @@ def write_scenes(
     for scene in render_scenes(objects, per_class, scales, seed):
         path = output / scene.key
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(scene.pixels).save(path, quality=quality)
-        rows.append((scene.key, scene.key, scene.label, scene.key.split("/", 1)[0], *scene.box, *scene.tile_box))
+        image, box, tile_box = Image.fromarray(scene.pixels), tuple(scene.box), tuple(scene.tile_box)
+        if letterbox:
+            image, (box, tile_box) = _letterboxed(image, letterbox, [box, tile_box])
+        image.save(path, quality=quality)
+        rows.append((scene.key, scene.key, scene.label, scene.key.split("/", 1)[0], *box, *tile_box))
     count = per_class if full_frame is None else full_frame
     for label, name in enumerate(CLASSES):
         for index, member in enumerate(np.nonzero(objects.labels == label)[0][:count]):
@@ -70,6 +76,20 @@ def write_scenes(
         writer.writerow(COLUMNS)
         writer.writerows(rows)
     return manifest
+
+
+def _letterboxed(image: Image.Image, side: int, boxes: list[tuple[float, ...]]) -> tuple[Image.Image, list[tuple[float, ...]]]:
+    """`image` resized to `side` on its longer side and centred on a black `side` x `side` square; boxes moved along."""
+    scale = side / max(image.size)
+    width, height = round(image.width * scale), round(image.height * scale)
+    left, top = (side - width) // 2, (side - height) // 2
+    canvas = Image.new("RGB", (side, side))
+    canvas.paste(image.resize((width, height), Image.Resampling.LANCZOS), (left, top))
+    moved: list[tuple[float, ...]] = [
+        ((left + box[0] * width) / side, (top + box[1] * height) / side, (left + box[2] * width) / side, (top + box[3] * height) / side)
+        for box in boxes
+    ]
+    return canvas, moved
 
 
 def read_truth(manifest: Path) -> dict[str, tuple[str, np.ndarray]]:
@@ -98,8 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--subset", type=int, nargs="*", default=[], metavar="N", help="also write manifest-N.csv: the first N scenes per class and group"
     )
+    parser.add_argument(
+        "--letterbox",
+        type=int,
+        default=0,
+        metavar="S",
+        help="pad each scene to an S x S square with black bands, as img2dataset's resize_mode=border does (default: none)",
+    )
     args = parser.parse_args(argv)
-    manifest = write_scenes(Path(args.output), args.per_class, tuple(args.scales), args.seed, args.full_frame, args.data)
+    manifest = write_scenes(
+        Path(args.output), args.per_class, tuple(args.scales), args.seed, args.full_frame, args.data, letterbox=args.letterbox
+    )
     print(f"wrote {manifest}")
     for size in args.subset:
         print(f"wrote {write_subset(manifest, size)}")

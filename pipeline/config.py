@@ -13,6 +13,7 @@ METHODS = ("clip", "ensemble", "descriptors", "wca", "lgca")
 CROP_METHODS = ("wca", "lgca")
 SALIENCY_RULES = ("class", "global", "margin", "agreement")
 CROP_LAYOUTS = ("random", "grid")
+LETTERBOX_RULES = ("off", "detect")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 RESIZE_MODES = ("shortest", "longest", "squash")
@@ -78,6 +79,7 @@ class ScoringConfig:
     crops: int = 60  # N: local crops per image (wca, lgca)
     crop_scale: tuple[float, float] | None = None  # (alpha, beta): crop side as a fraction of min(W, H); None: the method's default
     crop_layout: str = "random"  # random: seeded uniform crops; grid: sqrt(N) x sqrt(N) tiles at one scale
+    letterbox: str = "off"  # detect: lay crops out inside a letter box's picture (img2dataset's border padding)
     saliency: str = "class"  # class: the region's best class similarity | margin: its top-1 minus top-2 probability | global | agreement
     steps: int = 3  # T: expansion steps (lgca)
     regions: int = 2  # K: regions selected and grown per step (lgca)
@@ -114,6 +116,7 @@ class ScoringConfig:
         require(self.method in METHODS, f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         require(self.saliency in SALIENCY_RULES, f"saliency {self.saliency!r} is unknown; choose one of {', '.join(SALIENCY_RULES)}")
         require(self.crop_layout in CROP_LAYOUTS, f"crop layout {self.crop_layout!r} is unknown; choose random or grid")
+        require(self.letterbox in LETTERBOX_RULES, f"letterbox {self.letterbox!r} is unknown; choose {' or '.join(LETTERBOX_RULES)}")
         require(self.crops >= 0, f"crops must be >= 0, got {self.crops}")
         require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         require(self.regions >= 0, f"regions must be >= 0, got {self.regions}")
@@ -227,6 +230,8 @@ class ScoringConfig:
         """The parameters as recorded in provenance: lambda and the crop scale are the values the method scores
         with, never None."""
         out = asdict(self)
+        if self.letterbox == "off":
+            del out["letterbox"]  # recorded where used: plans made before the option resume as they are
         out["crop_scale"] = list(self.view_crop_scale)
         out["global_weight"] = self.view_global_weight
         return out
@@ -376,6 +381,7 @@ class JobConfig:
 
 __all__ = [
     "CROP_LAYOUTS",
+    "LETTERBOX_RULES",
     "ConfigError",
     "decodes_on_device",
     "DECODE_DEVICES",

@@ -171,6 +171,7 @@ def test_tarwriter_shards_by_brace_range_and_a_truncated_one_are_labelled_exactl
     assert set(ok.column("sample_key").to_pylist()) >= {"a-png", "b-webp", "c-jpeg"}
     assert ok.column("caption").to_pylist()[:2] == ["a cat", "a rocket"]
     assert sorted(p.name for p in output.glob("part-*.parquet")) == sorted(f"part-{s}.parquet" for s in _plan_shards(output))
+    assert sorted(p.name.split("-")[1] for p in output.glob("part-*.parquet")) == ["00000", "00001", "00002"]  # one per tar, named so
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["counts"]["archive_members"]["png"] >= 2 and manifest["counts"]["inputs"] == len(keys)
     footer = pq.read_schema(next(output.glob("part-*.parquet"))).metadata

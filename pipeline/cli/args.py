@@ -11,6 +11,7 @@ from pipeline.config import (
     DESCRIPTOR_WEIGHTS,
     GLOBAL_WEIGHT_RULES,
     INTERPOLATIONS,
+    LETTERBOX_RULES,
     LEVEL0_BOXES,
     LEVEL_AGGREGATIONS,
     LGCA_GLOBAL_WEIGHT,
@@ -118,6 +119,13 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.crop_layout,
         choices=CROP_LAYOUTS,
         help="random crops, or a sqrt(N) x sqrt(N) grid (default: %(default)s)",
+    )
+    group.add_argument(
+        "--letterbox",
+        default=d.letterbox,
+        choices=LETTERBOX_RULES,
+        help="detect: find a letter box (flat bands padding the picture to a square, as img2dataset's default "
+        "resize_mode=border writes) and lay the crops out inside the picture (default: %(default)s; docs/EVALUATION.md)",
     )
     group.add_argument(
         "--saliency",
@@ -300,6 +308,7 @@ def _scoring_values(args: argparse.Namespace) -> dict:
         "crops": args.crops,
         "crop_scale": tuple(args.crop_scale) if args.crop_scale is not None else None,
         "crop_layout": args.crop_layout,
+        "letterbox": args.letterbox,
         "saliency": args.saliency,
         "steps": args.steps,
         "regions": args.regions,

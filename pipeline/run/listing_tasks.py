@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError
 from pipeline.stages.files import distinct_units
-from pipeline.stages.image_bytes import cut_sources
+from pipeline.stages.image_bytes import archive_shard_id, cut_sources
 from pipeline.stages.listing import MAX_SKIPPED_EXAMPLES, UnitTally, list_unit, listing_units
 from pipeline.stages.manifests import ManifestHeader
 from pipeline.stages.plan import (
@@ -130,7 +130,7 @@ def build_plan(
 
     for unit in named_tars:
         source, rows = tar_source(unit.spec.uri)
-        take(ListedUnit(unit.id, unit.spec.uri, [Shard(f"{unit.id}-00000", rows, source)], webdataset_schema, []))
+        take(ListedUnit(unit.id, unit.spec.uri, [Shard(archive_shard_id(source, unit.id, 0), rows, source)], webdataset_schema, []))
     while pending or in_flight:
         while pending and len(in_flight) < LISTING_TASKS_IN_FLIGHT:
             unit = pending.pop()
@@ -199,7 +199,8 @@ def _list_unit_task(unit: ListingUnit, output: str, storage_options: dict[str, A
     table = listed.table.sort_by("key")
     if listed.sources:  # an archive's samples stay where they are: shards say where, and nothing is written
         shards = [
-            Shard(f"{unit.id}-{index:05d}", rows, source) for index, (source, rows) in enumerate(cut_sources(listed.sources, shard_size))
+            Shard(archive_shard_id(source, unit.id, index), rows, source)
+            for index, (source, rows) in enumerate(cut_sources(listed.sources, shard_size))
         ]
         check_keys = False
     else:

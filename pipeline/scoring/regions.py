@@ -27,6 +27,7 @@ def sample_crops(
     scale: tuple[float, float],
     seed: int,
     layout: str = "random",
+    content: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0),
 ) -> np.ndarray:
     """Square local crops of one image, as normalised xyxy boxes.
 
@@ -38,12 +39,18 @@ def sample_crops(
         seed: the job seed.
         layout: "random" (uniform placement) or "grid" (sqrt(N) x sqrt(N) tiles of side
             (alpha + beta) / 2 * min(width, height), evenly spaced, corners included).
+        content: the picture's normalised box inside a letter box (`letterbox.content_box`): crops are laid out
+            in it, their sides a share of its shorter side. The whole image by default.
 
     Returns:
         float64 array (count, 4) of x0, y0, x1, y1 in [0, 1].
     """
     if count == 0:
         return np.zeros((0, 4), dtype=np.float64)
+    if content != (0.0, 0.0, 1.0, 1.0):  # laid out in the picture, then placed back in the whole image
+        cx0, cy0, cx1, cy1 = content
+        inner = sample_crops(key, max(1, round(width * (cx1 - cx0))), max(1, round(height * (cy1 - cy0))), count, scale, seed, layout)
+        return inner * np.array([cx1 - cx0, cy1 - cy0] * 2) + np.array([cx0, cy0] * 2)
     short = float(min(width, height))
     if layout == "grid":
         side = math.isqrt(count)

@@ -30,6 +30,7 @@ from pipeline.scoring.combine import (
     view_shares,
 )
 from pipeline.scoring.expansion import expand_regions
+from pipeline.scoring.letterbox import content_box
 from pipeline.scoring.regions import sample_crops
 from pipeline.scoring.views import ImageEncoder, ViewCutter, ViewFormat, ViewSet, encode_views
 
@@ -197,8 +198,12 @@ class Scorer:
         cfg = self.config
         batch, dim = len(keys), global_emb.shape[1]
         crops = cfg.crops if cfg.uses_crops else 0
+        contents = [content_box(p) if cfg.letterbox == "detect" else (0.0, 0.0, 1.0, 1.0) for p in pixels]
         boxes = np.stack(
-            [sample_crops(k, w, h, crops, cfg.view_crop_scale, cfg.seed, cfg.crop_layout) for k, (w, h) in zip(keys, sizes)]
+            [
+                sample_crops(k, w, h, crops, cfg.view_crop_scale, cfg.seed, cfg.crop_layout, content)
+                for k, (w, h), content in zip(keys, sizes, contents)
+            ]
         ).reshape(batch, crops, 4)
         encode = functools.partial(self._encode_boxes, pixels)
         embeddings = encode(np.repeat(np.arange(batch), crops), boxes.reshape(-1, 4))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,13 @@ class ImageBytesFormat:
 def passthrough_name(name: str) -> str:
     """The output name of a column of the archive: itself, or prefixed where the output already has that name."""
     return f"{RENAMED_PREFIX}{name}" if name in (*OUTPUT_COLUMNS, EMBEDDING_COLUMN, "path", "_row", "_shard") else name
+
+
+def archive_shard_id(source_text: str, unit_id: str, index: int) -> str:
+    """An archive's shard id, naming its part file: the archive's name first, so `part-00042-<unit>-00000.parquet`
+    says which tar or Parquet file it came from; the unit id keeps equal names of other folders apart."""
+    stem = posixpath.basename(json.loads(source_text)["uri"].rstrip("/")).split(".", 1)[0]
+    return f"{re.sub(r'[^0-9A-Za-z_-]', '_', stem)[:48]}-{unit_id[:8]}-{index:05d}"
 
 
 def cut_sources(sources: Sequence[tuple[str, int]], shard_size: int) -> list[tuple[str, int]]:
