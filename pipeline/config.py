@@ -79,7 +79,7 @@ class ScoringConfig:
     crops: int = 60  # N: local crops per image (wca, lgca)
     crop_scale: tuple[float, float] | None = None  # (alpha, beta): crop side as a fraction of min(W, H); None: the method's default
     crop_layout: str = "random"  # random: seeded uniform crops; grid: sqrt(N) x sqrt(N) tiles at one scale
-    letterbox: str = "off"  # detect: lay crops out inside a letter box's picture (img2dataset's border padding)
+    letterbox: str = "detect"  # detect: lay crops out inside a letter box's picture (img2dataset's border padding) | off
     saliency: str = "class"  # class: the region's best class similarity | margin: its top-1 minus top-2 probability | global | agreement
     steps: int = 3  # T: expansion steps (lgca)
     regions: int = 2  # K: regions selected and grown per step (lgca)
@@ -230,8 +230,8 @@ class ScoringConfig:
         """The parameters as recorded in provenance: lambda and the crop scale are the values the method scores
         with, never None."""
         out = asdict(self)
-        if self.letterbox == "off":
-            del out["letterbox"]  # recorded where used: plans made before the option resume as they are
+        if self.letterbox == "off" or not self.uses_crops:
+            del out["letterbox"]  # recorded where it decides crops: plans of global-view methods resume as they are
         out["crop_scale"] = list(self.view_crop_scale)
         out["global_weight"] = self.view_global_weight
         return out

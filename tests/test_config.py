@@ -458,6 +458,7 @@ FULL_JOB = JobConfig(
         crops=16,
         crop_scale=(0.3, 0.7),
         crop_layout="grid",
+        letterbox="off",
         saliency="global",
         steps=2,
         regions=3,
