@@ -14,9 +14,25 @@ from pathlib import Path
 
 from PIL import Image
 
-from .support import photo
+from pipeline.config import ExecutionConfig, JobConfig, ModelConfig, ScoringConfig, VocabularyConfig
+
+from .support import TINY_MODEL, photo
 
 PHOTOS = ("astronaut", "cat", "coffee", "rocket", "chelsea")
+CLASSES = ("cat", "rocket", "coffee", "astronaut")
+
+
+def tiny_clip_job(inputs: Sequence[str], output: Path, labels: Path, **overrides: object) -> JobConfig:
+    """A job over `inputs` with the tiny random model and `clip`, small batches: what the archive tests run."""
+    settings: dict = {"execution": ExecutionConfig(decode_batch_size=2, batch_size=4), **overrides}
+    return JobConfig(
+        inputs=tuple(inputs),
+        output=str(output),
+        vocabulary=VocabularyConfig(labels=str(labels)),
+        model=ModelConfig(name=TINY_MODEL, pretrained="random", device="cpu"),
+        scoring=ScoringConfig(method="clip"),
+        **settings,
+    )
 
 
 def write_photos(directory: Path, names: Sequence[str] = PHOTOS, side: int = 96) -> list[Path]:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import ConfigError, JobConfig, ModelConfig, ScoringConfig, VocabularyConfig
+from pipeline.config import ConfigError, ExecutionConfig
 from pipeline.run.job import run
 from pipeline.schema import OK, READ_ERROR
 from pipeline.stages.image_bytes import cut_sources, find_image_column, read_batches
@@ -21,21 +21,8 @@ from pipeline.stages.plan import PLAN_DIR, read_plan
 from pipeline.stages.sources import parse_input
 from pipeline.stages.storage import SourceError
 
-from .archives import PHOTOS, img2dataset, served, write_photos
-from .support import TINY_MODEL, labels_file
-
-CLASSES = ("cat", "rocket", "coffee", "astronaut")
-
-
-def _job(inputs: list[str], output: Path, labels: Path, **overrides) -> JobConfig:
-    return JobConfig(
-        inputs=tuple(inputs),
-        output=str(output),
-        vocabulary=VocabularyConfig(labels=str(labels)),
-        model=ModelConfig(name=TINY_MODEL, pretrained="random", device="cpu"),
-        scoring=ScoringConfig(method="clip"),
-        **overrides,
-    )
+from .archives import CLASSES, PHOTOS, img2dataset, served, tiny_clip_job, write_photos
+from .support import labels_file
 
 
 def _hugging_face_parquet(path: Path, count: int) -> list[str]:
@@ -85,7 +72,14 @@ def test_a_source_is_read_in_order_across_row_groups_and_cut_into_shards(tmp_pat
 def test_a_hugging_face_image_dataset_is_labelled_without_listing_its_rows(tmp_path, ray_local):
     captions = _hugging_face_parquet(tmp_path / "images.parquet", 9)
     output = tmp_path / "out"
-    summary = run(_job([str(tmp_path / "images.parquet")], output, labels_file(tmp_path, CLASSES), execution=_small_shards()))
+    summary = run(
+        tiny_clip_job(
+            [str(tmp_path / "images.parquet")],
+            output,
+            labels_file(tmp_path, CLASSES),
+            execution=ExecutionConfig(rows_per_file=4, decode_batch_size=2, batch_size=4),
+        )
+    )
     assert summary.counts[OK] == 9 and summary.inputs == 9
     table = pq.read_table(output).sort_by("key")
     assert "image" not in table.column_names  # the bytes never reach the output
@@ -104,7 +98,7 @@ def test_img2dataset_parquet_output_is_labelled_and_its_failed_downloads_are_rea
         folder = img2dataset(urls, [f"caption {i}" for i in range(len(urls))], tmp_path / "i2d", "parquet")
     archive = folder / "00000.parquet"
     output = tmp_path / "out"
-    summary = run(_job([str(archive)], output, labels_file(tmp_path, CLASSES)))
+    summary = run(tiny_clip_job([str(archive)], output, labels_file(tmp_path, CLASSES)))
     assert summary.counts[OK] == len(PHOTOS) and summary.counts[READ_ERROR] == 1
     failed = duckdb.sql(f"select key, error_message from read_parquet('{output}/*.parquet') where status = 'read_error'").fetchall()
     assert len(failed) == 1 and "column jpg is null" in failed[0][1]
@@ -119,17 +113,11 @@ def test_img2dataset_parquet_output_is_labelled_and_its_failed_downloads_are_rea
 @pytest.mark.integration
 def test_an_asked_image_column_that_holds_no_images_fails_before_any_work(tmp_path):
     _hugging_face_parquet(tmp_path / "images.parquet", 3)
-    config = _job([str(tmp_path / "images.parquet")], tmp_path / "out", labels_file(tmp_path, CLASSES), image_column="caption")
+    config = tiny_clip_job([str(tmp_path / "images.parquet")], tmp_path / "out", labels_file(tmp_path, CLASSES), image_column="caption")
     with pytest.raises(ConfigError, match="--image-column caption is large_string, not image bytes|--image-column caption is string"):
         run(config)
     assert not (tmp_path / "out").exists()
     assert parse_input(str(tmp_path / "images.parquet")).kind == "manifest"  # decided by its columns, at prepare
-
-
-def _small_shards():
-    from pipeline.config import ExecutionConfig
-
-    return ExecutionConfig(rows_per_file=4)
 
 
 def _fs(output: Path):

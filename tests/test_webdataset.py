@@ -15,16 +15,14 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.config import ExecutionConfig, JobConfig, ModelConfig, ScoringConfig, VocabularyConfig
 from pipeline.run.job import run
 from pipeline.schema import OK, READ_ERROR
 from pipeline.stages.sink import MEMBERS_KEY
 from pipeline.stages.webdataset import COLUMNS, TarTally, WebDatasetFormat, read_tar_batches, samples, tar_source
 
-from .archives import PHOTOS, img2dataset, served, write_photos
-from .support import TINY_MODEL, labels_file, photo
+from .archives import CLASSES, PHOTOS, img2dataset, served, tiny_clip_job, write_photos
+from .support import labels_file, photo
 
-CLASSES = ("cat", "rocket", "coffee", "astronaut")
 SCHEMA_NAMES = ("key", "path", *COLUMNS.names)
 
 
@@ -139,18 +137,6 @@ def test_a_gzipped_tar_is_read_as_a_stream(tmp_path):
     assert [s.key for s in found] == ["a-png", "b-webp", "c-jpeg"]
 
 
-def _job(inputs: list[str], output: Path, labels: Path, **overrides) -> JobConfig:
-    return JobConfig(
-        inputs=tuple(inputs),
-        output=str(output),
-        vocabulary=VocabularyConfig(labels=str(labels)),
-        model=ModelConfig(name=TINY_MODEL, pretrained="random", device="cpu"),
-        scoring=ScoringConfig(method="clip"),
-        execution=ExecutionConfig(decode_batch_size=2, batch_size=4),
-        **overrides,
-    )
-
-
 @pytest.mark.integration
 def test_tarwriter_shards_by_brace_range_and_a_truncated_one_are_labelled_exactly_once(tmp_path, ray_local):
     shards = tmp_path / "shards"
@@ -160,7 +146,7 @@ def test_tarwriter_shards_by_brace_range_and_a_truncated_one_are_labelled_exactl
     whole = (shards / "00002.tar").read_bytes()
     (shards / "00002.tar").write_bytes(whole[: len(whole) * 2 // 3])
     output = tmp_path / "out"
-    summary = run(_job([f"{shards}/{{00000..00002}}.tar"], output, labels_file(tmp_path, CLASSES)))
+    summary = run(tiny_clip_job([f"{shards}/{{00000..00002}}.tar"], output, labels_file(tmp_path, CLASSES)))
     table = pq.read_table(output).sort_by("key")
     keys = table.column("key").to_pylist()
     assert len(keys) == len(set(keys)) == summary.inputs == sum(summary.counts.values())
@@ -185,7 +171,7 @@ def test_an_img2dataset_folder_is_labelled_as_it_is_and_joins_back_to_its_sideca
         urls = [f"{base}/{p.name}" for p in photos] + [f"{base}/missing.jpg"]
         folder = img2dataset(urls, [f"caption {i}" for i in range(len(urls))], tmp_path / "i2d", "webdataset", per_shard=3)
     output = tmp_path / "out"
-    summary = run(_job([str(folder)], output, labels_file(tmp_path, CLASSES)))
+    summary = run(tiny_clip_job([str(folder)], output, labels_file(tmp_path, CLASSES)))
     assert summary.counts[OK] == len(PHOTOS)  # the failed download never reached a tar: img2dataset's sidecar has it
     joined = duckdb.sql(
         f"""select count(*), count(distinct o.key) from read_parquet('{output}/*.parquet') o
