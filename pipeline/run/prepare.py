@@ -61,8 +61,9 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
     model = resolve_model(config.model)
     if config.execution.address is None:  # a local cluster: its workers have this machine's devices
         resolve_device(config.model.device)
-    specs = [_as_img2dataset_output(parse_input(text), storage_options) for text in expand_inputs(config.inputs)]
-    check_inputs(specs, storage_options, config.decode.allowed_schemes)
+    specs = [parse_input(text) for text in expand_inputs(config.inputs)]
+    check_inputs(specs, storage_options, config.decode.allowed_schemes)  # before any other request: errors name the fix
+    specs = [_as_img2dataset_output(spec, storage_options) for spec in specs]
     manifests: dict[str, ManifestHeader] = {}
     for spec in specs:
         if spec.kind == "manifest":
@@ -126,7 +127,7 @@ def _as_img2dataset_output(spec: InputSpec, storage_options: Mapping[str, Any]) 
     if spec.kind != "directory":
         return spec
     fs, path = filesystem_for(spec.uri, storage_options)
-    return replace(spec, kind="webdataset") if fs.exists(path) and looks_like_img2dataset(fs, path) else spec
+    return replace(spec, kind="webdataset") if looks_like_img2dataset(fs, path) else spec
 
 
 def _refuse_output_inside_inputs(config: JobConfig, specs: list[InputSpec]) -> None:
