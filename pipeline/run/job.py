@@ -160,6 +160,7 @@ def plan_only(config: JobConfig, storage_options: Mapping[str, Any] | None = Non
         listing_seconds=seconds,
         reused=job.plan is not None,
         examples=list(plan.skipped),
+        uncounted=plan.uncounted,
     )
 
 

@@ -388,6 +388,7 @@ class PlanSummary:
     reused: bool = False
     examples: list[str] = field(default_factory=list)
     cascade_margin: float | None = None  # the confidence cascade's threshold: passes_per_image is then the most
+    uncounted: int = 0  # tars among the shards: their images are counted as they are read
 
     def line(self) -> str:
         skipped = f", {self.skipped_count} non-image files skipped" if self.skipped_count else ""
@@ -399,6 +400,9 @@ class PlanSummary:
             )
         else:
             cost = f"about {self.images * self.passes_per_image:,} encoder passes ({self.passes_per_image} per image)"
+        if self.uncounted:
+            known = f"{self.images} images in {self.shards - self.uncounted} shards, and {self.uncounted} tars counted as they are read"
+            return f"lgca: plan of {self.output}: {known} ({how}){skipped}; {cost} for the counted images"
         return f"lgca: plan of {self.output}: {self.images} images in {self.shards} shards ({how}){skipped}; {cost}"
 
 

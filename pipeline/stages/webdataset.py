@@ -130,6 +130,7 @@ class TarTally:
 
 
 END_OF_ARCHIVE = 1024  # the two zero blocks every complete tar ends with
+TEXT_LIMIT = 1 << 20  # a caption or metadata member larger than this is left out (and counted): rows stay small
 
 
 def samples(handle: IO[bytes], tar_name: str, max_bytes: int | None, tally: TarTally, size: int | None = None) -> Iterator[Sample]:
@@ -196,10 +197,12 @@ def _take(sample: Sample, member: tarfile.TarInfo, kind: str, archive: tarfile.T
             return
         extracted = archive.extractfile(member)
         sample.data = extracted.read() if extracted is not None else OSError(f"member {member.name} has no data")
-    elif kind == "txt" and member.size <= 1 << 20:
+    elif kind in ("txt", "json") and member.size > TEXT_LIMIT:
+        tally.left_out[f"{kind} over 1 MiB"] += 1
+    elif kind == "txt":
         extracted = archive.extractfile(member)
         sample.caption = extracted.read().decode("utf-8", "replace") if extracted is not None else None
-    elif kind == "json" and member.size <= 1 << 20:
+    elif kind == "json":
         extracted = archive.extractfile(member)
         sample.metadata = extracted.read().decode("utf-8", "replace") if extracted is not None else None
 
