@@ -28,3 +28,15 @@ def test_a_progress_line_gives_rate_and_time_left():
     line = stream.getvalue().strip()
     assert re.fullmatch(r"lgca report: thumbnails: 100/400 images \(25\.0%\), [\d.e+]+ images/s, ETA \d+s", line), line
     assert [duration(s) for s in (5, 65, 3725)] == ["5s", "1m05s", "1h02m"]
+
+
+def test_tars_counted_as_they_are_read_give_an_estimate_or_an_eta_by_shards():
+    stream = io.StringIO()
+    estimated = Progress(images=0, shards=4, done_images=0, done_shards=0, stream=stream, interval_s=0, uncounted=4, estimate=400)
+    estimated.committed({"ok": 99, "read_error": 1})
+    assert stream.getvalue().startswith("lgca: 100/~400 images (estimated from img2dataset's statistics), 1/4 shards;")
+    stream = io.StringIO()
+    by_shards = Progress(images=0, shards=4, done_images=0, done_shards=0, stream=stream, interval_s=0, uncounted=4)
+    by_shards.committed({"ok": 100})
+    line = stream.getvalue()
+    assert line.startswith("lgca: 100 images so far (tars are counted as they are read), 1/4 shards;") and "(by shards)" in line

@@ -181,6 +181,8 @@ def test_an_img2dataset_folder_is_labelled_as_it_is_and_joins_back_to_its_sideca
     captions = dict(duckdb.sql(f"select sample_key, caption from read_parquet('{output}/*.parquet')").fetchall())
     sidecar = dict(duckdb.sql(f"select key, caption from read_parquet('{folder}/*.parquet') where status = 'success'").fetchall())
     assert captions == sidecar
+    plan = json.loads((output / "_plan" / "plan.json").read_text())
+    assert plan["estimated_images"] == 3 * 2  # the first tar's successes (3, from its _stats.json) times the tars
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["counts"]["non_image_files_skipped"] == 4  # two sidecar tables, two statistics files, named as such
     assert any("img2dataset's sidecar table of 00000.tar" in name for name in manifest["counts"]["non_image_examples"])

@@ -234,7 +234,9 @@ class _Work:
         log.info("%d images in %d shards, %d shards to label", plan.images, len(plan.shards), len(todo))
         if failed:
             log.info("labelling again %d failed rows in %d committed shards", sum(failed.values()), len(failed))
-        progress = Progress(plan.images, len(plan.shards), self.already, len(self.kept), uncounted=plan.uncounted)
+        progress = Progress(
+            plan.images, len(plan.shards), self.already, len(self.kept), uncounted=plan.uncounted, estimate=plan.estimated_images
+        )
         if todo:
             self._label(todo, failed, plan.schema, progress)
         return plan, progress
@@ -273,12 +275,12 @@ class _Work:
             else:
                 plan = feed.plan()
                 schema = schema if schema is not None else plan.schema
-                progress.planned(plan.images, len(plan.shards), plan.uncounted)
+                progress.planned(plan.images, len(plan.shards), plan.uncounted, plan.estimated_images)
                 log.info("%d images in %d shards, %d shards to label", plan.images, len(plan.shards), len(window))
             assert schema is not None  # a window before the end of the listing has its schema from the start
             self._label(window, {}, schema, progress, feed)
         plan = feed.plan()
-        progress.planned(plan.images, len(plan.shards), plan.uncounted)
+        progress.planned(plan.images, len(plan.shards), plan.uncounted, plan.estimated_images)
         self.plan_seconds = plan.listing_seconds or time.time() - started
         return plan, progress
 

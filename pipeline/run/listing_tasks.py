@@ -58,6 +58,7 @@ class ListedUnit:
     skipped_count: int = 0
     keys_written: bool = False
     splits_record: bool = False  # a CSV byte range whose quotes do not pair up (`UnitListing.splits_record`)
+    estimate: int = 0  # images its tars likely hold (`UnitListing.estimate`)
 
 
 def build_plan(
@@ -112,8 +113,11 @@ def build_plan(
     whole: set[str] = set()
     listed = 0
 
+    estimate = 0
+
     def take(result: ListedUnit) -> None:
-        nonlocal listed
+        nonlocal listed, estimate
+        estimate += result.estimate
         pending.extend(distinct_units(result.more, folders))
         shards.extend(result.shards)
         if on_shards is not None and result.shards:
@@ -178,6 +182,7 @@ def build_plan(
         listing_seconds=time.time() - started,
         created_at=created_at,
         manifests={uri: dict(header.version) for uri, header in (manifests or {}).items()},
+        estimated_images=estimate,
     )
     write_plan(fs, root, plan)
     return plan
@@ -217,6 +222,7 @@ def _list_unit_task(unit: ListingUnit, output: str, storage_options: dict[str, A
         skipped_count=listed.skipped_count,
         keys_written=check_keys and table.num_rows > 0,
         splits_record=listed.splits_record,
+        estimate=listed.estimate,
     )
 
 

@@ -27,12 +27,14 @@ class Progress:
         stream: IO[str] | None = None,
         interval_s: float = INTERVAL_S,
         uncounted: int = 0,
+        estimate: int = 0,
     ) -> None:
         """`images` and `shards` are the plan's; None while it is still being listed (`planned` sets them).
         `uncounted`: shards whose images are counted only as they are read (WebDataset tars)."""
         self.images = images
         self.shards = shards
         self.uncounted = uncounted
+        self.estimate = estimate  # images the uncounted shards likely hold (img2dataset's statistics), 0: unknown
         self.done_images = done_images
         self.done_shards = done_shards
         self._first_shards = done_shards  # shards done before this run
@@ -48,9 +50,9 @@ class Progress:
 
             self._bar = tqdm(total=images, initial=done_images, unit="img", file=self._stream, dynamic_ncols=True, desc="lgca")
 
-    def planned(self, images: int, shards: int, uncounted: int = 0) -> None:
+    def planned(self, images: int, shards: int, uncounted: int = 0, estimate: int = 0) -> None:
         """The plan's totals, once its listing has ended."""
-        self.images, self.shards, self.uncounted = images, shards, uncounted
+        self.images, self.shards, self.uncounted, self.estimate = images, shards, uncounted, estimate
         if self._bar is not None:
             self._bar.total = images
             self._bar.refresh()
@@ -84,6 +86,14 @@ class Progress:
             return (
                 f"lgca: {self.done_images:,} images, {self.done_shards} shards labelled while the listing goes on; "
                 f"{self._postfix()}; {rate:.3g} images/s"
+            )
+        if self.uncounted and self.estimate:  # tars are counted as they are read: img2dataset's statistics estimate them
+            total = self.images + self.estimate
+            left = max(0, total - self.done_images)
+            eta = duration(left / rate) if rate > 0 else "unknown"
+            return (
+                f"lgca: {self.done_images:,}/~{total:,} images (estimated from img2dataset's statistics), "
+                f"{self.done_shards}/{self.shards} shards; {self._postfix()}; {rate:.3g} images/s; ETA {eta}"
             )
         if self.uncounted and self.shards:  # tars are counted as they are read: the ETA goes by shards
             left_shards = self.shards - self.done_shards

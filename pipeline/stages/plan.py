@@ -66,6 +66,7 @@ class Plan:
     listing_seconds: float = 0.0
     created_at: str = ""
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict)  # manifest URI -> `listing.manifest_version` when listed
+    estimated_images: int = 0  # what the uncounted shards (tars) likely hold, from img2dataset's statistics; 0: unknown
 
     @property
     def images(self) -> int:
@@ -89,6 +90,7 @@ class Plan:
             "schema": base64.b64encode(self.schema.serialize().to_pybytes()).decode("ascii"),
             "shards": [[shard.id, shard.rows, *([shard.source] if shard.source else [])] for shard in self.shards],
             "manifests": self.manifests,
+            **({"estimated_images": self.estimated_images} if self.estimated_images else {}),
         }
         return json.dumps(document, indent=1, sort_keys=True)
 
@@ -109,6 +111,7 @@ class Plan:
                 listing_seconds=float(document.get("listing_seconds", 0.0)),
                 created_at=str(document.get("created_at", "")),
                 manifests=dict(document.get("manifests") or {}),
+                estimated_images=int(document.get("estimated_images") or 0),
             )
         except (ValueError, KeyError, TypeError) as error:
             raise PlanError(f"{where} is not a plan this version can use ({error}); start over with --overwrite") from None

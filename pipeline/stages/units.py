@@ -49,6 +49,7 @@ class UnitListing:
     splits_record: bool = False
     # an archive's unit: shards as (source, rows), read from the archive when labelled, never listed member by member
     sources: list[tuple[str, int]] = field(default_factory=list)
+    estimate: int = 0  # images its uncounted sources likely hold (img2dataset's statistics), for progress only
 
 
 @dataclass(frozen=True)

@@ -69,11 +69,13 @@ class WebDatasetFormat:
         skipped = [f"{full_uri(fs, name)} ({_sidecar_of(name, tars) or 'not a tar'})" for name in others]
         if not tars:
             raise SourceError(f"input {unit.spec.uri} holds no tar shards (.tar, .tar.gz, .tgz); check the path")
+        first = stats_estimate(fs, tars[0])  # one request: img2dataset's count of the first tar, for progress
         return UnitListing(
             _empty_listing(),
             skipped=skipped[:MAX_SKIPPED_EXAMPLES],
             skipped_count=len(skipped),
             sources=[tar_source(full_uri(fs, t)) for t in tars],
+            estimate=first * len(tars) if first is not None else 0,
         )
 
 
