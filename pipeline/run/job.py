@@ -223,12 +223,15 @@ class _Work:
         fault_point("listed")
         committed = job.output.committed() & {shard.id for shard in plan.shards}
         failed = failed_rows_by_shard(self.ray, job, committed, self.storage_options) if job.config.retry_failed else {}
-        todo = [shard for shard in plan.shards if shard.id not in committed or shard.id in failed]
-        self.kept = committed - set(failed)
-        # archives' shards are counted as they are read: what a committed one holds, its footer says
-        counted = rows_per_shard(
-            self.ray, job.config.output, self.storage_options, {s.id for s in plan.shards if s.rows < 0 and s.id in committed}
-        )
+        # A tar with failed rows is read again whole: a fault may have cut it short, so a retry can find more
+        # samples than its part file holds; its rows are counted afresh as it is read.
+        tars = {shard.id for shard in plan.shards if shard.rows < 0}
+        again = {shard_id for shard_id in failed if shard_id in tars}
+        failed = {shard_id: rows for shard_id, rows in failed.items() if shard_id not in again}
+        todo = [shard for shard in plan.shards if shard.id not in committed or shard.id in failed or shard.id in again]
+        self.kept = committed - set(failed) - again
+        # archives' shards are counted as they are read: what a kept one holds, its footer says
+        counted = rows_per_shard(self.ray, job.config.output, self.storage_options, (tars & committed) - again)
         todo = [replace(shard, rows=counted.get(shard.id, shard.rows)) for shard in todo]
         self.already = sum(counted.get(shard.id, shard.rows) for shard in plan.shards if shard.id in self.kept)
         log.info("%d images in %d shards, %d shards to label", plan.images, len(plan.shards), len(todo))

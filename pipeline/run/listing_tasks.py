@@ -6,6 +6,7 @@ rows or file names: every task writes its own shards and returns their ids and s
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -19,10 +20,11 @@ import pyarrow as pa
 from pipeline.config import ConfigError
 from pipeline.stages.files import distinct_units
 from pipeline.stages.image_bytes import archive_shard_id, cut_sources
-from pipeline.stages.listing import MAX_SKIPPED_EXAMPLES, UnitTally, list_unit, listing_units
+from pipeline.stages.listing import FORMATS, MAX_SKIPPED_EXAMPLES, UnitTally, list_unit, listing_units
 from pipeline.stages.manifests import ManifestHeader
 from pipeline.stages.plan import (
     Plan,
+    PlanError,
     Shard,
     duplicate_check_ranges,
     duplicate_keys,
@@ -172,6 +174,7 @@ def build_plan(
         ]
         examples = sorted(name for _, names in found for name in names)
         raise_on_duplicates(sum(count for count, _ in found), examples)
+    _refuse_archives_of_one_name(shards)
     skipped = [name for tally in tallies.values() for name in tally.skipped][:MAX_SKIPPED_EXAMPLES]
     plan = Plan(
         fingerprint=dict(fingerprint),
@@ -188,6 +191,23 @@ def build_plan(
     return plan
 
 
+def _refuse_archives_of_one_name(shards: Sequence[Shard]) -> None:
+    """Archives' rows are keyed by the archive's name (`00000.tar/<key>`): two archives of one name in different
+    places would repeat keys, so they are refused, naming them (inputs, not rows, can be told apart)."""
+    places: dict[str, set[str]] = {}
+    for shard in shards:
+        if shard.source:
+            uri = json.loads(shard.source)["uri"]
+            places.setdefault(uri.rstrip("/").rsplit("/", 1)[-1], set()).add(uri)
+    repeated = sorted((name, sorted(uris)) for name, uris in places.items() if len(uris) > 1)
+    if repeated:
+        name, uris = repeated[0]
+        raise PlanError(
+            f"{len(repeated)} archive name(s) appear in more than one place (e.g. {name}: {', '.join(uris[:2])}); rows are "
+            "keyed by the archive's name, so label each collection with its own job (another --output)"
+        )
+
+
 def _drop(fs: fsspec.AbstractFileSystem, root: str, results: Sequence[ListedUnit]) -> None:
     """Delete the shard and key files that listing tasks wrote for units whose listing is discarded."""
     for result in results:
@@ -202,7 +222,9 @@ def _list_unit_task(unit: ListingUnit, output: str, storage_options: dict[str, A
     root = root.rstrip("/")
     listed = list_unit(unit, storage_options)
     table = listed.table.sort_by("key")
+    schema = table.schema
     if listed.sources:  # an archive's samples stay where they are: shards say where, and nothing is written
+        schema = FORMATS[unit.spec.kind].schema(unit.spec, storage_options) or schema  # its columns, though none is listed
         shards = [
             Shard(archive_shard_id(source, unit.id, index), rows, source)
             for index, (source, rows) in enumerate(cut_sources(listed.sources, shard_size))
@@ -216,7 +238,7 @@ def _list_unit_task(unit: ListingUnit, output: str, storage_options: dict[str, A
         unit_id=unit.id,
         input_uri=unit.spec.uri,
         shards=shards,
-        schema=table.schema,
+        schema=schema,
         more=listed.more,
         skipped=listed.skipped,
         skipped_count=listed.skipped_count,

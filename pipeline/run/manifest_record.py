@@ -68,7 +68,7 @@ def manifest_record(
         "execution": asdict(config.execution),
         "plan": _plan_record(plan),
         "counts": {
-            "inputs": (plan.images if not plan.uncounted else total_rows) if plan else None,
+            "inputs": (plan.images if not plan.uncounted else total_rows or None) if plan else None,  # tars: once read
             "rows": total_rows,
             "non_image_files_skipped": plan.skipped_count if plan else None,
             "non_image_examples": list(plan.skipped) if plan else [],

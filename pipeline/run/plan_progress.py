@@ -48,13 +48,14 @@ class Progress:
         if getattr(self._stream, "isatty", lambda: False)():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=images, initial=done_images, unit="img", file=self._stream, dynamic_ncols=True, desc="lgca")
+            total = None if uncounted and not estimate else images + estimate if images is not None else None  # tars: counted as read
+            self._bar = tqdm(total=total, initial=done_images, unit="img", file=self._stream, dynamic_ncols=True, desc="lgca")
 
     def planned(self, images: int, shards: int, uncounted: int = 0, estimate: int = 0) -> None:
         """The plan's totals, once its listing has ended."""
         self.images, self.shards, self.uncounted, self.estimate = images, shards, uncounted, estimate
         if self._bar is not None:
-            self._bar.total = images
+            self._bar.total = None if uncounted and not estimate else images + estimate
             self._bar.refresh()
 
     def committed(self, counts: dict[str, int]) -> None:

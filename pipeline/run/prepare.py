@@ -69,7 +69,12 @@ def prepare(config: JobConfig, storage_options: Mapping[str, Any]) -> PreparedJo
         if spec.kind == "manifest":
             manifests[spec.uri] = read_manifest_header(spec, storage_options, config.image_column)
     # a Parquet file whose rows hold the images is listed by row ranges (`stages.image_bytes`), not path by path
-    specs = [replace(spec, kind="image_bytes") if spec.uri in manifests and manifests[spec.uri].image_column else spec for spec in specs]
+    specs = [
+        replace(spec, kind="image_bytes", image_column=config.image_column)
+        if spec.uri in manifests and manifests[spec.uri].image_column
+        else spec
+        for spec in specs
+    ]
     _refuse_output_inside_inputs(config, specs)
     check_address_fast(config.execution.address)
     mode = "resume" if config.resume else "overwrite" if config.overwrite else "new"

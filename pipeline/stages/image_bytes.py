@@ -82,7 +82,7 @@ class ImageBytesFormat:
     def schema(self, spec: InputSpec, storage_options: Mapping[str, Any], header: Any = None) -> pa.Schema:
         """key, path, then every column but the images' (img2dataset's `key` becomes the row's key)."""
         schema = header.schema if header is not None and header.schema is not None else _read_schema(spec, storage_options)
-        image = header.image_column if header is not None else find_image_column(schema)
+        image = header.image_column if header is not None else find_image_column(schema, spec.image_column)
         passthrough = [f.with_name(passthrough_name(f.name)) for f in schema if f.name not in (image.name if image else "", KEY_COLUMN)]
         return pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string()), *passthrough])
 
@@ -92,7 +92,7 @@ class ImageBytesFormat:
         with fs.open(path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             metadata, schema = parquet.metadata, parquet.schema_arrow
-        image = find_image_column(schema)
+        image = find_image_column(schema, unit.spec.image_column)
         if image is None:
             raise SourceError(f"{unit.spec.uri} holds no image column ({', '.join(IMAGE_COLUMNS)}); pass --image-column")
         starts = [0]
@@ -106,7 +106,7 @@ class ImageBytesFormat:
 
 def passthrough_name(name: str) -> str:
     """The output name of a column of the archive: itself, or prefixed where the output already has that name."""
-    return f"{RENAMED_PREFIX}{name}" if name in (*OUTPUT_COLUMNS, EMBEDDING_COLUMN, "path", "_row", "_shard") else name
+    return f"{RENAMED_PREFIX}{name}" if name in (*OUTPUT_COLUMNS, EMBEDDING_COLUMN, "path", "_row", "_shard", "_shard_rows") else name
 
 
 def archive_shard_id(source_text: str, unit_id: str, index: int) -> str:
@@ -151,6 +151,8 @@ def read_batches(
         columns = [image, *([KEY_COLUMN] if KEY_COLUMN in parquet.schema_arrow.names else []), *wanted]
         for batch in parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=list(dict.fromkeys(columns))):
             first, position = position, position + batch.num_rows
+            if first >= stop:
+                break  # past the range: the rest of the row group is another shard's
             low, high = max(start, first) - first, min(stop, position) - first
             if high <= low:
                 continue

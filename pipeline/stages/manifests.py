@@ -24,7 +24,7 @@ from pipeline.stages.storage import LOCAL_PROTOCOLS, SourceError, filesystem_for
 from pipeline.stages.units import ListingUnit, UnitListing
 
 # Columns the pipeline writes, and a row's place in its shard: a manifest column of one of these names is refused.
-RESERVED_COLUMNS = (*(name for name in OUTPUT_COLUMNS if name not in ("key", "path")), EMBEDDING_COLUMN, "_row", "_shard")
+RESERVED_COLUMNS = (*(name for name in OUTPUT_COLUMNS if name not in ("key", "path")), EMBEDDING_COLUMN, "_row", "_shard", "_shard_rows")
 
 
 CSV_UNIT_BYTES = 64 * 2**20  # uncompressed CSV manifests are listed in byte ranges of this size (about 10^6 rows), one task each

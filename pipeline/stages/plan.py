@@ -45,8 +45,9 @@ class Shard:
     """One shard of the plan: a stable id and its number of images; for an archive's shard, where its samples are.
 
     A shard listed row by row (folders, manifests) has its listing rows in `_plan/shards/<id>.shard`. A shard of an
-    archive (a range of a Parquet file's rows holding image bytes) is never listed member by member: `source` says
-    where its samples are (JSON, `stages.image_bytes`), and they are read from there when the shard is labelled.
+    archive (a tar; a range of a Parquet file's rows holding image bytes) is never listed member by member:
+    `source` says where its samples are (JSON, `stages.webdataset`, `stages.image_bytes`), and they are read from
+    there when the shard is labelled. A tar's `rows` is -1: its samples are counted as it is read.
     """
 
     id: str
@@ -65,7 +66,7 @@ class Plan:
     skipped: tuple[str, ...] = ()  # the first few of them
     listing_seconds: float = 0.0
     created_at: str = ""
-    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)  # manifest URI -> `listing.manifest_version` when listed
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)  # manifest URI -> `manifests.manifest_version` when listed
     estimated_images: int = 0  # what the uncounted shards (tars) likely hold, from img2dataset's statistics; 0: unknown
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -53,7 +54,7 @@ class ReadDecodeStage:
         self.decode = decode
         self.storage_options = dict(storage_options)
         self.defer_jpegs = defer_jpegs
-        self.run_id = run_id
+        self.run_id = run_id or uuid.uuid4().hex  # in process (Labeler, lgca eval): a journal of this process only
         self.batch_size = batch_size
         self.reader = reader or FileReader(decode, self.storage_options)  # how the listed samples become bytes
 
@@ -103,7 +104,8 @@ class ReadDecodeStage:
             rows = rows.append_column(ROW_COLUMN, pa.array(positions, pa.int32()))
             rows = rows.append_column(SHARD_COLUMN, pa.array([shard_id] * rows.num_rows, pa.string()))
             with DecodeJournal.open(self.run_id, rows.column("key").to_pylist()) as journal:
-                yield self._decoded(rows, [b"" if journal.poisoned(i) else c for i, c in enumerate(contents)], journal), position
+                decoded = self._decoded(rows, [b"" if journal.poisoned(i) else c for i, c in enumerate(contents)], journal)
+            yield decoded, position  # after the journal is closed: a worker killed while paused here left no open entry
         if tally.members:
             record = json.dumps(tally.to_dict(), sort_keys=True).encode()
             put_atomically(fs, f"{staging_folder(root, shard_id, self.run_id)}/{MEMBERS_FILE}", record)

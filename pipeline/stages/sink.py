@@ -177,7 +177,7 @@ def commit_shard(
     """Merge a shard's staged pieces into `part-<shard>.parquet`, atomically; None while rows are still missing.
 
     Args:
-        rows: the shard's number of images (from the plan).
+        rows: the shard's number of images (from the plan; a tar's, from its last batch as it was read).
         schema: the output schema (passthrough columns included).
         run_id: the run whose pieces to merge.
         owner: the lease owner of that run: the file is published only while the output's lease still names it.

@@ -1,4 +1,5 @@
-"""Inputs: INPUT arguments parsed into kinds (folder, glob, file, manifest), and checked fast: missing or unreadable roots fail in seconds."""
+"""Inputs: INPUT arguments parsed into kinds (folder, glob, file, manifest, WebDataset tars; a manifest holding the
+images becomes image bytes when its columns are read), and checked fast: missing or unreadable roots fail in seconds."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".csv.gz")
 INPUT_KINDS = ("directory", "glob", "file", "manifest", "image_bytes", "webdataset")  # image_bytes: Parquet holding the images
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")  # WebDataset shards
-PROBED_TARS = 3  # tars named one by one (a brace range of 10^5) are checked by their listing tasks; these first few here
+PROBED_TARS = 3  # tars named one by one (a brace range of 10^5) are checked here, the first few; the others when read
 
 _WILDCARDS = ("*", "?", "[")
 # The existence probe gives up quickly: a wrong endpoint or credentials must fail in seconds, not
@@ -39,7 +40,8 @@ class InputSpec:
     """One INPUT argument, parsed."""
 
     uri: str  # as given; local paths made absolute
-    kind: str  # directory | glob | file | manifest
+    kind: str  # directory | glob | file | manifest | image_bytes | webdataset
+    image_column: str | None = None  # image_bytes: the column holding the images (`--image-column`), else detected
 
     def __post_init__(self) -> None:
         if self.kind not in INPUT_KINDS:

@@ -59,7 +59,7 @@ class WebDatasetFormat:
         return pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string()), *COLUMNS])
 
     def list_unit(self, unit: ListingUnit, storage_options: Mapping[str, Any]) -> UnitListing:
-        if is_named_tar(unit.spec):  # nothing to list: `named_tar_shards` makes its shard on the driver
+        if is_named_tar(unit.spec):  # nothing to list: `run.listing_tasks` makes its shard on the driver
             return UnitListing(_empty_listing(), sources=[tar_source(unit.spec.uri)])
         fs, path = filesystem_for(unit.spec.uri, storage_options)
         path = path.rstrip("/")
@@ -174,7 +174,7 @@ def samples(handle: IO[bytes], tar_name: str, max_bytes: int | None, tally: TarT
                 f"{tar_name} is truncated at byte {end}: it ends without the end-of-archive blocks, so samples after it may be missing"
             )
             yield Sample(f"#error@{end}", data=OSError(message), offset=end)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # whatever the store or the bytes raise mid-tar: a row, never a failed job
         if current is not None and not isinstance(current.data, Exception) and current.image and current.data is not None:
             yield current
         at = getattr(handle, "tell", lambda: offset)()
