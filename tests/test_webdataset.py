@@ -235,3 +235,20 @@ def test_a_run_killed_mid_archive_resumes_to_every_sample_exactly_once_on_s3(tmp
         assert fs.exists(f"{output}/_SUCCESS")
     finally:
         subprocess.run(["rm", "-rf", ray_tmp], check=False)
+
+
+@pytest.mark.integration
+def test_retry_failed_reads_a_repaired_tar_again_whole(tmp_path, ray_local):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    whole = _shard_of_formats(shards / "00000.tar").read_bytes()
+    (shards / "00000.tar").write_bytes(whole[: len(whole) // 2])  # cut: its first sample, then an error row
+    output = tmp_path / "out"
+    labels = labels_file(tmp_path, CLASSES)
+    first = run(tiny_clip_job([str(shards / "00000.tar")], output, labels))
+    assert first.counts[READ_ERROR] == 1
+    (shards / "00000.tar").write_bytes(whole)  # the store healed: the whole tar is there again
+    again = run(tiny_clip_job([str(shards / "00000.tar")], output, labels, resume=True, retry_failed=True))
+    table = pq.read_table(output)
+    assert sorted(table.column("key").to_pylist()) == ["00000.tar/a-png", "00000.tar/b-webp", "00000.tar/c-jpeg"]
+    assert again.counts == {**again.counts, OK: 3, READ_ERROR: 0}
