@@ -227,6 +227,7 @@ ANALYTIC = ScoringConfig(
     steps=3,
     region_pool="all",  # revision 2's region term, whose sums the comments below count; lineages: see the test
     global_weight_rule="fixed",
+    letterbox="off",  # flat synthetic stripes would read as a letter box; the counts above assume crops anywhere
 )
 
 
