@@ -266,7 +266,7 @@ def test_a_worker_node_lost_mid_job_then_replaced_every_input_exactly_once(tmp_p
     """A two-node cluster loses the node doing the work (every process on it SIGKILLed); a new node joins, as
     an autoscaler would bring one: the job finishes with every input once, the dead node's pieces ignored."""
     images = tmp_path / "images"
-    names = _photos(images, 32)
+    names = _photos(images, 64)  # 16 shards: enough that the node dies with some still to label, however fast it runs
     output = tmp_path / "out"
     command = lgca_run(images, _labels(tmp_path), output, "--method", "lgca", "--crops", "8", "--regions", "2", "--steps", "2")
     command += ["--batch-size", "2", "--decode-batch-size", "2", "--rows-per-file", "4"]
