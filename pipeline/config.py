@@ -79,7 +79,7 @@ class ScoringConfig:
     crops: int = 60  # N: local crops per image (wca, lgca)
     crop_scale: tuple[float, float] | None = None  # (alpha, beta): crop side as a fraction of min(W, H); None: the method's default
     crop_layout: str = "random"  # random: seeded uniform crops; grid: sqrt(N) x sqrt(N) tiles at one scale
-    letterbox: str = "detect"  # detect: lay crops out inside a letter box's picture (img2dataset's border padding) | off
+    letterbox: str = "off"  # detect: lay crops out inside a letter box's picture (img2dataset's border padding)
     saliency: str = "class"  # class: the region's best class similarity | margin: its top-1 minus top-2 probability | global | agreement
     steps: int = 3  # T: expansion steps (lgca)
     regions: int = 2  # K: regions selected and grown per step (lgca)

@@ -62,7 +62,8 @@ def test_crops_are_laid_out_inside_the_picture_and_keep_their_share_of_it():
 
 
 def test_the_letterbox_setting_is_checked_and_recorded_where_it_decides_crops():
-    assert ScoringConfig().to_dict()["letterbox"] == "detect"  # the default: no-op without a letter box
-    assert "letterbox" not in ScoringConfig(letterbox="off").to_dict() and "letterbox" not in ScoringConfig(method="clip").to_dict()
+    assert "letterbox" not in ScoringConfig().to_dict()  # off by default: plans made before the option resume as they are
+    assert ScoringConfig(letterbox="detect").to_dict()["letterbox"] == "detect"
+    assert "letterbox" not in ScoringConfig(method="clip", letterbox="detect").to_dict()  # no crops: nothing it decides
     with pytest.raises(ValueError, match="letterbox 'auto' is unknown; choose off or detect"):
         ScoringConfig(letterbox="auto")
